@@ -1,0 +1,163 @@
+"""AHIQ: Attention-based Hybrid Image Quality assessment (full reference).
+
+Lao et al., "Attentions Help CNNs See Better: Attention-based Hybrid Image Quality Assessment
+Network", CVPR Workshops 2022 (NTIRE 2022 Perceptual IQA challenge, FR track, 1st place).
+
+ViT and ResNet features of the distorted and reference images are fused: a deformable convolution
+moves the CNN features by offsets predicted from the REFERENCE ViT features (`deform_net`), and a
+patch-wise regressor predicts a score and a weight per patch (`regressor`); the image score is the
+weighted mean. The head parameter names are the authors' so their checkpoints load strictly.
+
+Preprocessing is owned by the model: RGB in [0, 1] is mapped to [-1, 1] for both backbones, as the
+release does (no ImageNet mean/std, not even for the ResNet).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import DeformConv2d
+
+from members.backbones import CnnTaps, VitTaps
+from members.checkpoint import load_heads_into
+from members.config import from_dict
+
+
+@dataclass
+class ModelConfig:
+    vit: str = "vit_base_patch8_224.augreg_in21k_ft_in1k"
+    cnn: str = "resnet50.a1_in1k"
+    crop: int = 224
+    vit_weights: str = "hub"  # hub | path to a timm state dict | none
+    cnn_weights: str = "hub"
+    init_from: str | None = None  # heads checkpoint: the authors' .pth or one of ours
+
+    def __post_init__(self) -> None:
+        if self.crop < 16:
+            raise ValueError(f"crop must be at least 16 px, got {self.crop}")
+
+
+class DeformFusion(nn.Module):
+    """`deform_net`: deformable conv on CNN features, offsets from the reference ViT map.
+
+    The result is brought from the CNN grid to the ViT grid by two convolutions whose strides
+    follow from the two grids (p8 at 224: 56 -> 28 -> 28; p16: 56 -> 28 -> 14).
+    """
+
+    def __init__(self, vit_channels: int = 3840, cnn_channels: int = 768, hidden: int = 512,
+                 out_stride: int = 1):
+        super().__init__()
+        self.conv_offset = nn.Conv2d(vit_channels, 2 * 3 * 3, 3, 1, 1)
+        self.deform = DeformConv2d(cnn_channels, cnn_channels, 3, 1, 1)
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(cnn_channels, hidden, 3, padding=1, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(hidden, cnn_channels, 3, padding=1, stride=out_stride),
+        )
+
+    def offsets(self, vit_ref: torch.Tensor, cnn_hw: tuple[int, int]) -> torch.Tensor:
+        """Deformable offsets (B, 18, H, W) on the CNN grid, from the reference ViT map."""
+        return self.conv_offset(F.interpolate(vit_ref, size=cnn_hw, mode="nearest"))
+
+    def branch(self, cnn_feat: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        return self.conv1(self.deform(cnn_feat, offset))
+
+    def forward(self, cnn_feat: torch.Tensor, vit_ref: torch.Tensor) -> torch.Tensor:
+        return self.branch(cnn_feat, self.offsets(vit_ref, cnn_feat.shape[-2:]))
+
+
+class PatchRegressor(nn.Module):
+    """`regressor`: per-patch score f and weight w; image score = sum(f * w) / sum(w)."""
+
+    def __init__(self, in_channels: int = 4608, embed: int = 256, hidden: int = 1024):
+        super().__init__()
+        self.down_channel = nn.Conv2d(in_channels, embed, kernel_size=1)
+        self.feat_smoothing = nn.Sequential(
+            nn.Conv2d(3 * embed, hidden, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(hidden, 2 * embed, 3, padding=1),
+        )
+        self.conv1 = nn.Sequential(nn.Conv2d(2 * embed, embed, 3, padding=1), nn.ReLU())
+        self.conv_attent = nn.Sequential(nn.Conv2d(embed, 1, 1), nn.Sigmoid())
+        self.conv = nn.Sequential(nn.Conv2d(embed, 1, 1))
+
+    def embed(self, vit_feat: torch.Tensor, cnn_feat: torch.Tensor) -> torch.Tensor:
+        """The shared 1x1 projection of one side (dis or ref)."""
+        return self.down_channel(torch.cat((vit_feat, cnn_feat), dim=1))
+
+    def score(self, e_dis: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
+        feat = self.conv1(self.feat_smoothing(torch.cat((e_dis - e_ref, e_dis, e_ref), dim=1)))
+        f, w = self.conv(feat), self.conv_attent(feat)
+        return (f * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
+
+    def forward(self, vit_dis: torch.Tensor, vit_ref: torch.Tensor,
+                cnn_dis: torch.Tensor, cnn_ref: torch.Tensor) -> torch.Tensor:
+        return self.score(self.embed(vit_dis, cnn_dis), self.embed(vit_ref, cnn_ref))
+
+
+class AHIQ(nn.Module):
+    """Full-reference quality: `forward(dis, ref)` on aligned RGB crops in [0, 1] -> (B,) scores,
+    higher = better. Backbones are frozen and run without an autograd graph; heads train."""
+
+    def __init__(self, vit: VitTaps, cnn: CnnTaps, crop: int = 224):
+        super().__init__()
+        self.vit, self.cnn, self.crop = vit, cnn, crop
+        with torch.no_grad():
+            self.cnn_grid = cnn(torch.zeros(1, 3, crop, crop)).shape[-1]
+        half_grid = (self.cnn_grid - 1) // 2 + 1  # after conv1.0 (k3, s2, p1)
+        if half_grid % vit.grid:
+            raise ValueError(
+                f"CNN grid {self.cnn_grid} (halved: {half_grid}) is not a multiple of the ViT grid "
+                f"{vit.grid} at crop {crop}: pick a crop/patch size with compatible grids"
+            )
+        self.deform_net = DeformFusion(vit.out_channels, cnn.out_channels, out_stride=half_grid // vit.grid)
+        self.regressor = PatchRegressor(vit.out_channels + cnn.out_channels)
+
+    @staticmethod
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return (x - 0.5) / 0.5
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen backbone features (ViT map, CNN map) of RGB images in [0, 1], no autograd graph."""
+        with torch.no_grad():
+            x = self.normalise(images)
+            return self.vit(x), self.cnn(x)
+
+    def heads(self, vit_dis: torch.Tensor, vit_ref: torch.Tensor,
+              cnn_dis: torch.Tensor, cnn_ref: torch.Tensor) -> torch.Tensor:
+        """The trainable part: deform fusion of both branches (reference offsets) + regressor."""
+        offset = self.deform_net.offsets(vit_ref, cnn_ref.shape[-2:])
+        return self.regressor(vit_dis, vit_ref,
+                              self.deform_net.branch(cnn_dis, offset),
+                              self.deform_net.branch(cnn_ref, offset))
+
+    def forward(self, dis: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if dis.shape != ref.shape:
+            raise ValueError(f"dis {tuple(dis.shape)} and ref {tuple(ref.shape)} must have one shape")
+        vit_feat, cnn_feat = self.features(torch.cat((dis, ref)))  # one backbone call for both
+        vit_dis, vit_ref = vit_feat.chunk(2)
+        cnn_dis, cnn_ref = cnn_feat.chunk(2)
+        return self.heads(vit_dis, vit_ref, cnn_dis, cnn_ref)
+
+    def train(self, mode: bool = True) -> "AHIQ":
+        super().train(mode)
+        self.vit.eval()  # frozen backbones: no dropout, BatchNorm statistics fixed
+        self.cnn.eval()
+        return self
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return [*self.deform_net.parameters(), *self.regressor.parameters()]
+
+
+def build_model(cfg: dict | ModelConfig) -> AHIQ:
+    """Build AHIQ from a model config (mapping or `ModelConfig`); loads `init_from` heads if set."""
+    if not isinstance(cfg, ModelConfig):
+        cfg = from_dict(ModelConfig, cfg, prefix="model.")
+    vit = VitTaps(cfg.vit, img_size=cfg.crop, weights=cfg.vit_weights)
+    cnn = CnnTaps(cfg.cnn, weights=cfg.cnn_weights)
+    model = AHIQ(vit, cnn, crop=cfg.crop)
+    if cfg.init_from:
+        load_heads_into(model, cfg.init_from, cfg)
+    return model
