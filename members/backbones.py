@@ -49,9 +49,15 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _create(name: str, weights: str, **kwargs) -> nn.Module:
-    """The full timm model with `weights` applied (`hub`), or randomly initialised (others)."""
+    """The full timm model with `weights` applied (`hub`), or randomly initialised (others).
+
+    Random init is seeded (0) and independent of the global RNG: heads trained on random backbones
+    (tests, demo) meet the very same backbones again when the member predicts later.
+    """
     if weights != "hub":
-        return timm.create_model(name, pretrained=False, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(name, pretrained=False, **kwargs)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as err:  # the hub client raises many types; all mean "no weights here"

@@ -1,0 +1,53 @@
+# AHIQ NTIRE kit. `make help` lists the targets.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXPERIMENT ?= configs/ahiq_c.yaml
+DEMO := configs/demo.yaml
+# Where the accelerators are: GPUS=0,1,2,3 GPUS_PER_MEMBER=1 (members side by side) or all (DDP).
+GPUS ?=
+GPUS_PER_MEMBER ?= 1
+CPU_PROCS ?= 2
+
+.PHONY: help install test demo demo-data weights train-members ensemble submit bench clean-demo
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install requirements (re-runs only when requirements.txt changes)
+
+test: $(STAMP)  ## run the test suite (CPU, tiny configs, a few minutes)
+	$(PY) -m pytest -q
+
+demo-data: $(STAMP)  ## generate the small synthetic-label demo dataset in data/demo
+	$(PY) -m members.demo_data --out data/demo
+
+weights: $(STAMP)  ## download the configured backbone weights and the authors' checkpoint into weights/
+	$(PY) -m members.weights -c $(EXPERIMENT) --out weights
+
+train-members: $(STAMP)  ## train every member of EXPERIMENT (resumable), then predict val and test
+	$(PY) -m members.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS)
+
+ensemble: $(STAMP)  ## fit the ensemble of EXPERIMENT's members (grouped CV) and write its report
+	$(PY) -m ensemble -c $(EXPERIMENT)
+
+submit: $(STAMP)  ## write and check EXPERIMENT's submission zip
+	$(PY) -m submission -c $(EXPERIMENT)
+
+demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
+	$(MAKE) --no-print-directory demo-data
+	$(MAKE) --no-print-directory train-members ensemble submit EXPERIMENT=$(DEMO)
+	@echo "report: runs/demo/ensemble/report.md  submission: runs/demo/submission.zip"
+
+bench: $(STAMP)  ## speed/memory benchmark of the kit vs the release's way (writes bench/results/)
+	$(PY) -m bench.run --out bench/results
+
+clean-demo:  ## remove the demo data and runs
+	rm -rf data/demo runs/demo

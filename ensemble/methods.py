@@ -1,0 +1,144 @@
+"""Combination methods behind one interface: `fit(x, y, groups) -> weights`, `combine(x, weights)`.
+
+`x` holds one z-scored column per member, `y` is the MOS oriented so that higher is better, `groups`
+the reference id of each row. Weights are non-negative and sum to 1, so every method's output lives on
+the same z-scale: out-of-fold predictions from different folds can be pooled, and weights compared.
+Correlation metrics do not care about the overall scale that this normalisation drops.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import numpy as np
+from scipy import optimize, stats
+from sklearn.model_selection import GroupKFold
+
+from members import metrics
+
+RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0)  # in units of the number of training images
+INNER_FOLDS = 3
+
+
+@dataclass(frozen=True)
+class Method:
+    """A named combination rule."""
+
+    name: str
+    fit: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+    combine: Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def standardisation(x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-member mean and standard deviation on the validation split."""
+    return x_val.mean(axis=0), x_val.std(axis=0)
+
+
+def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """z-score each member column with validation statistics (the same map for val and test)."""
+    return (x - mean) / std
+
+
+def signed_main(pred: np.ndarray, y: np.ndarray) -> float:
+    """PLCC + SRCC against a higher-is-better target: unlike |PLCC| + |SRCC| it never rewards a
+    combination for being anti-correlated."""
+    return metrics.plcc(pred, y) + metrics.srcc(pred, y)
+
+
+def _normalised(w: np.ndarray, method: str) -> np.ndarray:
+    total = w.sum()
+    if not total > 0:
+        raise ValueError(f"{method}: every weight is zero; no member correlates positively with the MOS")
+    return w / total
+
+
+def _equal(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    return np.full(x.shape[1], 1.0 / x.shape[1])
+
+
+def combine_linear(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted sum of the member columns."""
+    return x @ weights
+
+
+def combine_ranks(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Weighted sum of per-member ranks scaled to [0, 1] within `x` (ranks are taken inside the split
+    being predicted, e.g. within the test split)."""
+    ranks = (stats.rankdata(x, axis=0) - 1) / (len(x) - 1)
+    return ranks @ weights
+
+
+def fit_nnls(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Non-negative least squares of the centred MOS on the centred members (no intercept needed)."""
+    w, _ = optimize.nnls(x - x.mean(axis=0), y - y.mean())
+    return _normalised(w, "nnls")
+
+
+def ridge_toward_equal(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
+    """Minimise |yc - Xc w|^2 + alpha * n * |w - w0|^2 subject to w >= 0.
+
+    w0 is the equal-weight vector scaled by the least-squares slope of the MOS on the equal-weight
+    mean, so the penalty acts on the deviation from the mean ensemble. Stacking sqrt(alpha n) * I under
+    X turns this into one NNLS problem; where the unconstrained closed form
+    w0 + (Xc'Xc + alpha n I)^-1 Xc'(yc - Xc w0) is non-negative, it is the same solution.
+    """
+    xc, yc = x - x.mean(axis=0), y - y.mean()
+    k = x.shape[1]
+    mean_pred = xc.mean(axis=1)
+    slope = max(float(mean_pred @ yc) / float(mean_pred @ mean_pred), 0.0)
+    w0 = np.full(k, slope / k)
+    root = np.sqrt(alpha * len(y))
+    w, _ = optimize.nnls(np.vstack([xc, root * np.eye(k)]), np.concatenate([yc, root * w0]))
+    return _normalised(w, "ridge")
+
+
+def choose_ridge_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
+    """Alpha with the best mean PLCC+SRCC over an inner cross-validation grouped by reference; ties go
+    to the stronger shrinkage (closer to the equal-weight mean)."""
+    n_splits = min(INNER_FOLDS, len(np.unique(groups)))
+    best_alpha, best_score = RIDGE_ALPHAS[-1], -np.inf
+    for alpha in sorted(RIDGE_ALPHAS, reverse=True):
+        scores = [signed_main(combine_linear(x[te], ridge_toward_equal(x[tr], y[tr], alpha)), y[te])
+                  for tr, te in GroupKFold(n_splits=n_splits).split(x, y, groups)]
+        if np.mean(scores) > best_score + 1e-12:
+            best_alpha, best_score = alpha, float(np.mean(scores))
+    return best_alpha
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, groups: np.ndarray, alpha: float | None = None) -> np.ndarray:
+    """Ridge toward equal weights; alpha None = choose by inner grouped CV on these rows only."""
+    return ridge_toward_equal(x, y, choose_ridge_alpha(x, y, groups) if alpha is None else alpha)
+
+
+def fit_greedy(x: np.ndarray, y: np.ndarray, groups: np.ndarray, rounds: int = 25) -> np.ndarray:
+    """Greedy ensemble selection with replacement (Caruana et al. 2004) on PLCC+SRCC.
+
+    Each round adds the member whose inclusion gives the best score of the running average; the bag at
+    the best round is kept, so later rounds that only add noise do not count.
+    """
+    counts = np.zeros(x.shape[1])
+    total = np.zeros(len(y))
+    best_score, best_counts = -np.inf, counts
+    for _ in range(rounds):
+        scores = [signed_main(total + x[:, j], y) for j in range(x.shape[1])]
+        j = int(np.argmax(scores))
+        counts[j] += 1
+        total = total + x[:, j]
+        if scores[j] > best_score + 1e-12:
+            best_score, best_counts = scores[j], counts.copy()
+    return best_counts / best_counts.sum()
+
+
+def get_method(name: str, ridge_alpha: float | None = None, greedy_rounds: int = 25) -> Method:
+    """The method called `name` (one of ensemble.config.METHODS)."""
+    table = {
+        "mean": Method("mean", _equal, combine_linear),
+        "rank_mean": Method("rank_mean", _equal, combine_ranks),
+        "nnls": Method("nnls", fit_nnls, combine_linear),
+        "ridge": Method("ridge", partial(fit_ridge, alpha=ridge_alpha), combine_linear),
+        "greedy": Method("greedy", partial(fit_greedy, rounds=greedy_rounds), combine_linear),
+    }
+    if name not in table:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(table)}")
+    return table[name]

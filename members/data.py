@@ -1,0 +1,305 @@
+"""Member data: the data config, seeded splits by reference image, label scaling, torch Datasets.
+
+Splits are written once per experiment (`prepare_splits`) and read back by every member, so all
+members train and predict on the same lists. Images of one reference share content, so every split
+is made by REFERENCE image; a split by image would leak.
+
+Reading and checking the raw lists lives in `members.index`; its public names are re-exported here.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from members.config import atomic_write_text, to_dict
+from members.index import (DataError, Pair, check_pairs, check_unique, load_rgb, read_csv_table,
+                           read_ntire_folder, read_pipal_labels)
+from members.views import AugmentConfig, ViewConfig, apply_view, count_views, make_views, random_view
+
+__all__ = ["DataConfig", "DataError", "EvalPairs", "LabelStats", "Pair", "TrainPairs", "check_pairs",
+           "load_rgb", "prepare_splits", "read_split", "SPLITS"]
+
+SPLITS = ("train", "val", "test")
+SPLIT_COLUMNS = ["name", "dis", "ref", "ref_id", "mos", "source"]
+# Fields that do not change which images land in which split; changing them keeps the split dir valid.
+NOT_FINGERPRINTED = ("upscale_small",)
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how to split it (file formats: see the readers in `members.index`).
+
+    format "pipal": PIPAL as distributed under `root`; train = the labelled train references minus a
+    seeded `val_fraction` of them when val_source is "holdout", else the NTIRE validation folders
+    (labelled from `valid_labels` when given); test = the NTIRE testing folders (labelled from
+    `test_labels` when given). format "csv": one `dis_img_path,dis_type,ref_img_path,score` table
+    (`csv`, path as given; image paths in it relative to `root`) split train/val/test by `fractions`.
+    """
+
+    format: str = "pipal"
+    root: str = ""
+    train_ref: str = "Train_Ref"
+    train_dis: list[str] = field(
+        default_factory=lambda: ["Distortion_1", "Distortion_2", "Distortion_3", "Distortion_4", "Train_Dis"])
+    train_labels: str = "Train_Label"
+    valid_ref: str = "NTIRE2022_FR_Valid_Ref"
+    valid_dis: str = "NTIRE2022_FR_Valid_Dis"
+    valid_labels: str = ""
+    test_ref: str = "NTIRE2022_FR_Testing_Ref"
+    test_dis: str = "NTIRE2022_FR_Testing_Dis"
+    test_labels: str = ""
+    val_source: str = "holdout"
+    val_fraction: float = 0.2
+    csv: str = ""
+    fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    higher_is_better: bool = True
+    split_seed: int = 0
+    upscale_small: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in ("pipal", "csv"):
+            raise ValueError(f"data.format must be 'pipal' or 'csv'; got {self.format!r}")
+        if self.val_source not in ("holdout", "ntire_valid"):
+            raise ValueError(f"data.val_source must be 'holdout' or 'ntire_valid'; got {self.val_source!r}")
+        if self.format == "csv" and not self.csv:
+            raise ValueError("data.csv (path of the score table) is required when data.format is 'csv'")
+        if self.format == "csv" and self.val_source != "holdout":
+            raise ValueError("data.val_source 'ntire_valid' needs data.format 'pipal'")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1); got {self.val_fraction}")
+        if len(self.fractions) != 3 or min(self.fractions) <= 0 or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ValueError(f"data.fractions must be three positive numbers (train, val, test) summing "
+                             f"to 1; got {self.fractions}")
+        if self.split_seed < 0:
+            raise ValueError(f"data.split_seed must be >= 0; got {self.split_seed}")
+
+
+@dataclass
+class LabelStats:
+    """Min-max label scaling fitted on the TRAIN list (as the release), oriented higher = better."""
+
+    min: float
+    max: float
+    higher_is_better: bool = True
+
+    @classmethod
+    def from_pairs(cls, pairs: list[Pair], higher_is_better: bool) -> LabelStats:
+        scores = [p.mos for p in pairs if p.mos is not None]
+        if len(scores) != len(pairs) or not scores:
+            raise DataError("label statistics need a non-empty, fully labelled train list")
+        if max(scores) <= min(scores):
+            raise DataError(f"all train labels equal {scores[0]}: cannot scale them")
+        return cls(float(min(scores)), float(max(scores)), higher_is_better)
+
+    def normalise(self, mos: float | np.ndarray) -> float | np.ndarray:
+        """MOS -> [0, 1] on the train range (values outside it fall outside); 1 = best quality."""
+        x = (mos - self.min) / (self.max - self.min)
+        return x if self.higher_is_better else 1 - x
+
+    def denormalise(self, score: float | np.ndarray) -> float | np.ndarray:
+        """Inverse of `normalise`: a model score back on the dataset's original MOS scale."""
+        x = score if self.higher_is_better else 1 - score
+        return x * (self.max - self.min) + self.min
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> LabelStats:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return cls(float(data["min"]), float(data["max"]), bool(data["higher_is_better"]))
+
+
+def _folder(root: Path, sub: str, what: str) -> Path:
+    path = root / sub
+    if not path.is_dir():
+        raise DataError(f"{path}: {what} folder not found (check data.root and the folder names)")
+    return path
+
+
+def _labelled_or_folder(root: Path, labels: str, dis: str, ref: str, what: str) -> list[Pair]:
+    dis_dir, ref_dir = _folder(root, dis, f"{what} distorted"), _folder(root, ref, f"{what} reference")
+    if labels:
+        return read_pipal_labels(_folder(root, labels, f"{what} label"), [dis_dir], ref_dir, root)
+    return read_ntire_folder(dis_dir, ref_dir, root)
+
+
+def _pick_refs(ref_ids: list[str], bounds: list[float], seed: int) -> list[set[str]]:
+    """Shuffle the sorted reference ids with `seed` and cut them at the cumulative fractions `bounds`."""
+    order = np.random.default_rng(seed).permutation(sorted(set(ref_ids))).tolist()
+    cuts = [0] + [int(math.floor(b * len(order) + 0.5)) for b in bounds] + [len(order)]
+    return [set(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def build_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
+    """Read the index and split it by reference image (no file is written, no image opened)."""
+    root = Path(cfg.root)
+    if cfg.format == "csv":
+        pairs = read_csv_table(Path(cfg.csv), root)
+        check_unique(pairs, cfg.csv)
+        f = cfg.fractions
+        groups = _pick_refs([p.ref_id for p in pairs], [f[0], f[0] + f[1]], cfg.split_seed)
+        splits = {s: [p for p in pairs if p.ref_id in g] for s, g in zip(SPLITS, groups)}
+    else:
+        dis_dirs = [root / d for d in cfg.train_dis]
+        if not any(d.is_dir() for d in dis_dirs):
+            raise DataError(f"{root}: none of the training distortion folders exist: {', '.join(cfg.train_dis)}")
+        train = read_pipal_labels(_folder(root, cfg.train_labels, "train label"), dis_dirs,
+                                  _folder(root, cfg.train_ref, "train reference"), root)
+        if cfg.val_source == "holdout":
+            val_refs, _ = _pick_refs([p.ref_id for p in train], [cfg.val_fraction], cfg.split_seed)
+            val = [p for p in train if p.ref_id in val_refs]
+            train = [p for p in train if p.ref_id not in val_refs]
+        else:
+            val = _labelled_or_folder(root, cfg.valid_labels, cfg.valid_dis, cfg.valid_ref, "validation")
+        test = _labelled_or_folder(root, cfg.test_labels, cfg.test_dis, cfg.test_ref, "test")
+        splits = {"train": train, "val": val, "test": test}
+    for split, pairs in splits.items():
+        if not pairs:
+            raise DataError(f"{cfg.root or '.'}: the {split} split is empty (too few reference images "
+                            "for the fractions, or an empty folder)")
+        check_unique(pairs, f"{split} split")
+    return {s: sorted(splits[s], key=lambda p: p.name) for s in SPLITS}
+
+
+def _fingerprinted(cfg: DataConfig) -> dict:
+    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_FINGERPRINTED}
+
+
+def _fingerprint(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _split_csv(pairs: list[Pair]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(SPLIT_COLUMNS)
+    for p in pairs:
+        writer.writerow([p.name, str(p.dis), str(p.ref), p.ref_id, "" if p.mos is None else repr(p.mos), p.source])
+    return buf.getvalue()
+
+
+def read_split(path: Path) -> list[Pair]:
+    """Read a split list written by `prepare_splits` (columns name,dis,ref,ref_id,mos[,source])."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: split list not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = set(SPLIT_COLUMNS[:5]) - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{path}:1: missing column(s) {', '.join(sorted(missing))}")
+        pairs = []
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            try:
+                mos = float(row["mos"]) if row["mos"] else None
+            except ValueError:
+                raise DataError(f"{where}: mos {row['mos']!r} is not a number") from None
+            pairs.append(Pair(row["name"], Path(row["dis"]), Path(row["ref"]), row["ref_id"], mos,
+                              row.get("source") or where))
+    if not pairs:
+        raise DataError(f"{path}: the split list is empty")
+    return pairs
+
+
+def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
+    """Write (or reread) `split_dir/{train,val,test}.csv`, `label_stats.json` and `splits.json`.
+
+    `splits.json` is written last and marks a complete directory; it stores the data config, so a
+    directory made from another config is refused rather than silently reused.
+    """
+    split_dir = Path(split_dir)
+    marker = split_dir / "splits.json"
+    data = _fingerprinted(cfg)
+    if marker.is_file():
+        saved = json.loads(marker.read_text(encoding="utf-8"))
+        if saved.get("fingerprint") != _fingerprint(data):
+            old = saved.get("data", {})
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in data.items() if old.get(k) != v]
+            raise DataError(f"{marker}: these splits were made from a different data config "
+                            f"({'; '.join(diff) or 'unknown difference'}); use another split directory "
+                            f"or delete {split_dir}")
+        return {s: read_split(split_dir / f"{s}.csv") for s in SPLITS}
+    splits = build_splits(cfg)
+    for split, pairs in splits.items():
+        atomic_write_text(split_dir / f"{split}.csv", _split_csv(pairs))
+    LabelStats.from_pairs(splits["train"], cfg.higher_is_better).save(split_dir / "label_stats.json")
+    counts = {s: {"images": len(p), "references": len({x.ref_id for x in p}),
+                  "labelled": all(x.mos is not None for x in p)} for s, p in splits.items()}
+    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "data": data,
+                                          "counts": counts}, indent=2) + "\n")
+    return splits
+
+
+class TrainPairs(Dataset):
+    """Training pairs: one random aligned crop (+ flip) per item, labels normalised by `stats`.
+
+    The crop of item i in epoch e comes from `np.random.default_rng([seed, e, i])`, so it does not
+    depend on workers, processes or the order items are drawn in (exact resume relies on it). Call
+    `set_epoch` before iterating each epoch; with a DataLoader, do not use persistent workers, which
+    keep the copy of the dataset they started with.
+    """
+
+    def __init__(self, pairs: list[Pair], crop: int, augment: AugmentConfig, stats: LabelStats, seed: int,
+                 upscale_small: bool = False) -> None:
+        unlabelled = [p for p in pairs if p.mos is None]
+        if unlabelled:
+            raise DataError(f"{unlabelled[0].source}: training needs labels; {unlabelled[0].name} has none")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0; got {seed}")
+        self.pairs, self.crop, self.augment, self.stats, self.seed = pairs, crop, augment, stats, seed
+        self.min_size = crop if upscale_small else 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0; got {epoch}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        pair = self.pairs[i]
+        dis, ref = load_rgb(pair.dis, self.min_size), load_rgb(pair.ref, self.min_size)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        view = random_view(dis.shape[1], dis.shape[2], self.crop, self.augment, rng)
+        label = torch.tensor(self.stats.normalise(pair.mos), dtype=torch.float32)
+        return {"index": i, "dis": apply_view(dis, view, self.crop), "ref": apply_view(ref, view, self.crop),
+                "label": label}
+
+
+class EvalPairs(Dataset):
+    """Evaluation pairs: every deterministic view of an image, stacked as (V, 3, crop, crop).
+
+    The label is the normalised MOS, or nan when the pair is unlabelled or `stats` is None.
+    """
+
+    def __init__(self, pairs: list[Pair], crop: int, views: ViewConfig, stats: LabelStats | None,
+                 upscale_small: bool = False) -> None:
+        self.pairs, self.crop, self.views, self.stats = pairs, crop, views, stats
+        self.min_size = crop if upscale_small else 0
+        self.n_views = count_views(views)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        pair = self.pairs[i]
+        dis, ref = load_rgb(pair.dis, self.min_size), load_rgb(pair.ref, self.min_size)
+        views = make_views(dis.shape[1], dis.shape[2], self.crop, self.views)
+        known = self.stats is not None and pair.mos is not None
+        label = torch.tensor(self.stats.normalise(pair.mos) if known else math.nan, dtype=torch.float32)
+        return {"index": i, "dis": torch.stack([apply_view(dis, v, self.crop) for v in views]),
+                "ref": torch.stack([apply_view(ref, v, self.crop) for v in views]), "label": label}

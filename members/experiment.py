@@ -1,0 +1,165 @@
+"""Train, then predict, every member of an experiment (`make train-members EXPERIMENT=...`).
+
+    python -m members.experiment -c configs/ahiq_c.yaml [--gpus 0,1,2,3] [--gpus-per-member 1|all]
+
+Every member config is read and its data checked before any training starts. Each member then runs
+under `accelerate launch`:
+- no GPUs: one member after another, each on --cpu-procs CPU processes (gloo DDP);
+- --gpus-per-member all: one member after another, DDP over all the GPUs;
+- --gpus-per-member K: members side by side, each on its own K GPUs (logs in <member>/run.log).
+Finished members (done.json) are not retrained, interrupted ones resume, and predictions are redone
+only when missing or older than the member's best.pth.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from members.config import ConfigError, from_dict, load_yaml
+from members.member import MemberConfig, load_member_config, prepare_member_data
+
+PRED_SPLITS = ("val", "test")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    runs_dir: str = "runs/experiment"
+    members: list[str] = field(default_factory=list)
+    ensemble: dict[str, Any] = field(default_factory=dict)  # read by the ensemble stage
+    submission: dict[str, Any] = field(default_factory=dict)  # read by the submission stage
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("an experiment needs at least one entry under 'members'")
+
+
+def member_overrides(exp: ExperimentConfig, name: str) -> list[str]:
+    """Every member writes under the experiment's runs_dir and shares its split lists."""
+    return [f"output_dir={Path(exp.runs_dir) / name}", f"split_dir={Path(exp.runs_dir) / 'splits'}"]
+
+
+def load_experiment(path: str | Path) -> tuple[ExperimentConfig, list[tuple[str, MemberConfig, list[str]]]]:
+    """The experiment and, for each member, (its YAML path, resolved config, overrides)."""
+    exp = from_dict(ExperimentConfig, load_yaml(path))
+    members, names = [], {}
+    for member_path in exp.members:
+        cfg = load_member_config(member_path)
+        if cfg.name in names:
+            raise ConfigError(f"{path}: members {names[cfg.name]} and {member_path} share the name {cfg.name!r}")
+        names[cfg.name] = member_path
+        overrides = member_overrides(exp, cfg.name)
+        members.append((member_path, load_member_config(member_path, overrides), overrides))
+    return exp, members
+
+
+def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> list[str]:
+    """`accelerate launch` for `python -m module args` on the given number of processes."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--main_process_port", "0",
+           "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--multi_gpu"] if processes > 1 else (["--cpu"] if cpu else [])
+    return cmd + ["-m", module, *args]
+
+
+def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """The (module, args) runs this member still needs: training, then prediction."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    jobs = []
+    if not (cfg.out / "done.json").is_file():
+        jobs.append(("members.train", ["-c", member_path, *sets]))
+    best = cfg.out / "best.pth"
+    stale = [s for s in PRED_SPLITS if not (cfg.out / f"preds_{s}.json").is_file()
+             or (best.is_file() and best.stat().st_mtime > (cfg.out / f"preds_{s}.json").stat().st_mtime)]
+    if jobs or stale:
+        jobs.append(("members.predict", ["-c", member_path, "--split", *PRED_SPLITS, *sets]))
+    return jobs
+
+
+def _env(gpus: list[str], cpu_threads: int) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(cpu_threads)}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    else:
+        env["ACCELERATE_USE_CPU"] = "1"  # with --multi_gpu: gloo processes on the CPU
+    return env
+
+
+def run_members(members: list, gpus: list[str], per_member: int | None, cpu_procs: int) -> list[str]:
+    """Run every member's jobs; returns the names of members that failed."""
+    slots = [gpus[i:i + per_member] for i in range(0, len(gpus), per_member)] if gpus and per_member else [gpus]
+    slots = [s for s in slots if len(s) == len(slots[0])]
+    processes = len(slots[0]) or cpu_procs
+    threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
+    queue = [(cfg.name, cfg.out, member_jobs(path, cfg, overrides)) for path, cfg, overrides in members]
+    running: dict[int, tuple[str, Path, subprocess.Popen, list, Any]] = {}
+    failed: list[str] = []
+    side_by_side = len(slots) > 1
+    while queue or running:
+        free = [i for i in range(len(slots)) if i not in running]
+        while free and queue:
+            name, out, jobs = queue.pop(0)
+            if not jobs:
+                print(f"{name}: trained and predicted already")
+                continue
+            slot = free.pop(0)
+            out.mkdir(parents=True, exist_ok=True)
+            log = open(out / "run.log", "a") if side_by_side else None
+            module, args = jobs[0]
+            where = f"GPUs {','.join(slots[slot])}" if slots[slot] else f"{processes} CPU processes"
+            print(f"{name}: {module} on {where}", flush=True)
+            proc = subprocess.Popen(launch_command(module, args, processes, not slots[slot]),
+                                    env=_env(slots[slot], threads), stdout=log,
+                                    stderr=subprocess.STDOUT if log else None)
+            running[slot] = (name, out, proc, jobs[1:], log)
+        time.sleep(0.2)
+        for slot, (name, out, proc, jobs, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[slot]
+            if log:
+                log.close()
+            if proc.returncode != 0:
+                failed.append(name)
+                print(f"{name}: FAILED (exit {proc.returncode})" + (f", see {out / 'run.log'}" if log else ""))
+            elif jobs:
+                queue.insert(0, (name, out, jobs))
+    return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="members.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True, help="experiment YAML (e.g. configs/demo.yaml)")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids (default: all visible GPUs, else CPU)")
+    parser.add_argument("--gpus-per-member", default="1", help="K GPUs per member side by side, or 'all' for DDP")
+    parser.add_argument("--cpu-procs", type=int, default=2, help="processes per member without GPUs")
+    args = parser.parse_args(argv)
+    try:
+        exp, members = load_experiment(args.config)
+        for _, cfg, _ in members:  # every list checked (files decode, sizes, crops) before any training
+            prepare_member_data(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    gpus = [g for g in args.gpus.split(",") if g.strip()]
+    if not gpus:
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    per_member = None if args.gpus_per_member == "all" else int(args.gpus_per_member)
+    started = time.time()
+    failed = run_members(members, gpus, per_member, args.cpu_procs)
+    print(f"{exp.name}: {len(members) - len(failed)}/{len(members)} members ready in {time.time() - started:.0f} s")
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Dataset indexes: read the lists of (distorted, reference, MOS) pairs, and check them once, up front.
+
+Readers only parse lists; they never open an image, so an index can be read (and split) without the
+images. `check_pairs` is the one place that touches every file: existence, a full decode, sizes.
+Every `Pair` remembers where it was listed (`source`, "file:line") so errors point at the user's data.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+MAX_REPORTED = 10  # problems listed in one error message; the rest are counted
+
+
+class DataError(ValueError):
+    """A dataset list or image is invalid; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One distorted image, its reference and its MOS (None when unlabelled)."""
+
+    name: str
+    dis: Path
+    ref: Path
+    ref_id: str
+    mos: float | None
+    source: str = ""
+
+
+def _rel(path: Path, root: Path) -> str:
+    """`path` relative to `root` when inside it (short, readable error locations)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _parse_score(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(f"{where}: score {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise DataError(f"{where}: score {text!r} is not finite")
+    return value
+
+
+def pipal_ref_id(name: str, where: str) -> str:
+    """PIPAL rule: the reference of `A0001_00_00.bmp` is `A0001` (the first five characters)."""
+    if len(name) < 6 or name[5] != "_":
+        raise DataError(f"{where}: image name {name!r} does not follow PIPAL's A####_GG_KK.bmp")
+    return name[:5]
+
+
+def _names_in(folders: list[Path]) -> dict[str, Path]:
+    """Map file name -> first listed folder holding it (PIPAL ships four folders or one merged)."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        if folder.is_dir():
+            for name in os.listdir(folder):
+                found.setdefault(name, folder)
+    return found
+
+
+def read_pipal_labels(label_dir: Path, dis_dirs: list[Path], ref_dir: Path, root: Path) -> list[Pair]:
+    """Read PIPAL label files (`label_dir/A####.txt`, lines `name,score`) in name order.
+
+    Tolerates `, ` and a missing final newline (the release dropped the last character of such a
+    line) and skips blank lines. The distorted file is looked up in whichever of `dis_dirs` has it;
+    a file found nowhere is listed under the first folder so that `check_pairs` reports it.
+    """
+    files = sorted(label_dir.glob("*.txt"))
+    if not files:
+        raise DataError(f"{label_dir}: no label files (*.txt) found")
+    where_dis = _names_in(dis_dirs)
+    pairs = []
+    for file in files:
+        text = file.read_text(encoding="utf-8-sig")
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{_rel(file, root)}:{number}"
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) != 2 or not parts[0]:
+                raise DataError(f"{where}: malformed label line {line!r}; expected 'name,score'")
+            name = parts[0]
+            ref_id = pipal_ref_id(name, where)
+            dis = where_dis.get(name, dis_dirs[0]) / name
+            pairs.append(Pair(name, dis, ref_dir / f"{ref_id}.bmp", ref_id, _parse_score(parts[1], where), where))
+    return pairs
+
+
+def read_ntire_folder(dis_dir: Path, ref_dir: Path, root: Path) -> list[Pair]:
+    """Every `.bmp` of an unlabelled NTIRE folder (validation or testing), in name order."""
+    if not dis_dir.is_dir():
+        raise DataError(f"{dis_dir}: folder of distorted images not found")
+    pairs = []
+    for name in sorted(os.listdir(dis_dir)):
+        if name.lower().endswith(".bmp"):
+            where = _rel(dis_dir / name, root)
+            ref_id = pipal_ref_id(name, where)
+            pairs.append(Pair(name, dis_dir / name, ref_dir / f"{ref_id}.bmp", ref_id, None, where))
+    return pairs
+
+
+def read_csv_table(csv_path: Path, root: Path) -> list[Pair]:
+    """Read a `dis_img_path,dis_type,ref_img_path,score` table; image paths are relative to `root`.
+
+    The image name is the distorted path as written (it must be unique); the reference id is the
+    reference path as written.
+    """
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: score table not found")
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        missing = {"dis_img_path", "ref_img_path", "score"} - set(reader.fieldnames or [])
+        if missing:
+            raise DataError(f"{csv_path}:1: missing column(s) {', '.join(sorted(missing))}; expected "
+                            "dis_img_path,dis_type,ref_img_path,score")
+        pairs = []
+        for row in reader:
+            where = f"{csv_path}:{reader.line_num}"
+            dis, ref = (row.get("dis_img_path") or "").strip(), (row.get("ref_img_path") or "").strip()
+            if not dis or not ref or row.get("score") is None:
+                raise DataError(f"{where}: malformed row; expected dis_img_path,dis_type,ref_img_path,score")
+            name = Path(dis).as_posix()
+            pairs.append(Pair(name, root / dis, root / ref, Path(ref).as_posix(),
+                              _parse_score(row["score"].strip(), where), where))
+    return pairs
+
+
+def _report(problems: list[str], what: str) -> None:
+    if problems:
+        more = len(problems) - MAX_REPORTED
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        raise DataError(f"{what}: {len(problems)} problem(s):\n  " + "\n  ".join(problems[:MAX_REPORTED]) + tail)
+
+
+def check_unique(pairs: list[Pair], what: str) -> None:
+    """Image names must be unique: predictions and labels are keyed by name."""
+    seen: dict[str, Pair] = {}
+    problems = []
+    for pair in pairs:
+        if pair.name in seen:
+            problems.append(f"{pair.source}: duplicate image name {pair.name!r} (first at {seen[pair.name].source})")
+        seen.setdefault(pair.name, pair)
+    _report(problems, what)
+
+
+def _decode_size(path: Path) -> tuple[int, int] | str:
+    """(height, width) after a full decode, or the reason it failed."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.height, im.width
+    except Exception as err:  # PIL raises many types for corrupt files; all mean "cannot use it"
+        return f"{type(err).__name__}: {err}"
+
+
+def check_pairs(pairs: list[Pair], crop: int, upscale_small: bool, source: str) -> None:
+    """Check a list once before training or prediction; raise one `DataError` listing the problems.
+
+    Every file exists and fully decodes, names are unique, distorted and reference sizes match, and
+    images are at least `crop` on each side unless `upscale_small`. `source` names the list in messages.
+    """
+    if not pairs:
+        raise DataError(f"{source}: the list is empty")
+    check_unique(pairs, source)
+    users: dict[Path, Pair] = {}
+    for pair in pairs:
+        users.setdefault(pair.dis, pair)
+        users.setdefault(pair.ref, pair)
+    missing = [f"{p.source}: file not found: {path}" for path, p in users.items() if not path.is_file()]
+    _report(missing, source)
+    workers = min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(_decode_size, users), total=len(users), desc=f"checking {source}",
+                            unit="img", leave=False))
+    sizes = dict(zip(users, results))
+    problems = [f"{users[path].source}: cannot decode {path}: {size}"
+                for path, size in sizes.items() if isinstance(size, str)]
+    _report(problems, source)
+    for pair in pairs:
+        dis, ref = sizes[pair.dis], sizes[pair.ref]
+        if dis != ref:
+            problems.append(f"{pair.source}: size mismatch: {pair.dis} is {dis[0]}x{dis[1]}, "
+                            f"reference {pair.ref} is {ref[0]}x{ref[1]}")
+        elif min(dis) < crop and not upscale_small:
+            problems.append(f"{pair.source}: {pair.dis} is {dis[0]}x{dis[1]}, smaller than the {crop} crop "
+                            "(set data.upscale_small: true to upscale it)")
+    _report(problems, source)
+
+
+def load_rgb(path: Path, min_size: int = 0) -> torch.Tensor:
+    """Decode an image as (3, H, W) float32 in [0, 1]; bicubic-upscale it when a side is < `min_size`.
+
+    The upscale keeps the aspect ratio and depends only on the size, so a distorted image and its
+    reference of the same size stay aligned.
+    """
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    if min(im.size) < min_size:
+        scale = min_size / min(im.size)
+        size = tuple(max(min_size, round(s * scale)) for s in im.size)
+        im = im.resize(size, Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+

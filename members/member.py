@@ -1,0 +1,135 @@
+"""One member = one YAML config: model, data, training recipe, views, seed and output folder.
+
+The defaults are the release's recipe (ahiq-reference.md, section 5): Adam lr 1e-4, weight decay
+1e-5, heads only, cosine annealing with T_max 50 stepped every optimizer step, batch 4, MSE on
+min-max normalised labels, seed 1919.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from members.config import apply_overrides, atomic_write_text, from_dict, load_yaml
+from members.data import SPLITS, DataConfig, LabelStats, Pair, check_pairs, prepare_splits
+from members.model import ModelConfig
+from members.views import AugmentConfig, ViewConfig
+
+SCHEDULES = ("cosine_step", "cosine_epoch", "constant")
+PRECISIONS = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 4  # per process; the global batch is batch_size * processes * grad_accum
+    lr: float = 1e-4
+    weight_decay: float = 1e-5  # Adam's coupled L2, as the release
+    # cosine_step: the release's CosineAnnealingLR(T_max=t_max) stepped per optimizer step (a cosine
+    # with period 2 * t_max steps); cosine_epoch: one half cosine over all epochs after a linear
+    # warm-up of warmup_epochs. Both are functions of the optimizer step, so the schedule does not
+    # change with the number of processes.
+    schedule: str = "cosine_step"
+    t_max: int = 50
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    grad_accum: int = 1
+    mixed_precision: str = "no"
+    num_workers: int = 2
+    val_every: int = 1  # epochs between validations (the last epoch is always validated)
+    state_every: int = 0  # optimizer steps between resumable states (0: end of epoch only)
+    keep_states: int = 2
+    log_with: str | None = None  # "tensorboard" when installed
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}")
+        for key in ("epochs", "batch_size", "t_max", "grad_accum", "val_every", "keep_states"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1; got {getattr(self, key)}")
+
+    def lr_at(self, step: int, steps_per_epoch: int) -> float:
+        """Learning rate for optimizer step `step` (0-based)."""
+        if self.schedule == "constant":
+            return self.lr
+        if self.schedule == "cosine_step":
+            return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * step / self.t_max)) / 2
+        warmup = self.warmup_epochs * steps_per_epoch
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        total = max(self.epochs * steps_per_epoch - warmup, 1)
+        progress = min((step - warmup) / total, 1.0)
+        return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@dataclass
+class PredictConfig:
+    views: ViewConfig = field(default_factory=ViewConfig)  # validation during training and prediction
+    batch_size: int = 8  # image pairs per process; every pair brings all its views
+    num_workers: int = 2
+
+
+@dataclass
+class MemberConfig:
+    name: str = "member"
+    seed: int = 1919
+    output_dir: str = ""  # default runs/<name>
+    split_dir: str = ""  # default <output_dir>/splits; an experiment points all members at one
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+    def __post_init__(self) -> None:
+        self.output_dir = self.output_dir or f"runs/{self.name}"
+        self.split_dir = self.split_dir or str(Path(self.output_dir) / "splits")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in `update` replaces `base`."""
+    merged = type(update)(base)
+    for key, value in update.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    for attr in ("lines", "source"):  # keep the child's file/line info for error messages
+        if hasattr(update, attr):
+            setattr(merged, attr, getattr(update, attr))
+    return merged
+
+
+def read_member_yaml(path: str | Path) -> dict:
+    """A member YAML as a mapping; `base: other.yaml` (relative to this file) supplies defaults."""
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(read_member_yaml(Path(path).parent / base), data)
+
+
+def load_member_config(path: str | Path, overrides: list[str] | None = None) -> MemberConfig:
+    """Read a member YAML (with its `base:` chain), apply `key=value` overrides, build and validate."""
+    return from_dict(MemberConfig, apply_overrides(read_member_yaml(path), overrides or []))
+
+
+def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], LabelStats]:
+    """The member's split lists and label statistics, with every list checked once, up front.
+
+    The check (every file decodes, sizes match, names unique, images fit the crop) runs the first
+    time a split directory is used with a given crop; a marker file records that it passed.
+    """
+    split_dir = Path(cfg.split_dir)
+    splits = prepare_splits(cfg.data, split_dir)
+    stats = LabelStats.load(split_dir / "label_stats.json")
+    marker = split_dir / f"checked_crop{cfg.model.crop}_upscale{int(cfg.data.upscale_small)}.json"
+    if not marker.is_file():
+        for split in SPLITS:
+            check_pairs(splits[split], cfg.model.crop, cfg.data.upscale_small, str(split_dir / f"{split}.csv"))
+        atomic_write_text(marker, json.dumps({s: len(splits[s]) for s in SPLITS}) + "\n")
+    return splits, stats

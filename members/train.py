@@ -1,0 +1,222 @@
+"""Train one AHIQ member with Hugging Face Accelerate; resumable, exact on restart.
+
+    accelerate launch -m members.train -c configs/members/demo_p16_s1.yaml [--set train.epochs=3]
+    # two CPU processes on a machine without GPUs:
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 \
+        -m members.train -c ...
+
+Outputs in the member's output_dir: config.yaml (resolved), log.csv, states/ (resumable), best.pth
+(heads with the best validation main score = PLCC + SRCC, and its metrics), last.pth, done.json.
+Rerunning the same command resumes from the latest state; a finished member is not retrained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from members.checkpoint import save_heads
+from members.config import atomic_write_text, dump_yaml, to_dict
+from members.data import EvalPairs, TrainPairs
+from members.member import MemberConfig, load_member_config, prepare_member_data
+from members.metrics import evaluate
+from members.model import build_model
+from members.predict import predict_scores
+
+LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _latest_state(states: Path) -> Path | None:
+    pointer = states / "latest.txt"
+    return states / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _save_state(accelerator: Accelerator, states: Path, progress: dict, keep: int) -> None:
+    """`save_state` into a temporary folder, then rename it into place and move the pointer, so a
+    crash at any moment leaves the previous state intact."""
+    name = f"step-{progress['step']:08d}"
+    tmp = states / f".tmp-{name}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / "progress.json", json.dumps(progress, indent=2))
+        if (states / name).exists():
+            shutil.rmtree(states / name)
+        os.replace(tmp, states / name)
+        atomic_write_text(states / "latest.txt", name + "\n")
+        for old in sorted(p for p in states.glob("step-*") if p.is_dir())[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _log(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8") as f:
+        if new:
+            f.write(",".join(LOG_COLUMNS) + "\n")
+        f.write(",".join("" if row.get(c) is None else str(row[c]) for c in LOG_COLUMNS) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop rows a crashed run wrote after the state we resume from."""
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= step]
+        atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | None:
+    out, tc = cfg.out, cfg.train
+    if (out / "done.json").is_file():
+        print(f"{cfg.name}: already trained ({out / 'done.json'}); delete it to train again")
+        return None
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accum,
+        # a seedable sampler + set_epoch gives the same order after a restart
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # the backbones' BatchNorm buffers are frozen: no need to broadcast them every step
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        log_with=tc.log_with,
+        project_dir=str(out),
+    )
+    set_seed(cfg.seed)  # identical head init everywhere; crops are keyed by (seed, epoch, index)
+    splits, stats = prepare_member_data(cfg)
+    if any(p.mos is None for p in splits["val"]):
+        raise ValueError(f"{cfg.name}: the validation split has no labels, so no checkpoint can be chosen; "
+                         "use data.val_source: holdout, or give data.valid_labels")
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, out / "config.yaml")
+
+    model = build_model(cfg.model)
+    optimizer = torch.optim.Adam(model.head_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    train_set = TrainPairs(splits["train"], cfg.model.crop, tc.augment, stats, cfg.seed,
+                           upscale_small=cfg.data.upscale_small)
+    val_set = EvalPairs(splits["val"], cfg.model.crop, cfg.predict.views, stats,
+                        upscale_small=cfg.data.upscale_small)
+    pin = torch.cuda.is_available()
+    train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
+                              num_workers=tc.num_workers, pin_memory=pin)
+    val_loader = DataLoader(val_set, batch_size=cfg.predict.batch_size, shuffle=False,
+                            num_workers=cfg.predict.num_workers, pin_memory=pin)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = len(train_loader) // tc.grad_accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.name}: {len(train_set)} training pairs make no full batch of "
+                         f"{tc.batch_size} x {accelerator.num_processes} processes x {tc.grad_accum}")
+    val_labels = stats.normalise(torch.tensor([p.mos for p in splits["val"]], dtype=torch.float64).numpy())
+
+    states, log_path = out / "states", out / "log.csv"
+    progress = {"epoch": 0, "step": 0, "batch": 0, "best_main": -math.inf, "best_epoch": None}
+    latest = _latest_state(states)
+    if latest is not None:
+        accelerator.load_state(str(latest))
+        progress = json.loads((latest / "progress.json").read_text())
+        if accelerator.is_main_process:
+            _truncate_log(log_path, progress["step"])
+        accelerator.print(f"{cfg.name}: resuming from {latest} (epoch {progress['epoch']}, step {progress['step']})")
+    if tc.log_with:
+        accelerator.init_trackers(cfg.name, config={"lr": tc.lr, "batch_size": tc.batch_size, "seed": cfg.seed})
+
+    step, started = progress["step"], time.time()
+    bar = tqdm(total=steps_per_epoch * tc.epochs, initial=step, desc=cfg.name,
+               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for epoch in range(progress["epoch"], tc.epochs):
+        model.train()
+        train_set.set_epoch(epoch)
+        train_loader.set_epoch(epoch)
+        skip = progress["batch"] if epoch == progress["epoch"] else 0
+        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        for batch_index, batch in enumerate(loader, start=skip):
+            with accelerator.accumulate(model):
+                pred = model(batch["dis"], batch["ref"])
+                loss = F.mse_loss(pred.float(), batch["label"].float())
+                # every process sees every loss, so all of them stop together on a bad one
+                losses = accelerator.gather(loss.detach()[None])
+                if not torch.isfinite(losses).all():
+                    raise NonFiniteLoss(
+                        f"{cfg.name}: non-finite loss at epoch {epoch}, step {step}; the last good "
+                        f"state is kept in {states} (lower train.lr or use mixed_precision: no)")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    lr = tc.lr_at(step, steps_per_epoch)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses.mean().item():.4f}", lr=f"{lr:.2e}")
+            if accelerator.is_main_process:
+                _log(log_path, {"step": step, "epoch": epoch, "lr": f"{lr:.6e}", "loss": f"{losses.mean().item():.6f}"})
+            if tc.log_with:
+                accelerator.log({"loss": losses.mean().item(), "lr": lr}, step=step)
+            if tc.state_every and step % tc.state_every == 0:
+                _save_state(accelerator, states, {**progress, "epoch": epoch, "step": step,
+                                                  "batch": batch_index + 1}, tc.keep_states)
+            if abort_after_steps is not None and step >= abort_after_steps:
+                os._exit(3)  # simulate a crash (tests of resume): no cleanup, no state saved here
+
+        if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
+            scores = predict_scores(model, val_loader, accelerator, len(val_set))
+            metrics = {k: round(float(v), 6) for k, v in evaluate(scores, val_labels).items()}
+            accelerator.print(f"{cfg.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            if accelerator.is_main_process:
+                _log(log_path, {"step": step, "epoch": epoch, **metrics})
+                if metrics["main"] > progress["best_main"]:
+                    save_heads(accelerator.unwrap_model(model), out / "best.pth", to_dict(cfg.model),
+                               metrics=metrics, epoch=epoch)
+            if tc.log_with:
+                accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+            if metrics["main"] > progress["best_main"]:
+                progress.update(best_main=metrics["main"], best_epoch=epoch, best_metrics=metrics)
+        progress.update(epoch=epoch + 1, step=step, batch=0)
+        _save_state(accelerator, states, progress, tc.keep_states)
+    bar.close()
+
+    summary = {"member": cfg.name, "epochs": tc.epochs, "steps": step, "best_epoch": progress["best_epoch"],
+               "best_metrics": progress.get("best_metrics"), "processes": accelerator.num_processes,
+               "seconds_this_run": round(time.time() - started, 1)}
+    if accelerator.is_main_process:
+        save_heads(accelerator.unwrap_model(model), out / "last.pth", to_dict(cfg.model), epoch=tc.epochs - 1)
+        atomic_write_text(out / "done.json", json.dumps(summary, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="members.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True, help="member YAML config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--abort-after-steps", type=int, default=None,
+                        help="testing aid: exit abruptly after this many optimizer steps (simulated crash)")
+    args = parser.parse_args(argv)
+    train(load_member_config(args.config, args.set), abort_after_steps=args.abort_after_steps)
+
+
+if __name__ == "__main__":
+    main()

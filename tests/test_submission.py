@@ -1,0 +1,292 @@
+"""Tests of the submission stage: the checker on a real accepted zip and broken copies of it, and the
+writer end to end on a synthetic ensemble directory."""
+from __future__ import annotations
+
+import json
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from members.config import ConfigError
+from submission.__main__ import main as submission_main
+from submission.check import check_zip, main as check_main, names_in_dir, read_names_file
+from submission.readme import CPU, EXTRA_DATA, FIELDS, ReadmeInfo, format_readme, parse_readme
+from submission.write import (
+    SubmissionInputError,
+    SubmissionInvalidError,
+    SubmissionConfig,
+    load_experiment,
+    write_submission,
+)
+
+REAL_ZIP = Path("/work/shared/fixtures/real/ntire2022_fr_submission_4th_place.zip")
+
+
+# ---------------------------------------------------------------- the real zip and broken copies
+
+@pytest.fixture(scope="module")
+def real() -> dict[str, str]:
+    """output.txt and readme.txt of the real accepted submission."""
+    if not REAL_ZIP.is_file():
+        pytest.skip(f"fixture {REAL_ZIP} not present")
+    with zipfile.ZipFile(REAL_ZIP) as archive:
+        return {name: archive.read(name).decode("utf-8") for name in ("output.txt", "readme.txt")}
+
+
+@pytest.fixture()
+def names_file(tmp_path: Path, real: dict[str, str]) -> Path:
+    """The real zip's own image names, one per line."""
+    path = tmp_path / "names.txt"
+    path.write_text("".join(line.split(",")[0] + "\n" for line in real["output.txt"].splitlines()))
+    return path
+
+
+def make_zip(path: Path, files: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in files.items():
+            archive.writestr(name, text)
+    return path
+
+
+def test_real_zip_accepted_with_warnings(names_file: Path, capsys: pytest.CaptureFixture) -> None:
+    names = read_names_file(names_file)
+    assert len(names) == 1650
+    report = check_zip(REAL_ZIP, names)
+    assert report.errors == []
+    assert report.n_rows == 1650
+    assert any("__MACOSX/._output.txt" in w for w in report.warnings)
+    assert any("line 1650: no newline" in w for w in report.warnings)
+    assert check_main([str(REAL_ZIP), "--names", str(names_file)]) == 0
+    assert "VALID" in capsys.readouterr().out
+
+
+def _drop_line(lines: list[str]) -> list[str]:
+    return lines[:99] + lines[100:]
+
+
+def _set_score(lines: list[str], index: int, score: str) -> list[str]:
+    name = lines[index].split(",")[0]
+    return lines[:index] + [f"{name},{score}"] + lines[index + 1:]
+
+
+def _name(lines: list[str], index: int) -> str:
+    return lines[index].split(",")[0]
+
+
+# case -> (break the lines of output.txt, the fragments the errors must contain, given the original lines)
+BROKEN_OUTPUTS = {
+    "missing row": (_drop_line, lambda ls: ["1 of 1650 test images have no row", _name(ls, 99)]),
+    "extra row": (
+        lambda ls: ls + ["A9999_10_00.bmp,1000.0"],
+        lambda ls: ["not in the test set", "A9999_10_00.bmp (line 1651)"],
+    ),
+    "duplicate": (lambda ls: ls[:5] + ls[4:], lambda ls: ["more than once", f"{_name(ls, 4)} (lines 5, 6)"]),
+    "nan": (lambda ls: _set_score(ls, 9, "nan"), lambda ls: ["line 10", "'nan' is not a finite number"]),
+    "constant": (
+        lambda ls: [line.split(",")[0] + ",1000.0" for line in ls],
+        lambda ls: ["all 1650 scores are equal"],
+    ),
+    "header": (lambda ls: ["name,score"] + ls, lambda ls: ["line 1", "header"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_OUTPUTS))
+def test_broken_output_rejected(case: str, tmp_path: Path, real: dict[str, str], names_file: Path) -> None:
+    transform, expected = BROKEN_OUTPUTS[case]
+    lines = real["output.txt"].splitlines()
+    output = "\n".join(transform(lines)) + "\n"
+    path = make_zip(tmp_path / "broken.zip", {"output.txt": output, "readme.txt": real["readme.txt"]})
+    report = check_zip(path, read_names_file(names_file))
+    assert not report.ok
+    text = "\n".join(report.errors)
+    for fragment in expected(lines):
+        assert fragment in text
+
+
+def test_folder_inside_zip_rejected(tmp_path: Path, real: dict[str, str], names_file: Path) -> None:
+    path = make_zip(tmp_path / "nested.zip", {f"sub/{name}": text for name, text in real.items()})
+    report = check_zip(path, read_names_file(names_file))
+    text = "\n".join(report.errors)
+    assert "output.txt is inside folder 'sub/'" in text
+    assert "no readme.txt at the zip root" in text
+
+
+def test_extra_root_file_rejected(tmp_path: Path, real: dict[str, str], names_file: Path) -> None:
+    path = make_zip(tmp_path / "extra.zip", {**real, "model.pth": "x"})
+    report = check_zip(path, read_names_file(names_file))
+    assert any("unexpected file 'model.pth'" in e for e in report.errors)
+
+
+def test_missing_readme_field_rejected(
+    tmp_path: Path, real: dict[str, str], names_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    readme = "\n".join(line for line in real["readme.txt"].splitlines() if not line.startswith("Extra Data"))
+    path = make_zip(tmp_path / "readme.zip", {"output.txt": real["output.txt"], "readme.txt": readme})
+    report = check_zip(path, read_names_file(names_file))
+    assert report.errors == [f"readme.txt: missing field '{EXTRA_DATA}' (expected a line '{EXTRA_DATA} : value')"]
+    assert check_main([str(path), "--names", str(names_file)]) == 1
+    assert f"ERROR: readme.txt: missing field '{EXTRA_DATA}'" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- readme parsing
+
+def test_readme_round_trip_and_spacing_tolerance() -> None:
+    info = ReadmeInfo(0.25, 0, 1, "two AHIQ models: averaged", 1)
+    assert parse_readme(format_readme(info)) == (info, [], [])
+    squeezed = "runtime per image [s]:0.25\ncpu[1]/gpu[0]  :  0\nExtra Data [1] / No Extra Data [0] :1\n" \
+               "Other description : x\nFull-Reference [1] / Non-Reference [0] : 1"
+    parsed, errors, _ = parse_readme(squeezed)
+    assert errors == [] and parsed.runtime_per_image == 0.25 and parsed.cpu == 0
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({1: "CPU[1] / GPU[0] : 2"}, f"line 2: '{CPU}' must be 0 or 1, got '2'"),
+        ({0: "runtime per image [s] : fast"}, "must be a non-negative number, got 'fast'"),
+        ({4: "Full-Reference [1] / Non-Reference [0] : 0"}, "full-reference track: it must be 1"),
+        ({1: "Extra Data [1] / No Extra Data [0] : 1", 2: "CPU[1] / GPU[0] : 0"}, "fields out of order"),
+    ],
+)
+def test_readme_errors(change: dict[int, str], fragment: str) -> None:
+    lines = [f"{field} : {value}" for field, value in zip(FIELDS, ["0.1", "0", "1", "d", "1"])]
+    for index, line in change.items():
+        lines[index] = line
+    parsed, errors, _ = parse_readme("\n".join(lines))
+    assert parsed is None
+    assert any(fragment in e for e in errors), errors
+
+
+# ---------------------------------------------------------------- the writer, end to end
+
+def _meta(name: str, seconds: float, device: str, pretrained: bool) -> dict:
+    return {
+        "member": name, "split": "test", "n_images": 12, "n_views": 20, "views": "4x5 grid of 224 crops",
+        "seconds": seconds * 12, "seconds_per_image": seconds, "device": device,
+        "pretrained_backbones": pretrained, "higher_is_better": True,
+        "model": {"vit": "vit_base_patch8_224", "cnn": "resnet50", "crop": 224},
+    }
+
+
+def make_runs(tmp_path: Path, metas: list[dict], scores: list[str] | None = None) -> tuple[Path, list[str], Path]:
+    """A synthetic `<runs_dir>/ensemble/` and an experiment config pointing at it."""
+    runs = tmp_path / "runs"
+    ensemble = runs / "ensemble"
+    ensemble.mkdir(parents=True)
+    names = [f"A{ref:04d}_10_{k:02d}.bmp" for ref in (3, 1) for k in (5, 0, 2, 1, 4, 3)]  # unsorted on purpose
+    if scores is None:
+        scores = [f"{s:.9f}" for s in np.random.default_rng(0).normal(size=len(names))]
+    (ensemble / "preds_test.csv").write_text("name,score\n" + "".join(f"{n},{s}\n" for n, s in zip(names, scores)))
+    doc = {
+        "members": [{"name": m["member"], "dir": str(runs / m["member"]), "test_meta": m} for m in metas],
+        "method": "nnls", "weights": {m["member"]: w for m, w in zip(metas, (0.7, 0.3))},
+    }
+    (ensemble / "ensemble.json").write_text(json.dumps(doc, indent=1))
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"name: t\nruns_dir: {runs}\nmembers: []\nensemble: {{}}\nsubmission: {{}}\n")
+    return runs, names, config
+
+
+TWO = [("a", 0.031, "cuda", True), ("b", 0.5, "cpu", False)]
+
+
+@pytest.mark.parametrize(
+    "members, cpu, extra",
+    [(TWO, 0, 1), ([("a", 0.2, "cpu", False), ("b", 0.3, "cpu", False)], 1, 0)],
+)
+def test_writer_end_to_end(tmp_path: Path, members: list, cpu: int, extra: int) -> None:
+    metas = [_meta(*m) for m in members]
+    runs, names, config = make_runs(tmp_path, metas)
+    assert submission_main(["-c", str(config)]) == 0
+    out = runs / "submission.zip"
+    with zipfile.ZipFile(out) as archive:
+        assert sorted(archive.namelist()) == ["output.txt", "readme.txt"]
+        output = archive.read("output.txt").decode()
+        readme = archive.read("readme.txt").decode()
+    lines = output.splitlines()
+    assert [line.split(",")[0] for line in lines] == sorted(names)
+    assert all(re.fullmatch(r"A\d{4}_10_\d{2}\.bmp,-?\d+\.\d{6}", line) for line in lines)
+    expected = dict(line.split(",") for line in (runs / "ensemble/preds_test.csv").read_text().splitlines()[1:])
+    assert all(abs(float(s) - float(expected[n])) <= 5e-7 for n, s in (line.split(",") for line in lines))
+    info, errors, _ = parse_readme(readme)
+    assert errors == []
+    assert info.runtime_per_image == pytest.approx(sum(m["seconds_per_image"] for m in metas), abs=1e-6)
+    assert (info.cpu, info.extra_data, info.full_reference) == (cpu, extra, 1)
+    assert "2 AHIQ" in info.description and "'nnls'" in info.description and "a=0.7" in info.description
+    report = check_zip(out, names)
+    assert report.ok and report.warnings == []
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "submission.zip"]
+
+
+def test_writer_description_override_and_test_dir(tmp_path: Path) -> None:
+    runs, names, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    test_dir = tmp_path / "Testing_Dis"
+    test_dir.mkdir()
+    for name in names:
+        (test_dir / name).write_bytes(b"BM")
+    assert names_in_dir(test_dir) == sorted(names)
+    out = tmp_path / "sub" / "final.zip"
+    cfg = SubmissionConfig(out=str(out), description="My method.", test_dir=str(test_dir))
+    written, report = write_submission(runs, cfg)
+    assert written == out and report.ok
+    with zipfile.ZipFile(out) as archive:
+        assert "Other description : My method.\n" in archive.read("readme.txt").decode()
+
+
+def test_writer_rejects_names_mismatch_and_keeps_old_zip(tmp_path: Path) -> None:
+    runs, names, _ = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    out = runs / "submission.zip"
+    out.write_bytes(b"previous")
+    names_path = tmp_path / "names.txt"
+    names_path.write_text("\n".join(names[1:] + ["A0009_10_00.bmp"]))
+    with pytest.raises(SubmissionInvalidError) as err:
+        write_submission(runs, SubmissionConfig(names_file=str(names_path)))
+    assert "A0009_10_00.bmp" in str(err.value) and names[0] in str(err.value)
+    assert out.read_bytes() == b"previous"
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "submission.zip"]
+
+
+def test_writer_missing_ensemble_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    (runs / "ensemble/ensemble.json").unlink()
+    with pytest.raises(SubmissionInputError, match=r"ensemble\.json: not found"):
+        write_submission(runs, SubmissionConfig())
+    assert submission_main(["-c", str(config)]) == 2
+    assert "ensemble.json: not found" in capsys.readouterr().err
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble"]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "abc"])
+def test_writer_rejects_non_finite_prediction(tmp_path: Path, bad: str) -> None:
+    scores = [f"{0.1 * i:.6f}" for i in range(12)]
+    scores[1] = bad
+    runs, names, _ = make_runs(tmp_path, [_meta(*m) for m in TWO], scores)
+    with pytest.raises(SubmissionInputError, match=rf"preds_test\.csv line 3: score '{bad}' for {names[1]}"):
+        write_submission(runs, SubmissionConfig())
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble"]
+
+
+def test_writer_rejects_constant_prediction(tmp_path: Path) -> None:
+    runs, _, _ = make_runs(tmp_path, [_meta(*m) for m in TWO], ["0.5"] * 12)
+    with pytest.raises(SubmissionInvalidError, match="all 12 scores are equal"):
+        write_submission(runs, SubmissionConfig())
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble"]
+
+
+def test_writer_rejects_bad_member_meta(tmp_path: Path) -> None:
+    meta = _meta("a", 0.1, "tpu", True)
+    runs, _, _ = make_runs(tmp_path, [meta, _meta("b", 0.1, "cpu", True)])
+    with pytest.raises(SubmissionInputError, match=r"'members\[0\]\.test_meta\.device' must be 'cpu' or 'cuda'"):
+        write_submission(runs, SubmissionConfig())
+
+
+def test_config_section(tmp_path: Path) -> None:
+    runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    runs_dir, cfg = load_experiment(config, ["submission.out=/x/s.zip"])
+    assert runs_dir == runs and cfg.out == "/x/s.zip" and cfg.description is None
+    config.write_text(f"runs_dir: {runs}\nsubmission:\n  out: a.zip\n  outt: b.zip\n")
+    with pytest.raises(ConfigError, match=r"line 4: 'submission\.outt' unknown key"):
+        load_experiment(config)

@@ -1,0 +1,147 @@
+"""Members on the CPU with tiny configs: 2-process training, exact resume, batch-size invariance."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from members import demo_data
+from members.checkpoint import read_heads
+from members.config import ConfigError
+from members.experiment import launch_command
+from members.experiment import main as experiment_main
+from members.member import load_member_config
+from members.predict import predict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def member_yaml(tmp_path_factory) -> Path:
+    """A tiny member on a generated 40 px PIPAL-layout dataset, 32 px crops, 2 short epochs."""
+    root = tmp_path_factory.mktemp("train")
+    demo_data.build(root / "data", size=40, seed=1)
+    cfg = {
+        "base": str(REPO / "configs/members/tiny.yaml"),
+        "name": "t",
+        "model": {"crop": 32},
+        "data": {"root": str(root / "data")},
+        "train": {"epochs": 2, "batch_size": 8, "state_every": 3, "num_workers": 0},
+        "predict": {"views": {"kind": "five", "flip": True}, "batch_size": 8, "num_workers": 0},
+    }
+    path = root / "member.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(module: str, args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = launch_command(module, args, processes, cpu=True) if processes > 1 else [sys.executable, "-m", module, *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_preds(path: Path) -> dict[str, float]:
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    names = [r["name"] for r in rows]
+    assert names == sorted(names) and len(set(names)) == len(names)
+    return {r["name"]: float(r["score"]) for r in rows}
+
+
+def heads(path: Path) -> dict[str, torch.Tensor]:
+    state, _ = read_heads(path)
+    return {f"{part}.{k}": v for part, sd in state.items() for k, v in sd.items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(member_yaml, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "straight"
+    run("members.train", ["-c", str(member_yaml), "--set", f"output_dir={out}"])
+    return out
+
+
+def test_training_writes_everything_and_is_not_repeated(uninterrupted, member_yaml):
+    for name in ("config.yaml", "log.csv", "best.pth", "last.pth", "done.json", "states/latest.txt"):
+        assert (uninterrupted / name).is_file(), name
+    log = list(csv.DictReader(open(uninterrupted / "log.csv")))
+    assert [r["step"] for r in log if r["loss"]] == [str(i) for i in range(1, len(log) - 1)]
+    assert sum(1 for r in log if r["main"]) == 2  # one validation per epoch
+    again = run("members.train", ["-c", str(member_yaml), "--set", f"output_dir={uninterrupted}"])
+    assert "already trained" in again.stdout
+
+
+def test_killed_run_resumes_to_identical_weights(uninterrupted, member_yaml, tmp_path):
+    out = tmp_path / "killed"
+    args = ["-c", str(member_yaml), "--set", f"output_dir={out}"]
+    crashed = run("members.train", [*args, "--abort-after-steps", "5"], check=False)
+    assert crashed.returncode == 3 and not (out / "done.json").exists()
+    assert (out / "states/latest.txt").read_text().strip() == "step-00000003"  # mid-epoch state
+    resumed = run("members.train", args)
+    assert "resuming from" in resumed.stdout
+    straight, again = heads(uninterrupted / "last.pth"), heads(out / "last.pth")
+    assert straight.keys() == again.keys()
+    assert all(torch.equal(straight[k], again[k]) for k in straight)
+    steps = [r["step"] for r in csv.DictReader(open(out / "log.csv")) if r["loss"]]
+    assert steps == sorted(set(steps), key=int)  # the crashed run's extra rows were dropped
+
+
+def test_two_process_training_and_prediction_match_one_process(uninterrupted, member_yaml, tmp_path):
+    out = tmp_path / "ddp"
+    args = ["-c", str(member_yaml), "--set", f"output_dir={out}"]
+    trained = run("members.train", args, processes=2)
+    assert "epoch 1:" in trained.stdout
+    run("members.predict", [*args, "--split", "val"], processes=2)
+    two = read_preds(out / "preds_val.csv")
+    val_names = [r["name"] for r in csv.DictReader(open(out / "splits/val.csv"))]
+    assert sorted(two) == sorted(val_names)  # every image exactly once
+    single = tmp_path / "single"
+    run("members.predict", ["-c", str(member_yaml), "--split", "val", "--set", f"output_dir={single}",
+                            "--checkpoint", str(out / "best.pth")])
+    one = read_preds(single / "preds_val.csv")
+    assert max(abs(one[n] - two[n]) for n in one) <= 1e-5
+
+
+def test_predictions_do_not_depend_on_batch_size(uninterrupted, member_yaml, tmp_path):
+    results = {}
+    for batch_size in (1, 3, 8):
+        cfg = load_member_config(member_yaml, [f"output_dir={tmp_path / str(batch_size)}"])
+        predict(cfg, ["val", "test"], checkpoint=str(uninterrupted / "best.pth"), batch_size=batch_size)
+        results[batch_size] = read_preds(cfg.out / "preds_val.csv")
+        assert (cfg.out / "labels_val.csv").is_file() and (cfg.out / "preds_test.json").is_file()
+    for batch_size in (3, 8):
+        assert results[batch_size].keys() == results[1].keys()
+        assert max(abs(results[batch_size][n] - results[1][n]) for n in results[1]) <= 2e-6
+    assert len(set(results[1].values())) > 1
+
+
+def test_unknown_member_key_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\ntrain:\n  epochs: 2\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml, line 4: 'train\.learning_rate' unknown key"):
+        load_member_config(path)
+
+
+def test_experiment_checks_data_before_training(tmp_path, member_yaml, capsys):
+    bad = yaml.safe_load(member_yaml.read_text())
+    data_root = Path(bad["data"]["root"])
+    broken = tmp_path / "data"
+    subprocess.run(["cp", "-r", str(data_root), str(broken)], check=True)
+    victim = next((broken / "Distortion_2").glob("*.bmp"))
+    victim.write_bytes(b"BM not really an image")
+    bad["data"]["root"] = str(broken)
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(bad))
+    exp = {"name": "x", "runs_dir": str(tmp_path / "runs"), "members": [str(tmp_path / "m.yaml")]}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(exp))
+    assert experiment_main(["-c", str(tmp_path / "exp.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot decode" in err and victim.name in err and "Train_Label" in err
+    assert not (tmp_path / "runs" / "t").exists()
