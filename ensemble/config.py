@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from members.config import ConfigError, apply_overrides, from_dict, load_yaml
+from members.config import ConfigError, apply_overrides, from_dict, load_yaml, read_yaml_with_base
 
 METHODS = ("mean", "rank_mean", "nnls", "ridge", "greedy")
 CALIBRATIONS = ("none", "logistic", "isotonic")
@@ -83,7 +83,7 @@ def _where(data: dict, key: str) -> str:
 def _member_name(path: Path, where: str) -> str:
     if not path.is_file():
         raise ConfigError(f"{where}: member config {path} not found (relative to {os.getcwd()})")
-    data = load_yaml(path)
+    data = read_yaml_with_base(path)
     name = data.get("name")
     if not isinstance(name, str) or not name or "/" in name:
         raise ConfigError(f"{_where(data, 'name')}: member config needs a 'name:' (a plain directory name), "

@@ -46,11 +46,11 @@ def signed_main(pred: np.ndarray, y: np.ndarray) -> float:
     return metrics.plcc(pred, y) + metrics.srcc(pred, y)
 
 
-def _normalised(w: np.ndarray, method: str) -> np.ndarray:
+def _normalised(w: np.ndarray) -> np.ndarray:
+    """Weights summing to 1. All zero (no member helps a non-negative fit, e.g. weak members in one
+    fold): fall back to the prior, equal weights, rather than abort the whole ensemble."""
     total = w.sum()
-    if not total > 0:
-        raise ValueError(f"{method}: every weight is zero; no member correlates positively with the MOS")
-    return w / total
+    return w / total if total > 0 else np.full(w.shape, 1.0 / w.size)
 
 
 def _equal(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def combine_ranks(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def fit_nnls(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Non-negative least squares of the centred MOS on the centred members (no intercept needed)."""
     w, _ = optimize.nnls(x - x.mean(axis=0), y - y.mean())
-    return _normalised(w, "nnls")
+    return _normalised(w)
 
 
 def ridge_toward_equal(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray:
@@ -90,7 +90,7 @@ def ridge_toward_equal(x: np.ndarray, y: np.ndarray, alpha: float) -> np.ndarray
     w0 = np.full(k, slope / k)
     root = np.sqrt(alpha * len(y))
     w, _ = optimize.nnls(np.vstack([xc, root * np.eye(k)]), np.concatenate([yc, root * w0]))
-    return _normalised(w, "ridge")
+    return _normalised(w)
 
 
 def choose_ridge_alpha(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:

@@ -69,6 +69,26 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def _merge(base: dict, update: dict) -> dict:
+    """Deep merge: mappings merge key by key, anything else in `update` replaces `base`."""
+    merged = type(update)(base)
+    for key, value in update.items():
+        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    for attr in ("lines", "source"):  # keep the child's file/line info for error messages
+        if hasattr(update, attr):
+            setattr(merged, attr, getattr(update, attr))
+    return merged
+
+
+def read_yaml_with_base(path: str | os.PathLike) -> dict:
+    """A YAML mapping whose optional `base: other.yaml` (relative to this file) supplies defaults."""
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    return _merge(read_yaml_with_base(Path(path).parent / base), data)
+
+
 def _where(data: Any, key: str, path: str) -> str:
     lines = getattr(data, "lines", {})
     source = getattr(data, "source", "config")
@@ -108,6 +128,11 @@ def _coerce(value: Any, hint: Any, path: str, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if hint in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     if isinstance(hint, type) and not isinstance(value, hint):

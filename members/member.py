@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from members.config import apply_overrides, atomic_write_text, from_dict, load_yaml
+from members.config import apply_overrides, atomic_write_text, from_dict, read_yaml_with_base
 from members.data import SPLITS, DataConfig, LabelStats, Pair, check_pairs, prepare_splits
 from members.model import ModelConfig
 from members.views import AugmentConfig, ViewConfig
@@ -93,29 +93,9 @@ class MemberConfig:
         return Path(self.output_dir)
 
 
-def _merge(base: dict, update: dict) -> dict:
-    """Deep merge: mappings merge key by key, anything else in `update` replaces `base`."""
-    merged = type(update)(base)
-    for key, value in update.items():
-        merged[key] = _merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
-    for attr in ("lines", "source"):  # keep the child's file/line info for error messages
-        if hasattr(update, attr):
-            setattr(merged, attr, getattr(update, attr))
-    return merged
-
-
-def read_member_yaml(path: str | Path) -> dict:
-    """A member YAML as a mapping; `base: other.yaml` (relative to this file) supplies defaults."""
-    data = load_yaml(path)
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    return _merge(read_member_yaml(Path(path).parent / base), data)
-
-
 def load_member_config(path: str | Path, overrides: list[str] | None = None) -> MemberConfig:
     """Read a member YAML (with its `base:` chain), apply `key=value` overrides, build and validate."""
-    return from_dict(MemberConfig, apply_overrides(read_member_yaml(path), overrides or []))
+    return from_dict(MemberConfig, apply_overrides(read_yaml_with_base(path), overrides or []))
 
 
 def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], LabelStats]:

@@ -24,6 +24,8 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from members.backbones import WeightsError
+from members.checkpoint import CheckpointError
 from members.config import atomic_write_text
 from members.data import EvalPairs, Pair
 from members.member import MemberConfig, load_member_config, prepare_member_data
@@ -119,7 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per batch (default: predict.batch_size)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)
-    predict(load_member_config(args.config, args.set), args.split, args.checkpoint, args.batch_size)
+    try:
+        predict(load_member_config(args.config, args.set), args.split, args.checkpoint, args.batch_size)
+    except (ValueError, FileNotFoundError, CheckpointError, WeightsError) as err:  # bad input: no traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

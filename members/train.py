@@ -19,6 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
@@ -26,7 +27,8 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from members.checkpoint import save_heads
+from members.backbones import WeightsError
+from members.checkpoint import CheckpointError, save_heads
 from members.config import atomic_write_text, dump_yaml, to_dict
 from members.data import EvalPairs, TrainPairs
 from members.member import MemberConfig, load_member_config, prepare_member_data
@@ -180,6 +182,9 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
 
         if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
             scores = predict_scores(model, val_loader, accelerator, len(val_set))
+            if not np.isfinite(scores).all():
+                raise NonFiniteLoss(f"{cfg.name}: validation scores are not finite after epoch {epoch}: the "
+                                    f"heads diverged (lower train.lr); the last good state is kept in {states}")
             metrics = {k: round(float(v), 6) for k, v in evaluate(scores, val_labels).items()}
             accelerator.print(f"{cfg.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if accelerator.is_main_process:
@@ -215,7 +220,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--abort-after-steps", type=int, default=None,
                         help="testing aid: exit abruptly after this many optimizer steps (simulated crash)")
     args = parser.parse_args(argv)
-    train(load_member_config(args.config, args.set), abort_after_steps=args.abort_after_steps)
+    try:
+        train(load_member_config(args.config, args.set), abort_after_steps=args.abort_after_steps)
+    except (ValueError, FileNotFoundError, CheckpointError, WeightsError, NonFiniteLoss) as err:  # no traceback
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -208,3 +208,13 @@ def test_check_order_catches_ties():
     check_order(raw, 10 * raw, "test")
     with pytest.raises(CalibrationError, match="1 pair"):
         check_order(raw, np.array([0.0, 1.0, 1.0, 3.0]), "test")
+
+
+def test_non_negative_fits_fall_back_to_equal_weights_when_no_member_helps():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=60)
+    x = np.column_stack([-y + 0.1 * rng.normal(size=60), -y + 0.2 * rng.normal(size=60)])  # both anti-correlated
+    groups = np.repeat(np.arange(12), 5)
+    for name in ("nnls", "ridge"):
+        weights = get_method(name).fit(x, y, groups)
+        assert np.allclose(weights, [0.5, 0.5]), name

@@ -232,3 +232,18 @@ def test_model_config_rejects_unknown_key_and_bad_grids():
     with pytest.raises(ValueError, match="ViT grid"):
         build_model({**TINY, "crop": 72})  # CNN 18 -> 9 is no multiple of the ViT grid 4
     assert ModelConfig().vit == "vit_base_patch8_224.augreg_in21k_ft_in1k"
+
+
+def test_make_weights_plans_hub_backbones_and_fails_clearly_offline(tmp_path):
+    from members.experiment import load_experiment
+    from members.weights import hub_backbones
+
+    _, members = load_experiment(REPO / "configs/ahiq_c.yaml")
+    assert hub_backbones([cfg for _, cfg, _ in members]) == [
+        "vit_base_patch8_224.augreg_in21k_ft_in1k", "resnet50.a1_in1k", "vit_base_patch16_224.augreg_in21k_ft_in1k"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, "-m", "members.weights", "-c", "configs/ahiq_c.yaml", "--out",
+                          str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 2
+    assert "make weights` needs internet access" in run.stderr and "vit_base_patch8_224" in run.stderr
+    assert not (tmp_path / "w" / "SHA256SUMS").exists()

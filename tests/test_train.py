@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 
-from members import demo_data
 from members.checkpoint import read_heads
 from members.config import ConfigError
 from members.experiment import launch_command
@@ -20,24 +19,6 @@ from members.member import load_member_config
 from members.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def member_yaml(tmp_path_factory) -> Path:
-    """A tiny member on a generated 40 px PIPAL-layout dataset, 32 px crops, 2 short epochs."""
-    root = tmp_path_factory.mktemp("train")
-    demo_data.build(root / "data", size=40, seed=1)
-    cfg = {
-        "base": str(REPO / "configs/members/tiny.yaml"),
-        "name": "t",
-        "model": {"crop": 32},
-        "data": {"root": str(root / "data")},
-        "train": {"epochs": 2, "batch_size": 8, "state_every": 3, "num_workers": 0},
-        "predict": {"views": {"kind": "five", "flip": True}, "batch_size": 8, "num_workers": 0},
-    }
-    path = root / "member.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def run(module: str, args: list[str], processes: int = 1, check: bool = True) -> subprocess.CompletedProcess:

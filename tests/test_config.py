@@ -1,0 +1,67 @@
+"""YAML -> dataclass configs: unknown keys and types with file and line, `base:` chains, overrides."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from members.config import (ConfigError, apply_overrides, atomic_write_text, from_dict, load_yaml,
+                            read_yaml_with_base)
+
+
+@dataclass
+class Inner:
+    lr: float = 0.1
+    steps: int = 3
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    inner: Inner = field(default_factory=Inner)
+    tags: list[str] = field(default_factory=list)
+    path: str | None = None
+
+
+def test_unknown_and_mistyped_keys_name_file_and_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("name: a\ninner:\n  lr: 0.5\n  stpes: 4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml, line 4: 'inner\.stpes' unknown key; valid keys of 'inner': lr, steps"):
+        from_dict(Outer, load_yaml(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("name: a\ninner:\n  steps: many\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml, line 3: 'inner\.steps': expected int, got 'many'"):
+        from_dict(Outer, load_yaml(tmp_path / "d.yaml"))
+
+
+def test_values_are_coerced_only_where_safe(tmp_path):
+    cfg = from_dict(Outer, {"inner": {"lr": "1e-3", "steps": 2}, "tags": ["a"], "path": None})
+    assert cfg.inner.lr == 1e-3 and cfg.inner.steps == 2 and cfg.tags == ["a"]
+    with pytest.raises(ConfigError, match="expected int"):
+        from_dict(Outer, {"inner": {"steps": True}})
+    with pytest.raises(ConfigError, match="expected a number"):
+        from_dict(Outer, {"inner": {"lr": "fast"}})
+
+
+def test_base_chain_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("name: base\ninner:\n  lr: 0.5\n  steps: 9\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\nname: child\ninner:\n  steps: 1\n")
+    data = apply_overrides(read_yaml_with_base(tmp_path / "child.yaml"), ["inner.lr=0.25", "tags=[a, b]"])
+    cfg = from_dict(Outer, data)
+    assert (cfg.name, cfg.inner.lr, cfg.inner.steps, cfg.tags) == ("child", 0.25, 1, ["a", "b"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        apply_overrides({}, ["inner.lr"])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_yaml(tmp_path / "absent.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_yaml(tmp_path / "list.yaml")
+
+
+def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "out" / "f.txt"
+    atomic_write_text(target, "one\n")
+    atomic_write_text(target, "two\n")
+    assert target.read_text() == "two\n"
+    assert [p.name for p in target.parent.iterdir()] == ["f.txt"]

@@ -1,0 +1,48 @@
+"""End to end on tiny members: make train-members -> make ensemble -> make submit (as CLIs)."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from ensemble.__main__ import main as ensemble_main
+from members.experiment import main as experiment_main
+from submission.__main__ import main as submission_main
+from submission.check import main as check_main
+
+
+def test_experiment_ensemble_and_submission(member_yaml, tmp_path, capsys):
+    base = yaml.safe_load(member_yaml.read_text())
+    members = []
+    for name, seed in (("tiny_a", 1), ("tiny_b", 2)):
+        cfg = {**base, "name": name, "seed": seed, "train": {**base["train"], "epochs": 1}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        members.append(str(path))
+    test_dir = Path(base["data"]["root"]) / "NTIRE2022_FR_Testing_Dis"
+    exp = {"name": "e2e", "runs_dir": str(tmp_path / "runs"), "members": members,
+           "ensemble": {"folds": 3, "n_boot": 100}, "submission": {"test_dir": str(test_dir)}}
+    exp_path = tmp_path / "exp.yaml"
+    exp_path.write_text(yaml.safe_dump(exp))
+
+    assert experiment_main(["-c", str(exp_path), "--cpu-procs", "1"]) == 0
+    runs = tmp_path / "runs"
+    for name in ("tiny_a", "tiny_b"):
+        for file in ("done.json", "best.pth", "preds_val.csv", "labels_val.csv", "preds_test.csv", "preds_test.json"):
+            assert (runs / name / file).is_file(), (name, file)
+    assert experiment_main(["-c", str(exp_path), "--cpu-procs", "1"]) == 0  # nothing left to do
+    assert capsys.readouterr().out.count("trained and predicted already") == 2
+
+    assert ensemble_main(["-c", str(exp_path)]) == 0
+    summary = json.loads((runs / "ensemble" / "ensemble.json").read_text())
+    assert {m["name"] for m in summary["members"]} == {"tiny_a", "tiny_b"}
+    assert (runs / "ensemble" / "report.md").is_file()
+
+    assert submission_main(["-c", str(exp_path)]) == 0
+    with zipfile.ZipFile(runs / "submission.zip") as zf:
+        assert sorted(zf.namelist()) == ["output.txt", "readme.txt"]
+        lines = zf.read("output.txt").decode().splitlines()
+    assert len(lines) == len(list(test_dir.glob("*.bmp")))
+    assert check_main([str(runs / "submission.zip"), "--test-dir", str(test_dir)]) == 0
