@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -95,8 +95,6 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
         gradient_accumulation_steps=tc.grad_accum,
         # a seedable sampler + set_epoch gives the same order after a restart
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        # the backbones' BatchNorm buffers are frozen: no need to broadcast them every step
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
         log_with=tc.log_with,
         project_dir=str(out),
     )
