@@ -90,11 +90,22 @@ def _env(gpus: list[str], cpu_threads: int) -> dict[str, str]:
     return env
 
 
+def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple[list[list[str]], int]:
+    """Slots that run one member each (GPU id lists; [[]] = the CPU) and processes per member.
+
+    per_member K: len(gpus) // K slots side by side (left-over GPUs idle); None: one slot, all GPUs.
+    """
+    if not gpus:
+        return [[]], cpu_procs
+    if per_member is None or per_member >= len(gpus):
+        return [gpus], len(gpus)
+    slots = [gpus[i:i + per_member] for i in range(0, len(gpus) - per_member + 1, per_member)]
+    return slots, per_member
+
+
 def run_members(members: list, gpus: list[str], per_member: int | None, cpu_procs: int) -> list[str]:
     """Run every member's jobs; returns the names of members that failed."""
-    slots = [gpus[i:i + per_member] for i in range(0, len(gpus), per_member)] if gpus and per_member else [gpus]
-    slots = [s for s in slots if len(s) == len(slots[0])]
-    processes = len(slots[0]) or cpu_procs
+    slots, processes = plan_slots(gpus, per_member, cpu_procs)
     threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
     queue = [(cfg.name, cfg.out, member_jobs(path, cfg, overrides)) for path, cfg, overrides in members]
     running: dict[int, tuple[str, Path, subprocess.Popen, list, Any]] = {}

@@ -126,3 +126,22 @@ def test_experiment_checks_data_before_training(tmp_path, member_yaml, capsys):
     err = capsys.readouterr().err
     assert "cannot decode" in err and victim.name in err and "Train_Label" in err
     assert not (tmp_path / "runs" / "t").exists()
+
+
+@pytest.mark.parametrize("gpus,per_member,expected", [
+    ([], 1, ([[]], 2)),
+    (["0", "1", "2", "3"], 1, ([["0"], ["1"], ["2"], ["3"]], 1)),
+    (["0", "1", "2"], 2, ([["0", "1"]], 2)),
+    (["0", "1", "2", "3"], None, ([["0", "1", "2", "3"]], 4)),
+    (["5"], 4, ([["5"]], 1)),
+])
+def test_gpu_slots(gpus, per_member, expected):
+    from members.experiment import plan_slots
+    assert plan_slots(gpus, per_member, cpu_procs=2) == expected
+
+
+def test_launch_command_picks_the_process_layout():
+    two = launch_command("members.train", ["-c", "x.yaml"], processes=2, cpu=True)
+    assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2" and two[-3:] == ["members.train", "-c", "x.yaml"]
+    one = launch_command("members.train", [], processes=1, cpu=True)
+    assert "--cpu" in one and "--multi_gpu" not in one
