@@ -18,7 +18,7 @@ from members.data import (DataConfig, DataError, EvalPairs, LabelStats, Pair, Tr
 from members.index import read_csv_table, read_pipal_labels
 from members.views import AugmentConfig, ViewConfig, apply_view, make_views
 
-REAL = Path("/work/shared/fixtures/real")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"  # shared/ beside the checkout
 TID = REAL / "tid2013_scores.csv"
 SIZE, CROP = 12, 8
 

@@ -22,7 +22,7 @@ from submission.write import (
     write_submission,
 )
 
-REAL_ZIP = Path("/work/shared/fixtures/real/ntire2022_fr_submission_4th_place.zip")
+REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "ntire2022_fr_submission_4th_place.zip"
 
 
 # ---------------------------------------------------------------- the real zip and broken copies
