@@ -32,7 +32,7 @@ from members.checkpoint import CheckpointError, save_heads
 from members.config import atomic_write_text, dump_yaml, to_dict
 from members.data import EvalPairs, TrainPairs
 from members.member import MemberConfig, load_member_config, prepare_member_data
-from members.metrics import evaluate
+from members.metrics import MetricError, evaluate
 from members.model import build_model
 from members.predict import predict_scores
 
@@ -83,6 +83,16 @@ def _truncate_log(path: Path, step: int) -> None:
         lines = path.read_text(encoding="utf-8").splitlines()
         kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= step]
         atomic_write_text(path, "\n".join(kept) + "\n")
+
+
+def _validation_metrics(scores: np.ndarray, labels: np.ndarray, where: str, accelerator: Accelerator) -> dict:
+    """Validation metrics; undefined ones (constant scores from collapsed heads, a failed logistic fit)
+    count as 0 with a warning instead of stopping a long run: the best checkpoint is chosen by main."""
+    try:
+        return {k: round(float(v), 6) for k, v in evaluate(scores, labels).items()}
+    except MetricError as err:
+        accelerator.print(f"warning: {where}: {err}; its correlations count as 0")
+        return {"srcc": 0.0, "plcc": 0.0, "krcc": 0.0, "main": 0.0}
 
 
 def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | None:
@@ -183,7 +193,7 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
             if not np.isfinite(scores).all():
                 raise NonFiniteLoss(f"{cfg.name}: validation scores are not finite after epoch {epoch}: the "
                                     f"heads diverged (lower train.lr); the last good state is kept in {states}")
-            metrics = {k: round(float(v), 6) for k, v in evaluate(scores, val_labels).items()}
+            metrics = _validation_metrics(scores, val_labels, f"{cfg.name} epoch {epoch}", accelerator)
             accelerator.print(f"{cfg.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if accelerator.is_main_process:
                 _log(log_path, {"step": step, "epoch": epoch, **metrics})

@@ -21,7 +21,8 @@ def member_yaml(tmp_path_factory) -> Path:
         "name": "t",
         "model": {"crop": 32},
         "data": {"root": str(root / "data")},
-        "train": {"epochs": 2, "batch_size": 8, "state_every": 3, "num_workers": 0},
+        "train": {"epochs": 2, "batch_size": 8, "state_every": 3, "num_workers": 0,
+                  "lr": 3.0e-4, "schedule": "cosine_epoch", "warmup_epochs": 1.0},
         "predict": {"views": {"kind": "center", "flip": True}, "batch_size": 8, "num_workers": 0},
     }
     path = root / "member.yaml"

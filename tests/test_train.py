@@ -145,3 +145,16 @@ def test_launch_command_picks_the_process_layout():
     assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2" and two[-3:] == ["members.train", "-c", "x.yaml"]
     one = launch_command("members.train", [], processes=1, cpu=True)
     assert "--cpu" in one and "--multi_gpu" not in one
+
+
+def test_collapsed_validation_counts_as_zero_instead_of_stopping(capsys):
+    import numpy as np
+    from accelerate import Accelerator
+
+    from members.train import _validation_metrics
+
+    metrics = _validation_metrics(np.full(6, 0.5), np.arange(6.0), "m epoch 3", Accelerator(cpu=True))
+    assert metrics["main"] == 0.0 and metrics["srcc"] == 0.0
+    assert "m epoch 3" in capsys.readouterr().out
+    good = _validation_metrics(np.arange(6.0), np.arange(6.0) ** 2, "m", Accelerator(cpu=True))
+    assert good["srcc"] == 1.0 and good["main"] > 1.9
