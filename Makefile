@@ -10,7 +10,7 @@ GPUS ?=
 GPUS_PER_MEMBER ?= 1
 CPU_PROCS ?= 2
 
-.PHONY: help install test demo demo-data weights train-members ensemble submit bench clean-demo
+.PHONY: help install test demo demo-data weights train-members predict-all ensemble submit bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ weights: $(STAMP)  ## download the configured backbone weights and the authors' 
 
 train-members: $(STAMP)  ## train every member of EXPERIMENT (resumable), then predict val and test
 	$(PY) -m members.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS)
+
+predict-all: $(STAMP)  ## re-predict EXPERIMENT's trained members at once, sharing backbones and reference work
+	$(PY) -m members.predict_all -c $(EXPERIMENT)
 
 ensemble: $(STAMP)  ## fit the ensemble of EXPERIMENT's members (grouped CV) and write its report
 	$(PY) -m ensemble -c $(EXPERIMENT)

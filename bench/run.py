@@ -1,0 +1,194 @@
+"""`make bench`: AHIQ prediction and training, the release's way (a) against this kit's way (b).
+
+    python -m bench.run --out bench/results                 # tiny + real size (ViT-B/8 at 224), a few minutes on a CPU
+    python -m bench.run --out /tmp/b --configs tiny --no-train
+
+Backbones and heads have random weights (no downloads); every member shares the backbones and has
+its own heads, as an ensemble of seeds does. Inputs are synthetic images, already cropped into views
+(data loading is left out of both ways). Prediction: R references x D distorted images x V views.
+(a) = `bench.release`: full backbones on dis and ref of every pair, for every member, torchvision's
+deformable conv; it is timed on the first `release_pairs` pairs only and reported per pair.
+(b) = `members.fastpredict.SharedScorer`: backbones once per image and view, shared by the members;
+the reference's part once per (reference, view); the members' per-distorted heads.
+Training: one optimizer step of batch B, the release's (backbone graph, full backbones, dis and ref in
+separate calls) against `members.train`'s (`AHIQ.forward`). Peak memory: see `bench.measure`.
+Counted TFLOP/s (FlopCounterMode: convolutions, matmuls, attention) are added on a GPU or with --flops.
+Writes <out>/bench.md and <out>/bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.measure import counted_flops, timed
+from bench.release import ReleaseBackbones, kit_train_step, release_predict, release_train_step
+from bench.report import markdown
+from members.config import atomic_write_text
+from members.fastpredict import SharedScorer
+from members.model import AHIQ, build_model
+from members.views import ViewConfig, apply_view, make_views
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    vit: str
+    cnn: str
+    crop: int
+    image: int  # side of the synthetic images the views are cut from
+    refs: int = 1
+    dis: int = 8  # distorted images per reference
+    views: int = 5  # 1 (centre) or 5 (corners + centre)
+    members: tuple[int, ...] = (1, 3)
+    release_pairs: int = 1  # pairs the release's way is timed on
+    train_batch: int = 4
+    warmup: bool = False  # one untimed call of each way first (cheap on tiny configs only)
+
+
+CONFIGS = {
+    "tiny": BenchConfig("tiny", "vit_tiny_patch16_224", "resnet18", 64, 80, refs=2, dis=4, views=5,
+                        release_pairs=4, warmup=True),
+    "real": BenchConfig("real", "vit_base_patch8_224", "resnet50", 224, 288, refs=1, dis=8, views=5),
+}
+
+
+def synthetic_items(cfg: BenchConfig, seed: int = 0) -> list[dict]:
+    """Reference-grouped items (the `members.refdata` layout): smooth random references, and distorted
+    copies with noise of growing strength."""
+    gen = torch.Generator().manual_seed(seed)
+    views = make_views(cfg.image, cfg.image, cfg.crop, ViewConfig(kind="five" if cfg.views == 5 else "center"))
+    items = []
+    for r in range(cfg.refs):
+        low = torch.rand(1, 3, cfg.image // 16, cfg.image // 16, generator=gen)
+        ref = F.interpolate(low, size=(cfg.image, cfg.image), mode="bilinear", align_corners=False)[0]
+        dis = [(ref + (d + 1) * 0.04 * torch.randn(ref.shape, generator=gen)).clamp(0, 1) for d in range(cfg.dis)]
+        items.append({"ref_key": f"ref{r}", "ref": torch.stack([apply_view(ref, v, cfg.crop) for v in views]),
+                      "dis": torch.stack([torch.stack([apply_view(x, v, cfg.crop) for v in views]) for x in dis]),
+                      "index": torch.arange(r * cfg.dis, (r + 1) * cfg.dis)})
+    return items
+
+
+def subset(items: list[dict], pairs: int) -> list[dict]:
+    """The first `pairs` pairs of `items`, in the same layout."""
+    out, left = [], pairs
+    for item in items:
+        if left <= 0:
+            break
+        out.append({**item, "dis": item["dis"][:left], "index": item["index"][:left]})
+        left -= len(out[-1]["index"])
+    return out
+
+
+def build_members(cfg: BenchConfig, n: int, device: torch.device) -> list[AHIQ]:
+    """n members sharing one set of random backbones, each with its own seeded random heads."""
+    first = build_model({"vit": cfg.vit, "cnn": cfg.cnn, "crop": cfg.crop, "vit_weights": "none",
+                         "cnn_weights": "none"})
+    models = [first]
+    for k in range(1, n):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(k)
+            models.append(AHIQ(first.vit, first.cnn, crop=cfg.crop))
+    return [m.to(device).eval() for m in models]
+
+
+def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespace) -> list[dict]:
+    items = synthetic_items(cfg)
+    n_pairs = cfg.refs * cfg.dis
+    models = build_members(cfg, max(cfg.members), device)
+    part = subset(items, cfg.release_pairs)
+    backbones = ReleaseBackbones(models[0], cfg.vit, cfg.cnn, cfg.crop).to(device)
+    if cfg.warmup:
+        release_predict(models[:1], [backbones], subset(part, 1), device)
+    release = [timed(lambda m=m: release_predict([m], [backbones], part, device), device) for m in models]
+    rows = []
+    for m in cfg.members:
+        scorer = SharedScorer(models[:m], device, opts.precision, opts.channels_last, opts.compile, opts.max_crops)
+        if cfg.warmup:
+            scorer.score(items[:1], cfg.dis, progress=False)
+        seconds, peak, scores = timed(lambda: scorer.score(items, n_pairs, progress=False), device)
+        a_seconds = sum(r[0] for r in release[:m]) / cfg.release_pairs
+        peaks = [r[1] for r in release[:m]]
+        diff = max(abs(scores[k][i] - release[k][2][0][i]) for k in range(m) for i in range(cfg.release_pairs))
+        row = {"config": cfg.name, "members": m, "pairs": n_pairs, "views": cfg.views, "release_pairs": cfg.release_pairs,
+               "a_pairs_per_s": 1 / a_seconds, "b_pairs_per_s": n_pairs / seconds,
+               "ratio": a_seconds * n_pairs / seconds, "max_abs_diff": diff,
+               "a_peak_mib": None if None in peaks else max(peaks), "b_peak_mib": peak}
+        if opts.flops:
+            a_flops = m * counted_flops(lambda: release_predict(models[:1], [backbones], subset(part, 1), device))
+            b_flops = counted_flops(lambda: scorer.score(items, n_pairs, progress=False)) / n_pairs
+            row.update(a_tflops=a_flops * row["a_pairs_per_s"] / 1e12, b_tflops=b_flops * row["b_pairs_per_s"] / 1e12)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    b = cfg.train_batch
+    dis, ref = (torch.rand(b, 3, cfg.crop, cfg.crop, generator=gen).to(device) for _ in range(2))
+    label = torch.rand(b, generator=gen).to(device)
+    model = build_members(cfg, 1, device)[0]
+    backbones = ReleaseBackbones(model, cfg.vit, cfg.cnn, cfg.crop, grad=True).to(device)
+    optimizer = torch.optim.Adam(model.head_parameters(), lr=1e-4, weight_decay=1e-5)
+    if cfg.warmup:
+        release_train_step(model, backbones, optimizer, dis, ref, label)
+        kit_train_step(model, optimizer, dis, ref, label)
+    a_s, a_peak, _ = timed(lambda: release_train_step(model, backbones, optimizer, dis, ref, label), device)
+    b_s, b_peak, _ = timed(lambda: kit_train_step(model, optimizer, dis, ref, label), device)
+    row = {"config": cfg.name, "batch": b, "a_step_s": a_s, "b_step_s": b_s, "speedup": a_s / b_s,
+           "a_peak_mib": a_peak, "b_peak_mib": b_peak,
+           "memory_ratio": b_peak / a_peak if a_peak and b_peak is not None else None}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/results", help="folder for bench.md and bench.json")
+    parser.add_argument("--configs", nargs="+", default=["tiny", "real"], choices=sorted(CONFIGS))
+    parser.add_argument("--dis", type=int, default=None, help="distorted images per reference (all configs)")
+    parser.add_argument("--refs", type=int, default=None, help="references (all configs)")
+    parser.add_argument("--release-pairs", type=int, default=None, help="pairs the release's way is timed on")
+    parser.add_argument("--no-train", action="store_true", help="skip the training-step table")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast of way (b)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last convolutions in way (b)")
+    parser.add_argument("--compile", default="", help="torch.compile backend for (b)'s backbones")
+    parser.add_argument("--max-crops", type=int, default=64, help="crops per heads call in (b)")
+    parser.add_argument("--flops", action="store_true", help="count FLOPs and report TFLOP/s (default on GPU)")
+    opts = parser.parse_args(argv)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    opts.flops = opts.flops or device.type == "cuda"
+    warnings.filterwarnings("ignore", message=".*uses random weights.*")
+    configs = [dataclasses.replace(CONFIGS[c], **{k: v for k, v in (("dis", opts.dis), ("refs", opts.refs),
+                                                                     ("release_pairs", opts.release_pairs)) if v})
+               for c in opts.configs]
+    for cfg in configs:
+        if cfg.release_pairs > cfg.refs * cfg.dis:
+            parser.error(f"{cfg.name}: release_pairs {cfg.release_pairs} > {cfg.refs * cfg.dis} pairs")
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "options": {"precision": opts.precision, "channels_last": opts.channels_last, "compile": opts.compile},
+        "configs": [dataclasses.asdict(c) for c in configs],
+        "predict": [row for cfg in configs for row in bench_predict(cfg, device, opts)],
+        "train": [] if opts.no_train else [bench_train(cfg, device) for cfg in configs],
+    }
+    atomic_write_text(f"{opts.out}/bench.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(f"{opts.out}/bench.md", markdown(results))
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Predict every member of an experiment at once, sharing backbones and reusing each reference.
+
+    python -m members.predict_all -c configs/demo.yaml [--split val test] [--only NAME ...]
+
+Members with the same backbones (timm names, weight files), crop, views, data lists and precision share
+the backbone features of every image and view; each reference's part of the heads is computed once per
+(reference, view) and reused for all its distorted images. Writes each member's `preds_<split>.csv`,
+`labels_<split>.csv` and `preds_<split>.json` exactly like `members.predict` (one process, one device;
+a member's `seconds` = its own heads time + an equal share of the shared time, see "timing").
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from members.backbones import WeightsError
+from members.checkpoint import CheckpointError
+from members.config import ConfigError
+from members.experiment import PRED_SPLITS, load_experiment
+from members.fastpredict import PRECISIONS, FastOptions, predict_members
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="members.predict_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True, help="experiment YAML (e.g. configs/demo.yaml)")
+    parser.add_argument("--split", nargs="+", default=list(PRED_SPLITS), choices=["train", "val", "test"])
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="predict only these members")
+    parser.add_argument("--precision", default="member", choices=["member", *PRECISIONS],
+                        help="autocast dtype (default: each member's train.mixed_precision)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last convolutions (GPU)")
+    parser.add_argument("--compile", default="", metavar="BACKEND", help="torch.compile the backbones (e.g. inductor)")
+    parser.add_argument("--batch-size", type=int, default=None, help="distorted images per reference chunk")
+    parser.add_argument("--max-crops", type=int, default=64, help="crops per heads call (memory bound)")
+    parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: predict.num_workers)")
+    parser.add_argument("--no-reuse", action="store_true", help="recompute the reference for every pair (checking)")
+    parser.add_argument("--device", default="", help="cpu | cuda | cuda:N (default: cuda when available)")
+    args = parser.parse_args(argv)
+    try:
+        _, members = load_experiment(args.config)
+        cfgs = [cfg for _, cfg, _ in members if args.only is None or cfg.name in args.only]
+        unknown = set(args.only or []) - {cfg.name for _, cfg, _ in members}
+        if unknown:
+            raise ConfigError(f"{args.config}: no member named {', '.join(sorted(unknown))}")
+        opts = FastOptions(precision=args.precision, channels_last=args.channels_last, compile=args.compile,
+                           batch_size=args.batch_size, max_crops=args.max_crops, num_workers=args.num_workers,
+                           reuse_reference=not args.no_reuse, device=args.device)
+        predict_members(cfgs, args.split, opts)
+    except (ValueError, FileNotFoundError, CheckpointError, WeightsError) as err:  # bad input: no traceback
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
