@@ -1,4 +1,4 @@
-"""Read and validate member outputs (formats in notes/HELPERS.md) into aligned arrays.
+"""Read and validate member outputs (formats in the README, "What each stage writes") into aligned arrays.
 
 Everything is checked before any fitting: files present, headers and rows parseable (errors name file
 and line), every member covering exactly the same image names per split, labels identical across
