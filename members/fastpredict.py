@@ -30,9 +30,8 @@ from members.config import to_dict
 from members.grouped import GroupedHeads, prepare_model
 from members.member import MemberConfig, prepare_member_data
 from members.model import AHIQ, build_model
-from members.predict import checkpoint_for, write_predictions
+from members.predict import checkpoint_for, prediction_meta, write_predictions
 from members.refdata import RefGroupPairs
-from members.views import describe
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -205,20 +204,13 @@ def predict_members(cfgs: list[MemberConfig], splits_to_run: list[str], opts: Fa
             shared = wall - sum(own)
             for k, cfg in enumerate(group):
                 seconds = own[k] + shared / len(group)
-                meta = {
-                    "member": cfg.name, "split": split, "n_images": len(pairs), "n_views": dataset.n_views,
-                    "views": describe(cfg.predict.views), "seconds": round(seconds, 3),
-                    "seconds_per_image": seconds / len(pairs), "device": device.type, "processes": 1,
-                    "checkpoint": ckpts[cfg.name],
-                    "pretrained_backbones": "none" not in (cfg.model.vit_weights, cfg.model.cnn_weights),
-                    "higher_is_better": cfg.data.higher_is_better,
-                    "model": {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop},
-                    "timing": {
-                        "shared_with": [c.name for c in group], "run_seconds": round(wall, 3),
-                        "own_seconds": round(own[k], 3), "shared_seconds": round(shared, 3),
-                        "backbone_seconds": round(clock.seconds["backbone"], 3),
-                        "attribution": "own heads time + shared time (data, backbones) / members sharing it",
-                    },
+                meta = prediction_meta(cfg, split, len(pairs), dataset.n_views, seconds, device.type, 1,
+                                       ckpts[cfg.name])
+                meta["timing"] = {
+                    "shared_with": [c.name for c in group], "run_seconds": round(wall, 3),
+                    "own_seconds": round(own[k], 3), "shared_seconds": round(shared, 3),
+                    "backbone_seconds": round(clock.seconds["backbone"], 3),
+                    "attribution": "own heads time + shared time (data, backbones) / members sharing it",
                 }
                 write_predictions(cfg.out, split, data[cfg.name][split], scores[k], meta)
                 metas[f"{cfg.name}/{split}"] = meta

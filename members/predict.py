@@ -69,6 +69,20 @@ def write_predictions(out: Path, split: str, pairs: list[Pair], scores: np.ndarr
     atomic_write_text(out / f"preds_{split}.json", json.dumps(meta, indent=2) + "\n")
 
 
+def prediction_meta(cfg: MemberConfig, split: str, n_images: int, n_views: int, seconds: float,
+                    device: str, processes: int, checkpoint: str) -> dict:
+    """`preds_<split>.json`: what later stages need (timing, device, views, backbones) in one place."""
+    return {
+        "member": cfg.name, "split": split, "n_images": n_images, "n_views": n_views,
+        "views": describe(cfg.predict.views), "seconds": round(seconds, 3),
+        "seconds_per_image": seconds / n_images, "device": device, "processes": processes,
+        "checkpoint": checkpoint,
+        "pretrained_backbones": "none" not in (cfg.model.vit_weights, cfg.model.cnn_weights),
+        "higher_is_better": cfg.data.higher_is_better,
+        "model": {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop},
+    }
+
+
 def checkpoint_for(cfg: MemberConfig, checkpoint: str | None) -> str:
     """The heads to predict with: an explicit file, the member's best.pth, or model.init_from."""
     for candidate in (checkpoint, cfg.out / "best.pth", cfg.model.init_from):
@@ -94,15 +108,8 @@ def predict(cfg: MemberConfig, splits_to_run: list[str], checkpoint: str | None 
         started = time.perf_counter()
         scores = predict_scores(model, loader, accelerator, len(dataset))
         seconds = time.perf_counter() - started
-        meta = {
-            "member": cfg.name, "split": split, "n_images": len(pairs), "n_views": dataset.n_views,
-            "views": describe(cfg.predict.views), "seconds": round(seconds, 3),
-            "seconds_per_image": seconds / len(pairs), "device": accelerator.device.type,
-            "processes": accelerator.num_processes, "checkpoint": model_cfg.init_from,
-            "pretrained_backbones": "none" not in (cfg.model.vit_weights, cfg.model.cnn_weights),
-            "higher_is_better": cfg.data.higher_is_better,
-            "model": {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop},
-        }
+        meta = prediction_meta(cfg, split, len(pairs), dataset.n_views, seconds, accelerator.device.type,
+                               accelerator.num_processes, model_cfg.init_from)
         if accelerator.is_main_process:
             write_predictions(cfg.out, split, pairs, scores, meta)
             accelerator.print(f"{cfg.name}: wrote {cfg.out / f'preds_{split}.csv'} "
