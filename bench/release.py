@@ -3,7 +3,7 @@
 For every member and every pair it runs both FULL timm backbones (all blocks, final norm, classifier)
 separately on the distorted and on the reference crops, taps the first five ViT blocks and ResNet
 `layer1` with forward hooks, and runs the heads with torchvision's deformable convolution
-(`AHIQ.heads`). Nothing is shared between pairs or members. In training the backbone parameters
+(`release_heads`: the module `deform_net.deform` itself, offsets applied per pair). Nothing is shared between pairs or members. In training the backbone parameters
 require gradients, as in the release, so autograd records (and back-propagates through) them.
 
 The full backbones hold the kit's truncated backbone weights (the rest keeps timm's random init; it
@@ -59,12 +59,21 @@ class ReleaseBackbones(nn.Module):
         return vit_map, cnn_map
 
 
+def release_heads(model: AHIQ, vit_dis: torch.Tensor, vit_ref: torch.Tensor,
+                  cnn_dis: torch.Tensor, cnn_ref: torch.Tensor) -> torch.Tensor:
+    """The release's heads: `AHIQ.heads` with torchvision's `DeformConv2d` run on each branch."""
+    fusion = model.deform_net
+    offset = fusion.offsets(vit_ref, cnn_ref.shape[-2:])
+    return model.regressor(vit_dis, vit_ref, fusion.conv1(fusion.deform(cnn_dis, offset)),
+                           fusion.conv1(fusion.deform(cnn_ref, offset)))
+
+
 def release_score(model: AHIQ, backbones: ReleaseBackbones, dis: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Mean view score of one pair, the release's way: dis and ref views (V, 3, S, S)."""
     with torch.no_grad():
         vit_dis, cnn_dis = backbones(dis)
         vit_ref, cnn_ref = backbones(ref)
-        return model.heads(vit_dis, vit_ref, cnn_dis, cnn_ref).mean()
+        return release_heads(model, vit_dis, vit_ref, cnn_dis, cnn_ref).mean()
 
 
 def release_predict(models: list[AHIQ], backbones: list[ReleaseBackbones], items: list[dict],
@@ -89,7 +98,7 @@ def release_train_step(model: AHIQ, backbones: ReleaseBackbones, optimizer: torc
     model.train()
     vit_dis, cnn_dis = backbones(dis)
     vit_ref, cnn_ref = backbones(ref)
-    loss = F.mse_loss(model.heads(vit_dis, vit_ref, cnn_dis, cnn_ref), label)
+    loss = F.mse_loss(release_heads(model, vit_dis, vit_ref, cnn_dis, cnn_ref), label)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

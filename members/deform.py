@@ -11,15 +11,17 @@ and their weight (zero for a corner outside the image, which is torchvision's ze
    channels-last input: each column row is a weighted sum of four contiguous C-wide input rows,
    the weights being computed once per (pixel, tap) instead of once per channel as in
    torchvision's im2col;
-2. one GEMM of the (N*H*W, 9*C) columns with the weight reshaped to (9*C, C_out); on CPU
-   without autograd both steps run over ~28 MiB chunks of columns (see `deform_conv_sampled`).
+2. one GEMM of the (N*H*W, 9*C) columns with the weight reshaped to (9*C, C_out).
+Both steps run over chunks of rows (~28 MiB of columns on the CPU), and the columns are never kept
+for backward: `_ColumnsConv` builds them again, chunk by chunk, when the gradients are asked for.
 
 It is exact (same sampling arithmetic as torchvision's kernel; only the GEMM's summation order
 differs), pure torch (runs on CUDA, `embedding_bag` has CUDA kernels) and differentiable with
 respect to the input, the weight, the bias AND the offsets: the corner weights are a smooth
-function of the offsets (`floor` has zero gradient), and `embedding_bag` differentiates its
-`per_sample_weights`, so autograd gives torchvision's offset gradient. Other formulations
-(sparse matrices, tap GEMMs first, grid_sample) are compared in `bench/deform_bench.py`.
+function of the offsets (`floor` has zero gradient), so the offset gradient is the corner weights'
+gradient (a dot product of each column row's gradient with its corner's input row) carried back
+through `build_sampling` by autograd; it equals torchvision's. Other formulations (sparse matrices,
+tap GEMMs first, grid_sample) are compared in `bench/deform_bench.py`.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from torch import Tensor
 KERNEL = 3
 TAPS = KERNEL * KERNEL
 CORNERS = 4
-CPU_CHUNK_BYTES = 28 << 20  # columns per chunk without autograd on CPU: just under 32 MiB, see below
+CPU_CHUNK_BYTES = 28 << 20  # columns per chunk on the CPU: just under 32 MiB, see deform_conv_sampled
+GPU_CHUNK_BYTES = 256 << 20  # columns per chunk on a GPU: big GEMMs, bounded memory
 
 
 class DeformShapeError(ValueError):
@@ -139,56 +142,116 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor | None, sampling: DeformSampl
         )
 
 
+def _chunks(rows: int, step: int):
+    for a in range(0, rows, step):
+        yield a, min(a + step, rows)
+
+
+class _ColumnsConv(torch.autograd.Function):
+    """out = im2col(table) @ wmat_t + bias with the columns never kept: built a chunk of rows at a
+    time in forward, and built again chunk by chunk in backward. The columns are 9x the input; the
+    autograd graph of the plain ops would hold all of them (0.7 GB for a batch-4 AHIQ step at 224
+    px), here it holds the input, the weight and the sampling only.
+
+    `table` stacks the inputs' pixels, `pixels` rows each, and every corner of an input's rows lies
+    in that input's block. So a chunk of rows only reads the blocks it spans, and its backward runs
+    embedding_bag's own (dense) backward against those blocks alone: a gradient the size of a block
+    or two per chunk, not of the whole table.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, wmat_t: Tensor, bias: Tensor | None, corner_weight: Tensor,
+                index: Tensor, pixels: int, gemm_dtype: torch.dtype, chunk_rows: int) -> Tensor:
+        rows, c_out = index.shape[0] // TAPS, wmat_t.shape[1]
+        w = wmat_t.to(gemm_dtype)
+        b = None if bias is None else bias.to(gemm_dtype)
+        out = torch.empty(rows, c_out, dtype=gemm_dtype, device=table.device)
+        # Autocast off: the dtype is chosen by the caller, and autocast refuses `out=` matmuls.
+        with torch.autocast(table.device.type, enabled=False):
+            for a, z in _chunks(rows, chunk_rows):
+                cols = gather_columns(table, index[a * TAPS : z * TAPS], corner_weight[a * TAPS : z * TAPS])
+                cols = cols.to(gemm_dtype)
+                if b is None:
+                    torch.mm(cols, w, out=out[a:z])
+                else:
+                    torch.addmm(b, cols, w, out=out[a:z])
+        ctx.save_for_backward(table, wmat_t, corner_weight, index)
+        ctx.pixels, ctx.gemm_dtype, ctx.chunk_rows = pixels, gemm_dtype, chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        table, wmat_t, corner_weight, index = ctx.saved_tensors
+        need_table, need_w, need_b, need_cw = ctx.needs_input_grad[:4]
+        rows, p = index.shape[0] // TAPS, ctx.pixels
+        g_all = grad_out.to(ctx.gemm_dtype)
+        w = wmat_t.to(ctx.gemm_dtype)
+        grad_table = torch.zeros_like(table) if need_table else None
+        grad_w = torch.zeros_like(wmat_t) if need_w else None
+        grad_cw = torch.empty_like(corner_weight) if need_cw else None
+        with torch.autocast(table.device.type, enabled=False):
+            for a, z in _chunks(rows, ctx.chunk_rows):
+                lo, hi = a // p * p, -(-z // p) * p  # the input blocks rows a..z read from
+                with torch.enable_grad():
+                    block = table[lo:hi].detach().requires_grad_(need_table)
+                    cw = corner_weight[a * TAPS : z * TAPS].detach().requires_grad_(need_cw)
+                    cols = gather_columns(block, index[a * TAPS : z * TAPS] - lo, cw)
+                g = g_all[a:z]
+                if need_w:
+                    cols_t = cols.detach().to(ctx.gemm_dtype).t()
+                    if grad_w.dtype == g.dtype:
+                        grad_w.addmm_(cols_t, g)
+                    else:  # low-precision GEMM, float32 sum over the chunks
+                        grad_w += cols_t @ g
+                if need_table or need_cw:
+                    grad_cols = (g @ w.t()).to(cols.dtype)
+                    wanted = [t for t, need in ((block, need_table), (cw, need_cw)) if need]
+                    got = list(torch.autograd.grad(cols, wanted, grad_cols))
+                    if need_table:
+                        grad_table[lo:hi] += got.pop(0)
+                    if need_cw:
+                        grad_cw[a * TAPS : z * TAPS] = got.pop(0)
+                del cols
+        grad_b = grad_out.sum(0).to(wmat_t.dtype) if need_b else None
+        return grad_table, grad_w, grad_b, grad_cw, None, None, None, None
+
+
 def deform_conv_sampled(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     sampling: DeformSampling,
-    chunk_bytes: int = CPU_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> Tensor:
     """3x3 deformable conv of `x` (N, C, H, W) with a prebuilt sampling of batch 1 (shared by all
     N inputs) or N (one offset field per input). Returns (N, C_out, H, W), contiguous NCHW.
 
-    Without autograd on CPU the columns are built and multiplied `chunk_bytes` at a time: chunks
-    under glibc's largest mmap threshold (32 MiB) reuse heap memory instead of page-faulting a
-    fresh 9x-the-input buffer on every call (about 10% of the run time at 768x56x56 on one
-    thread), and bound memory; much smaller chunks lose more to the GEMM re-packing the weight.
-    With autograd, autocast or on GPU (caching allocator) it is one embedding_bag and one GEMM.
+    The columns are built and multiplied `chunk_bytes` at a time (default: `CPU_CHUNK_BYTES` on the
+    CPU, `GPU_CHUNK_BYTES` elsewhere), in forward and again in backward, so memory stays at one
+    chunk whatever the batch and autograd keeps no columns. On the CPU, chunks under glibc's largest
+    mmap threshold (32 MiB) reuse heap memory instead of page-faulting a fresh 9x-the-input buffer
+    on every call (about 10% of the run time at 768x56x56 on one thread); much smaller chunks lose
+    more to the GEMM re-packing the weight. Under autocast the GEMM runs in the autocast dtype.
     """
     _check(x, weight, bias, sampling)
     n, c, h, w = x.shape
     c_out = weight.shape[0]
-    rows = n * h * w
-    table = x.permute(0, 2, 3, 1).reshape(rows, c).to(sampling.weight.dtype)
+    table = x.permute(0, 2, 3, 1).reshape(n * h * w, c).to(sampling.weight.dtype)
     index, corner_weight = flat_sampling(sampling, n)
     # Weight columns ordered (tap, channel) to match the columns'.
     wmat_t = weight.permute(0, 2, 3, 1).reshape(c_out, TAPS * c).t()
-    autocast = torch.is_autocast_enabled(x.device.type)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, sampling.weight)
-    )
-    if needs_grad or autocast or x.device.type != "cpu":
-        cols = gather_columns(table, index, corner_weight)
-        if not autocast:
-            cols = cols.to(weight.dtype)
-        out = cols @ wmat_t if bias is None else torch.addmm(bias, cols, wmat_t)
-    else:
-        out = torch.empty(rows, c_out, dtype=weight.dtype, device=x.device)
-        step = max(1, chunk_bytes // (TAPS * c * table.element_size()))
-        for a in range(0, rows, step):
-            b = min(a + step, rows)
-            cols = gather_columns(table, index[a * TAPS : b * TAPS], corner_weight[a * TAPS : b * TAPS])
-            cols = cols.to(weight.dtype)
-            if bias is None:
-                torch.mm(cols, wmat_t, out=out[a:b])
-            else:
-                torch.addmm(bias, cols, wmat_t, out=out[a:b])
+    dev = x.device.type
+    gemm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if dev == "cpu" else GPU_CHUNK_BYTES
+    chunk_rows = max(1, chunk_bytes // (TAPS * c * table.element_size()))
+    out = _ColumnsConv.apply(table, wmat_t, bias, corner_weight, index, h * w, gemm_dtype, chunk_rows)
     # (N*H*W, C_out) rows are channels-last; hand back the usual NCHW layout.
     return out.view(n, h, w, c_out).permute(0, 3, 1, 2).contiguous()
 
 
 def deform_conv_shared(
-    x: Tensor, weight: Tensor, bias: Tensor | None, sampling: DeformSampling, chunk_bytes: int = CPU_CHUNK_BYTES
+    x: Tensor, weight: Tensor, bias: Tensor | None, sampling: DeformSampling, chunk_bytes: int | None = None
 ) -> Tensor:
     """3x3 deformable conv of all N inputs `x` (N, C, H, W) with ONE shared offset field.
 

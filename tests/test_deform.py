@@ -102,6 +102,51 @@ def test_chunked_inference_path_matches_one_shot(bias_on):
     assert rel_err(one_shot, ref) <= TOL
 
 
+@pytest.mark.parametrize("offset_batch", [1, 3])
+def test_chunked_backward_matches_one_shot_and_torchvision(offset_batch):
+    """Backward rebuilds the columns chunk by chunk; chunks of 7 rows straddle the inputs' blocks."""
+    x, offset, weight, bias = make(3, 16, 8, 6, 5, offset_batch, "large", seed=23)
+    leaves = [t.requires_grad_(True) for t in (x, offset, weight, bias)]
+    cot = torch.randn(3, 8, 6, 5, generator=torch.Generator().manual_seed(1))
+    want = grads(deform_conv2d(x, offset.expand(3, -1, -1, -1), weight, bias, padding=1), leaves, cot)
+    row_bytes = 16 * 9 * 4
+    for chunk_bytes in (7 * row_bytes, 1 << 40):
+        out = deform_conv_sampled(x, weight, bias, build_sampling(offset, (6, 5)), chunk_bytes=chunk_bytes)
+        for got, ref, name in zip(grads(out, leaves, cot), want, ("x", "offset", "weight", "bias")):
+            assert rel_err(got, ref) <= TOL, (chunk_bytes, name)
+
+
+def test_gradcheck_float64_small_chunks():
+    x, offset, weight, bias = (t.double().requires_grad_(True) for t in make(2, 3, 2, 4, 3, 1, "small", seed=29))
+
+    def conv(x, offset, weight, bias):
+        return deform_conv_sampled(x, weight, bias, build_sampling(offset, (4, 3)), chunk_bytes=5 * 3 * 9 * 8)
+
+    assert torch.autograd.gradcheck(conv, (x, offset, weight, bias))
+
+
+def test_autograd_keeps_the_input_not_the_columns():
+    """Training memory: what the graph saves must be far smaller than the 9x-the-input columns."""
+    n, c, h, w = 3, 64, 12, 12
+    x, offset, weight, bias = make(n, c, 8, h, w, 1, "large", seed=31)
+    sampling = build_sampling(offset.requires_grad_(True), (h, w))
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    x.requires_grad_(True)
+    weight.requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = deform_conv_sampled(x, weight, bias, sampling)
+    columns_bytes = n * h * w * 9 * c * 4
+    saved_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in saved}.values())
+    assert 0 < saved_bytes < columns_bytes / 2
+    out.sum().backward()
+    assert x.grad is not None and weight.grad is not None and offset.grad is not None
+
+
 def test_per_sample_sampling_reused_for_two_branches():
     """Training: offsets from each pair's reference, applied to the distorted and the reference batch."""
     dis, offset, weight, bias = make(2, 8, 8, 5, 7, 2, "large", seed=19)
@@ -163,6 +208,19 @@ def test_bf16_autocast_runs_close_to_fp32():
         low = deform_conv_shared(x, weight, bias, sampling)
     assert low.dtype == torch.bfloat16
     assert rel_err(low.float(), tv_reference(x, offset, weight, bias)) < 3e-2
+
+
+def test_bf16_autocast_backward_close_to_fp32():
+    x, offset, weight, bias = make(3, 16, 16, 7, 7, 1, "large", seed=37)
+    leaves = [t.requires_grad_(True) for t in (x, offset, weight, bias)]
+    cot = torch.randn(3, 16, 7, 7, generator=torch.Generator().manual_seed(2))
+    want = grads(deform_conv_shared(x, weight, bias, build_sampling(offset, (7, 7))), leaves, cot)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = deform_conv_shared(x, weight, bias, build_sampling(offset, (7, 7)), chunk_bytes=16 * 9 * 4 * 20)
+    got = grads(low, leaves, cot.bfloat16())
+    for g, ref, leaf in zip(got, want, leaves):
+        assert g.dtype == leaf.dtype == torch.float32
+        assert rel_err(g, ref) < 5e-2
 
 
 @pytest.mark.parametrize(
