@@ -9,6 +9,8 @@ DEMO := configs/demo.yaml
 GPUS ?=
 GPUS_PER_MEMBER ?= 1
 CPU_PROCS ?= 2
+# shared: predict all members together after training (members.predict_all); each: one by one.
+PREDICT ?= shared
 
 .PHONY: help install test demo demo-data weights train-members predict-all ensemble submit bench clean-demo
 
@@ -33,7 +35,7 @@ weights: $(STAMP)  ## download the configured backbone weights and the authors' 
 	$(PY) -m members.weights -c $(EXPERIMENT) --out weights
 
 train-members: $(STAMP)  ## train every member of EXPERIMENT (resumable), then predict val and test
-	$(PY) -m members.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS)
+	$(PY) -m members.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS) --predict $(PREDICT)
 
 predict-all: $(STAMP)  ## re-predict EXPERIMENT's trained members at once, sharing backbones and reference work
 	$(PY) -m members.predict_all -c $(EXPERIMENT)

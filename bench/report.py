@@ -18,16 +18,18 @@ def markdown(results: dict) -> str:
         "(a) runs both full backbones on dis and ref of every pair for every member, torchvision deform; "
         "timed on the first `(a) pairs` pairs, reported per pair. (b) computes each backbone once per image "
         "and view (shared by the members) and the reference's part once per (reference, view). "
-        "`max |a-b|`: largest score difference over the pairs both ways scored. Peak: memory added during the run.", "",
+        "`max |a-b|`: largest score difference over the pairs both ways scored; `range (b)`: max - min of "
+        "(b)'s scores (smallest over the members), to read it against: random heads score in a narrow range. "
+        "Peak: memory added during the run.", "",
     ]
     flops = any("a_tflops" in r for r in results["predict"])
-    head = "| config | members | pairs x views | (a) pairs | (a) pairs/s | (b) pairs/s | b/a | max abs(a-b) | peak MiB (a) | peak MiB (b) |"
+    head = "| config | members | pairs x views | (a) pairs | (a) pairs/s | (b) pairs/s | b/a | max abs(a-b) | range (b) | peak MiB (a) | peak MiB (b) |"
     head += " TFLOP/s (a) | TFLOP/s (b) |" if flops else ""
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results["predict"]:
         cells = [r["config"], str(r["members"]), f"{r['pairs']} x {r['views']}", str(r["release_pairs"]),
                  f"{r['a_pairs_per_s']:.4g}", f"{r['b_pairs_per_s']:.4g}", f"{r['ratio']:.2f}x",
-                 f"{r['max_abs_diff']:.2e}", _num(r["a_peak_mib"], ".0f"), _num(r["b_peak_mib"], ".0f")]
+                 f"{r['max_abs_diff']:.2e}", f"{r['score_range']:.2e}", _num(r["a_peak_mib"], ".0f"), _num(r["b_peak_mib"], ".0f")]
         if flops:
             cells += [_num(r.get("a_tflops"), ".3g"), _num(r.get("b_tflops"), ".3g")]
         lines.append("| " + " | ".join(cells) + " |")

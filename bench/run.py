@@ -122,6 +122,7 @@ def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespa
         row = {"config": cfg.name, "members": m, "pairs": n_pairs, "views": cfg.views, "release_pairs": cfg.release_pairs,
                "a_pairs_per_s": 1 / a_seconds, "b_pairs_per_s": n_pairs / seconds,
                "ratio": a_seconds * n_pairs / seconds, "max_abs_diff": diff,
+               "score_range": min(float(s.max() - s.min()) for s in scores[:m]),
                "a_peak_mib": None if None in peaks else max(peaks), "b_peak_mib": peak}
         if opts.flops:
             a_flops = m * counted_flops(lambda: release_predict(models[:1], [backbones], subset(part, 1), device))

@@ -8,7 +8,10 @@ under `accelerate launch`:
 - --gpus-per-member all: one member after another, DDP over all the GPUs;
 - --gpus-per-member K: members side by side, each on its own K GPUs (logs in <member>/run.log).
 Finished members (done.json) are not retrained, interrupted ones resume, and predictions are redone
-only when missing or older than the member's best.pth.
+only when missing or older than the member's best.pth. By default (--predict shared) the members that
+need predictions are predicted together once training is over (`members.predict_all`, one device:
+backbones shared, each reference's part computed once); --predict each runs `members.predict` per
+member right after its training, on the member's own processes.
 """
 from __future__ import annotations
 
@@ -67,16 +70,27 @@ def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> l
     return cmd + ["-m", module, *args]
 
 
-def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str]) -> list[tuple[str, list[str]]]:
-    """The (module, args) runs this member still needs: training, then prediction."""
+def needs_training(cfg: MemberConfig) -> bool:
+    return not (cfg.out / "done.json").is_file()
+
+
+def needs_prediction(cfg: MemberConfig) -> bool:
+    """Training still to run, or a split's predictions missing or older than best.pth."""
+    best = cfg.out / "best.pth"
+    return needs_training(cfg) or any(
+        not (cfg.out / f"preds_{s}.json").is_file()
+        or (best.is_file() and best.stat().st_mtime > (cfg.out / f"preds_{s}.json").stat().st_mtime)
+        for s in PRED_SPLITS)
+
+
+def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
+                predict: bool = True) -> list[tuple[str, list[str]]]:
+    """The (module, args) runs this member still needs: training, then (if `predict`) prediction."""
     sets = [a for o in overrides for a in ("--set", o)]
     jobs = []
-    if not (cfg.out / "done.json").is_file():
+    if needs_training(cfg):
         jobs.append(("members.train", ["-c", member_path, *sets]))
-    best = cfg.out / "best.pth"
-    stale = [s for s in PRED_SPLITS if not (cfg.out / f"preds_{s}.json").is_file()
-             or (best.is_file() and best.stat().st_mtime > (cfg.out / f"preds_{s}.json").stat().st_mtime)]
-    if jobs or stale:
+    if predict and needs_prediction(cfg):
         jobs.append(("members.predict", ["-c", member_path, "--split", *PRED_SPLITS, *sets]))
     return jobs
 
@@ -103,20 +117,23 @@ def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple
     return slots, per_member
 
 
-def run_members(members: list, gpus: list[str], per_member: int | None, cpu_procs: int) -> list[str]:
-    """Run every member's jobs; returns the names of members that failed."""
+def run_members(members: list, gpus: list[str], per_member: int | None, cpu_procs: int,
+                predict: bool = True) -> list[str]:
+    """Run every member's jobs (with per-member prediction if `predict`); returns the failed members."""
     slots, processes = plan_slots(gpus, per_member, cpu_procs)
     threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
-    queue = [(cfg.name, cfg.out, member_jobs(path, cfg, overrides)) for path, cfg, overrides in members]
+    queue = [(cfg.name, cfg.out, member_jobs(path, cfg, overrides, predict),
+              "trained and predicted already" if not needs_prediction(cfg) else "trained already")
+             for path, cfg, overrides in members]
     running: dict[int, tuple[str, Path, subprocess.Popen, list, Any]] = {}
     failed: list[str] = []
     side_by_side = len(slots) > 1
     while queue or running:
         free = [i for i in range(len(slots)) if i not in running]
         while free and queue:
-            name, out, jobs = queue.pop(0)
+            name, out, jobs, already = queue.pop(0)
             if not jobs:
-                print(f"{name}: trained and predicted already")
+                print(f"{name}: {already}")
                 continue
             slot = free.pop(0)
             out.mkdir(parents=True, exist_ok=True)
@@ -139,8 +156,15 @@ def run_members(members: list, gpus: list[str], per_member: int | None, cpu_proc
                 failed.append(name)
                 print(f"{name}: FAILED (exit {proc.returncode})" + (f", see {out / 'run.log'}" if log else ""))
             elif jobs:
-                queue.insert(0, (name, out, jobs))
+                queue.insert(0, (name, out, jobs, ""))
     return failed
+
+
+def predict_shared(config: str | Path, names: list[str], gpus: list[str]) -> bool:
+    """`members.predict_all --only names` on the first GPU (or the CPU); True if it succeeded."""
+    print(f"predicting {', '.join(names)} together on {'GPU ' + gpus[0] if gpus else 'the CPU'}", flush=True)
+    cmd = [sys.executable, "-m", "members.predict_all", "-c", str(config), "--only", *names]
+    return subprocess.run(cmd, env=_env(gpus[:1], os.cpu_count() or 1)).returncode == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids (default: all visible GPUs, else CPU)")
     parser.add_argument("--gpus-per-member", default="1", help="K GPUs per member side by side, or 'all' for DDP")
     parser.add_argument("--cpu-procs", type=int, default=2, help="processes per member without GPUs")
+    parser.add_argument("--predict", default="shared", choices=["shared", "each"],
+                        help="shared: all members that need it at once after training (members.predict_all); "
+                             "each: members.predict per member after its training")
     args = parser.parse_args(argv)
     try:
         exp, members = load_experiment(args.config)
@@ -165,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         gpus = [str(i) for i in range(torch.cuda.device_count())]
     per_member = None if args.gpus_per_member == "all" else int(args.gpus_per_member)
     started = time.time()
-    failed = run_members(members, gpus, per_member, args.cpu_procs)
+    to_predict = [cfg.name for _, cfg, _ in members if needs_prediction(cfg)]
+    failed = run_members(members, gpus, per_member, args.cpu_procs, predict=args.predict == "each")
+    to_predict = [name for name in to_predict if name not in failed]
+    if args.predict == "shared" and to_predict and not predict_shared(args.config, to_predict, gpus):
+        failed += to_predict
     print(f"{exp.name}: {len(members) - len(failed)}/{len(members)} members ready in {time.time() - started:.0f} s")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

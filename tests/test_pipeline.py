@@ -28,6 +28,7 @@ def test_experiment_ensemble_and_submission(member_yaml, tmp_path, capsys):
     exp_path.write_text(yaml.safe_dump(exp))
 
     assert experiment_main(["-c", str(exp_path), "--cpu-procs", "1"]) == 0
+    assert "predicting tiny_a, tiny_b together on the CPU" in capsys.readouterr().out
     runs = tmp_path / "runs"
     for name in ("tiny_a", "tiny_b"):
         for file in ("done.json", "best.pth", "preds_val.csv", "labels_val.csv", "preds_test.csv", "preds_test.json"):

@@ -5,6 +5,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -138,6 +139,23 @@ def test_experiment_checks_data_before_training(tmp_path, member_yaml, capsys):
 def test_gpu_slots(gpus, per_member, expected):
     from members.experiment import plan_slots
     assert plan_slots(gpus, per_member, cpu_procs=2) == expected
+
+
+def test_member_jobs_follow_done_marker_and_prediction_age(member_yaml, tmp_path):
+    from members.experiment import member_jobs, needs_prediction
+
+    cfg = load_member_config(member_yaml, [f"output_dir={tmp_path / 'm'}"])
+    modules = lambda predict: [m for m, _ in member_jobs(str(member_yaml), cfg, [], predict)]  # noqa: E731
+    assert modules(True) == ["members.train", "members.predict"] and modules(False) == ["members.train"]
+    cfg.out.mkdir(parents=True)
+    (cfg.out / "done.json").write_text("{}")
+    (cfg.out / "best.pth").write_bytes(b"")
+    assert needs_prediction(cfg) and modules(True) == ["members.predict"] and modules(False) == []
+    for split in ("val", "test"):
+        (cfg.out / f"preds_{split}.json").write_text("{}")
+    assert not needs_prediction(cfg) and modules(True) == []
+    os.utime(cfg.out / "best.pth", (time.time() + 10, time.time() + 10))  # retrained after predicting
+    assert needs_prediction(cfg) and modules(True) == ["members.predict"]
 
 
 def test_launch_command_picks_the_process_layout():
