@@ -179,9 +179,22 @@ def _check_alpha(alpha: float, n_boot: int) -> None:
         raise MetricError(f"n_boot must be >= 1, got {n_boot}")
 
 
-def _finite_draws(draws: list[float], n_boot: int) -> np.ndarray:
-    # A resample can be degenerate (e.g. every drawn group has one constant prediction); such draws
-    # carry no information about the metric and are dropped, but most must survive.
+def _bootstrap_draws(stat: Callable[[np.ndarray], float], groups: object, n: int, n_boot: int,
+                     seed: int) -> np.ndarray:
+    """`stat(idx)` over `n_boot` resamples of whole groups (`idx`: the resampled item indices).
+
+    A resample can be degenerate (e.g. every drawn group has one constant prediction); such draws
+    carry no information about the metric and are dropped, but most must survive.
+    """
+    members = _group_indices(groups, n)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(n_boot):
+        idx = _resample(members, rng)
+        try:
+            draws.append(stat(idx))
+        except MetricError:
+            draws.append(np.nan)
     arr = np.asarray(draws, dtype=np.float64)
     arr = arr[np.isfinite(arr)]
     if len(arr) < n_boot / 2:
@@ -202,16 +215,7 @@ def bootstrap_ci(
     replacement (groups = reference image ids)."""
     _check_alpha(alpha, n_boot)
     p, m = check_pair(pred, mos)
-    members = _group_indices(groups, len(p))
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        idx = _resample(members, rng)
-        try:
-            draws.append(metric_fn(p[idx], m[idx]))
-        except MetricError:
-            draws.append(np.nan)
-    values = _finite_draws(draws, n_boot)
+    values = _bootstrap_draws(lambda idx: metric_fn(p[idx], m[idx]), groups, len(p), n_boot, seed)
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)
 
@@ -235,16 +239,8 @@ def paired_bootstrap(
     _check_alpha(alpha, n_boot)
     a, m = check_pair(pred_a, mos)
     b, _ = check_pair(pred_b, mos)
-    members = _group_indices(groups, len(m))
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(n_boot):
-        idx = _resample(members, rng)
-        try:
-            draws.append(metric_fn(a[idx], m[idx]) - metric_fn(b[idx], m[idx]))
-        except MetricError:
-            draws.append(np.nan)
-    values = _finite_draws(draws, n_boot)
+    values = _bootstrap_draws(lambda idx: metric_fn(a[idx], m[idx]) - metric_fn(b[idx], m[idx]),
+                              groups, len(m), n_boot, seed)
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return {
         "delta": float(metric_fn(a, m) - metric_fn(b, m)),
