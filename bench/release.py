@@ -3,8 +3,9 @@
 For every member and every pair it runs both FULL timm backbones (all blocks, final norm, classifier)
 separately on the distorted and on the reference crops, taps the first five ViT blocks and ResNet
 `layer1` with forward hooks, and runs the heads with torchvision's deformable convolution
-(`release_heads`: the module `deform_net.deform` itself, offsets applied per pair). Nothing is shared between pairs or members. In training the backbone parameters
-require gradients, as in the release, so autograd records (and back-propagates through) them.
+(`release_heads`: the module `deform_net.deform` itself, offsets applied per pair). Nothing is shared
+between pairs or members. In training the backbone parameters require gradients, as in the release,
+so autograd records (and back-propagates through) them.
 
 The full backbones hold the kit's truncated backbone weights (the rest keeps timm's random init; it
 only costs time, as in the release, and never reaches the output).
