@@ -10,10 +10,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import load_experiment
+from members.cli import run_main
+
+from members.atomic import sweep_temps
+from members.config import ConfigError
+from members.schema import load_experiment
+from members.stagefiles import write_stage_outputs
+
 from .fit import run_ensemble
 from .io import load_members
-from .report import render, write_outputs
+from .report import ensemble_json, render
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("-c", "--config", required=True, help="experiment YAML (runs_dir, members, ensemble)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a key of the ensemble: section, e.g. --set folds=3 "
-                             "--set calibration=logistic (repeatable; values parsed as YAML)")
+                        help="override an experiment key, dotted from the top level, e.g. --set ensemble.folds=3 "
+                             "--set ensemble.calibration=logistic (repeatable; values parsed as YAML)")
     return parser.parse_args(argv)
 
 
@@ -35,17 +41,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         exp = load_experiment(args.config, args.overrides)
-        data = load_members(exp.runs_dir, exp.member_names)
+        data = load_members(exp)
         result = run_ensemble(data, exp.ensemble, progress=True)
         files = render(exp, data, result)
-    except ValueError as err:
+        record = ensemble_json(exp, data, result)
+    except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    write_outputs(exp.out_dir, files)
-    print(f"{result.chosen}: CV main {result.methods[result.chosen].cv_mean:.4f}; wrote "
-          f"{', '.join(files)} to {exp.out_dir}")
+    record["manifest"] = {"experiment": str(exp.path), "ensemble_fingerprint": exp.ensemble_fingerprint(),
+                          "inputs": data.inputs}
+    sweep_temps(exp.out_dir)  # litter of a killed earlier run
+    write_stage_outputs(exp.out_dir, files, "ensemble.json", record)
+    print("\n".join([*result.warnings, f"{result.headline}; wrote ensemble.json, {', '.join(files)} "
+                                        f"to {exp.out_dir}"]))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -3,8 +3,8 @@
 A calibration must never reorder (or tie) test scores: SRCC on the test set would change. The
 logistic is strictly increasing when its slope is positive; isotonic regression is a step function
 (it ties whole blocks), so we keep its fitted levels but interpolate linearly between block centres and
-extend the end segments, which gives a strictly increasing map. `check_order` verifies the result at
-the precision the scores are written with.
+add bounded tails beyond the end centres (`_tail`), which gives a strictly increasing map that stays
+on the MOS scale. `check_order` verifies the result at the precision the scores are written with.
 """
 from __future__ import annotations
 
@@ -14,6 +14,9 @@ from sklearn.isotonic import IsotonicRegression
 from members import metrics
 
 DECIMALS = 6  # scores are written with %.6f
+# Beyond the end block centres the isotonic map rises at most this share of the validation MOS range
+# above the top level (and falls as far below the bottom one): scores stay on the MOS scale.
+TAIL_MARGIN = 0.01
 
 
 class CalibrationError(ValueError):
@@ -38,7 +41,9 @@ def fit_calibration(kind: str, pred: np.ndarray, mos: np.ndarray) -> dict:
             raise CalibrationError("isotonic calibration is constant: the ensemble score does not increase "
                                    "with the MOS")
         centres = np.array([pred[fitted == level].mean() for level in levels])
-        return {"kind": "isotonic", "x": centres.tolist(), "y": levels.tolist()}
+        return {"kind": "isotonic", "x": centres.tolist(), "y": levels.tolist(),
+                "tail_margin": float(TAIL_MARGIN * np.ptp(mos)),
+                "tail_scale": float(np.ptp(pred))}  # > 0: at least two blocks
     raise CalibrationError(f"unknown calibration {kind!r}")
 
 
@@ -50,12 +55,30 @@ def apply_calibration(params: dict, pred: np.ndarray) -> np.ndarray:
     if kind == "logistic":
         return metrics.logistic4(pred, *params["params"])
     x, y = np.asarray(params["x"]), np.asarray(params["y"])
+    pred = np.asarray(pred, dtype=np.float64)
     out = np.interp(pred, x, y)
-    # np.interp clamps outside [x0, xn]; extend the end segments instead so no tail collapses to a tie.
+    # np.interp clamps outside [x0, xn], which would tie every score beyond the ends; bounded tails instead.
     low, high = pred < x[0], pred > x[-1]
-    out[low] = y[0] + (pred[low] - x[0]) * (y[1] - y[0]) / (x[1] - x[0])
-    out[high] = y[-1] + (pred[high] - x[-1]) * (y[-1] - y[-2]) / (x[-1] - x[-2])
+    margin, scale = params["tail_margin"], params["tail_scale"]
+    out[low] = y[0] - _tail(x[0] - pred[low], margin, scale)
+    out[high] = y[-1] + _tail(pred[high] - x[-1], margin, scale)
     return out
+
+
+def _tail(distance: np.ndarray, margin: float, scale: float) -> np.ndarray:
+    """Rise beyond an end centre: margin * L / (1 + L) with L = log(1 + d / scale); strictly increasing
+    in the distance d and below `margin`.
+
+    Validation says nothing about the MOS beyond its outermost blocks. Extending the end segments
+    (the earlier rule) extrapolates without bound (5008 on a 1135-1653 scale); clipping to the end
+    levels ties every score out there, which changes the test SRCC and fails `check_order`. This
+    tail starts with slope margin / scale (scale = the range of the validation scores, so about 1% of
+    the mean slope of the fitted map) and its slope decays like 1 / (d log^2 d): much slower than a
+    tanh's (exponential) or d / (d + scale)'s (1 / d^2), so scores far out still differ at 6 decimals
+    (where they do not, check_order refuses the map).
+    """
+    spread = np.log1p(distance / scale)
+    return margin * spread / (1.0 + spread)
 
 
 def check_order(raw: np.ndarray, calibrated: np.ndarray, what: str) -> None:

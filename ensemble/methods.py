@@ -4,6 +4,10 @@
 the reference id of each row. Weights are non-negative and sum to 1, so every method's output lives on
 the same z-scale: out-of-fold predictions from different folds can be pooled, and weights compared.
 Correlation metrics do not care about the overall scale that this normalisation drops.
+
+Every method first drops the members that rank the rows it is fitted on backwards (`sane_members`):
+member scores are higher-is-better by contract, so a negative correlation means a wrong direction or
+wrong labels, and no weighting (equal weights included) may give such a member positive weight.
 """
 from __future__ import annotations
 
@@ -43,7 +47,31 @@ def standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
 def signed_main(pred: np.ndarray, y: np.ndarray) -> float:
     """PLCC + SRCC against a higher-is-better target: unlike |PLCC| + |SRCC| it never rewards a
     combination for being anti-correlated."""
-    return metrics.plcc(pred, y) + metrics.srcc(pred, y)
+    return metrics.signed_main(pred, y)
+
+
+def sane_members(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Mask of the members whose signed PLCC + SRCC with `y` is positive (not backwards)."""
+    return np.array([signed_main(x[:, j], y) > 0 for j in range(x.shape[1])])
+
+
+def on_sane_members(fit: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+                    ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """`fit` restricted to the sane members of the rows it is given; backwards members get weight 0,
+    so equal weights and ridge's shrinkage target are equal over the sane members only.
+
+    With no sane member at all (possible inside one CV fold of a marginal member) the fit falls back
+    to all members: the out-of-fold score then shows the failure, and `run_ensemble` refuses a backwards
+    ensemble or a run whose every member is backwards.
+    """
+    def fit_sane(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+        mask = sane_members(x, y)
+        if not mask.any():
+            mask[:] = True
+        weights = np.zeros(x.shape[1])
+        weights[mask] = fit(x[:, mask], y, groups)
+        return weights
+    return fit_sane
 
 
 def _normalised(w: np.ndarray) -> np.ndarray:
@@ -133,12 +161,13 @@ def fit_greedy(x: np.ndarray, y: np.ndarray, groups: np.ndarray, rounds: int = 2
 def get_method(name: str, ridge_alpha: float | None = None, greedy_rounds: int = 25) -> Method:
     """The method called `name` (one of ensemble.config.METHODS)."""
     table = {
-        "mean": Method("mean", _equal, combine_linear),
-        "rank_mean": Method("rank_mean", _equal, combine_ranks),
-        "nnls": Method("nnls", fit_nnls, combine_linear),
-        "ridge": Method("ridge", partial(fit_ridge, alpha=ridge_alpha), combine_linear),
-        "greedy": Method("greedy", partial(fit_greedy, rounds=greedy_rounds), combine_linear),
+        "mean": (_equal, combine_linear),
+        "rank_mean": (_equal, combine_ranks),
+        "nnls": (fit_nnls, combine_linear),
+        "ridge": (partial(fit_ridge, alpha=ridge_alpha), combine_linear),
+        "greedy": (partial(fit_greedy, rounds=greedy_rounds), combine_linear),
     }
     if name not in table:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(table)}")
-    return table[name]
+    fit, combine = table[name]
+    return Method(name, on_sane_members(fit), combine)

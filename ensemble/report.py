@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +15,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from members.config import atomic_write_text, to_dict
+from members.config import to_dict
+from members.schema import Experiment
 
-from .config import Experiment
-from .fit import EnsembleResult
+from .fit import WITHIN_CONTENT_REFS, EnsembleResult
 from .io import MemberData
 
 SCATTER_PNG = "oof_scatter.png"
 WEIGHTS_PNG = "weights.png"
+ESTIMATE_WHAT = ("signed PLCC + SRCC of the chosen method's out-of-fold predictions, pooled over every validation "
+                 "image of every reference as the leaderboard pools the test images; interval: 95% bootstrap "
+                 "over references")
 
 
 def preds_csv(names: list[str], scores: np.ndarray) -> str:
@@ -35,14 +36,16 @@ def preds_csv(names: list[str], scores: np.ndarray) -> str:
 
 def ensemble_json(exp: Experiment, data: MemberData, result: EnsembleResult) -> dict:
     """The machine-readable record of the run (members, standardisation, method, weights, CV table)."""
-    weights = result.methods[result.chosen].weights
+    chosen = result.methods[result.chosen]
     return {
         "members": [{"name": n, "dir": str(d), "test_meta": meta}
                     for n, d, meta in zip(data.members, data.dirs, data.test_meta)],
         "method": result.chosen,
-        "weights": {n: float(w) for n, w in zip(data.members, weights)},
-        "best_cv_method": result.best,
+        "weights": {n: float(w) for n, w in zip(data.members, chosen.weights)},
+        "estimate": {"pooled_oof_main": chosen.pooled, "interval": list(chosen.ci), "what": ESTIMATE_WHAT},
+        "best_method": result.best,
         "reason": result.reason,
+        "warnings": result.warnings,
         "paired_bootstrap_vs_mean": result.paired,
         "standardisation": {n: {"mean": float(m), "std": float(s)}
                             for n, m, s in zip(data.members, result.mean, result.std)},
@@ -52,42 +55,68 @@ def ensemble_json(exp: Experiment, data: MemberData, result: EnsembleResult) -> 
         "n_val": len(data.val_names),
         "n_val_refs": int(len(np.unique(data.refs))),
         "n_test": len(data.test_names),
-        "cv": {name: {"fold_main": r.fold_scores, "cv_mean": r.cv_mean, "oof": r.oof_metrics,
-                      "oof_main_ci": list(r.ci), "in_sample_main": r.in_sample,
+        "refs_per_fold": result.refs_per_fold,
+        "cv": {name: {"pooled_oof_main": r.pooled, "oof_main_ci": list(r.ci), "oof": r.oof_metrics,
+                      "within_fold_scores": r.fold_scores, "within_fold_mean": r.within_fold_mean,
+                      "in_sample_main": r.in_sample,
                       "weights": {n: float(w) for n, w in zip(data.members, r.weights)}}
                for name, r in result.methods.items()},
         "member_metrics": [{**m, "ci": list(m["ci"])} for m in result.member_metrics],
-        "config": {"experiment": str(exp.config_path), "ensemble": to_dict(exp.ensemble)},
+        "config": {"experiment": str(exp.path), "ensemble": to_dict(exp.ensemble)},
     }
 
 
-def _row(name: str, m: dict, cv: str, ci: tuple[float, float], in_sample: str) -> str:
-    return (f"| {name} | {m['srcc']:.4f} | {m['plcc']:.4f} | {m['krcc']:.4f} | {m['main']:.4f} | {cv} "
-            f"| [{ci[0]:.4f}, {ci[1]:.4f}] | {in_sample} |")
+def _row(name: str, m: dict, ci: tuple[float, float], within: str, in_sample: str) -> str:
+    return (f"| {name} | {m['srcc']:.4f} | {m['plcc']:.4f} | {m['krcc']:.4f} | {m['main']:.4f} "
+            f"| [{ci[0]:.4f}, {ci[1]:.4f}] | {m['abs_main']:.4f} | {within} | {in_sample} |")
+
+
+def _notes(result: EnsembleResult) -> list[str]:
+    """Paragraphs that qualify the table: backwards members, within-content folds."""
+    notes = []
+    backwards = [m["name"] for m in result.member_metrics if m["backwards"]]
+    if backwards:
+        notes += [f"**Backwards members (weight 0): {', '.join(backwards)}.** Their scores fall as the MOS "
+                  "rises. Member scores must be higher-is-better: check each one's 'higher_is_better' in "
+                  "preds_test.json and its labels_val.csv.", ""]
+    if result.refs_per_fold < WITHIN_CONTENT_REFS:
+        notes += [f"With about {result.refs_per_fold:.1f} references per fold, each fold's own score is a "
+                  "within-content correlation (a few image contents, no offsets between references to get "
+                  "wrong); the leaderboard pools every reference, so the pooled score is the estimate.", ""]
+    return notes
 
 
 def report_markdown(exp: Experiment, data: MemberData, result: EnsembleResult) -> str:
-    """Human-readable report: member and method table, choice and reason, weights, plots."""
+    """Human-readable report: headline estimate, member and method table, choice and reason, weights, plots."""
+    flipped = "" if data.higher_is_better else " (this MOS is lower-is-better, so its sign is flipped)"
     lines = [
-        f"# Ensemble report: {exp.config_path}",
+        f"# Ensemble report: {exp.path}",
+        "",
+        f"**{result.headline}**: the estimate of the leaderboard score ({ESTIMATE_WHAT}).",
         "",
         f"{len(data.members)} members, {len(data.val_names)} validation images on "
         f"{len(np.unique(data.refs))} references, {len(data.test_names)} test images. "
         f"Cross-validation: {exp.ensemble.folds} folds grouped by reference; intervals: 95% bootstrap over "
         f"references ({exp.ensemble.n_boot} resamples).",
         "",
+        *_notes(result),
         "Members are scored as they are (nothing is fitted); methods on their out-of-fold predictions "
-        "pooled over folds. main = |PLCC| + |SRCC|; CV mean = mean main score of the held-out folds (the "
-        "selection criterion); interval = 95% bootstrap interval of main over references; in-sample = "
+        "pooled over all folds. Correlations keep their sign, against the MOS oriented higher-is-better"
+        f"{flipped}. main = PLCC + SRCC, signed (the selection criterion); interval = 95% bootstrap "
+        "interval of main over references; abs main = |PLCC| + |SRCC|, the sign-free formula of the "
+        "published tables (equal to main when both correlations are positive); within-fold mean = mean of "
+        "each held-out fold's own main (a diagnostic, not the leaderboard's pooled quantity); in-sample = "
         "main of the weights refitted on all validation images, scored on those same images (optimistic).",
         "",
-        "| row | SRCC | PLCC | KRCC | main | CV mean | interval of main | in-sample |",
-        "|---|---|---|---|---|---|---|---|",
+        "| row | SRCC | PLCC | KRCC | main | interval of main | abs main | within-fold mean | in-sample |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for m in result.member_metrics:
-        lines.append(_row(f"member {m['name']}", m, "-", m["ci"], "-"))
+        name = f"member {m['name']}" + (" (backwards)" if m["backwards"] else "")
+        lines.append(_row(name, m, m["ci"], "-", "-"))
     for name, r in result.methods.items():
-        lines.append(_row(f"method {name}", r.oof_metrics, f"{r.cv_mean:.4f}", r.ci, f"{r.in_sample:.4f}"))
+        lines.append(_row(f"method {name}", r.oof_metrics, r.ci, f"{r.within_fold_mean:.4f}",
+                          f"{r.in_sample:.4f}"))
     weights = result.methods[result.chosen].weights
     lines += [
         "",
@@ -127,7 +156,7 @@ def plots(data: MemberData, result: EnsembleResult) -> dict[str, bytes]:
     ax.scatter(result.oof, data.mos, s=6, alpha=0.5)
     ax.set_xlabel(f"out-of-fold ensemble score ({result.chosen}, calibration {result.calibration['kind']})")
     ax.set_ylabel("MOS")
-    ax.set_title(f"main {result.methods[result.chosen].oof_metrics['main']:.4f} (out of fold)")
+    ax.set_title(f"pooled out-of-fold main {result.methods[result.chosen].pooled:.4f}")
     scatter = _png(fig)
 
     fig, ax = _figure(max(4, 0.8 * len(data.members) + 2), 3.5)
@@ -138,33 +167,12 @@ def plots(data: MemberData, result: EnsembleResult) -> dict[str, bytes]:
     return {SCATTER_PNG: scatter, WEIGHTS_PNG: _png(fig)}
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def render(exp: Experiment, data: MemberData, result: EnsembleResult) -> dict[str, str | bytes]:
-    """Every output file's name and content."""
+    """Every output file's name and content, except `ensemble.json` (the manifest, written last by
+    `members.stagefiles.write_stage_outputs`)."""
     return {
-        "ensemble.json": json.dumps(ensemble_json(exp, data, result), indent=2) + "\n",
         "preds_val.csv": preds_csv(data.val_names, result.oof),
         "preds_test.csv": preds_csv(data.test_names, result.test),
         "report.md": report_markdown(exp, data, result),
         **plots(data, result),
     }
-
-
-def write_outputs(out_dir: Path, files: dict[str, str | bytes]) -> None:
-    """Write rendered files atomically into `out_dir`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        if isinstance(content, bytes):
-            _atomic_write_bytes(out_dir / name, content)
-        else:
-            atomic_write_text(out_dir / name, content)

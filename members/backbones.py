@@ -34,11 +34,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # SafetensorError, OSError, ...: a truncated or foreign file
+            raise WeightsError(f"{path}: not a readable safetensors file ({err.__class__.__name__}: "
+                               f"{str(err)[:120]}); download it again (`make weights`)") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise WeightsError(f"{path}: not a readable torch state dict ({err.__class__.__name__})") from err
+        raise WeightsError(f"{path}: not a readable torch state dict ({err.__class__.__name__}); "
+                           "download it again (`make weights`)") from None
     for wrapper in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -54,6 +59,11 @@ def _create(name: str, weights: str, **kwargs) -> nn.Module:
     Random init is seeded (0) and independent of the global RNG: heads trained on random backbones
     (tests, demo) meet the very same backbones again when the member predicts later.
     """
+    # timm's own error is a traceback deep in its registry; 'hf-hub:...' names are resolved by the hub
+    if ":" not in name and not timm.is_model(name):
+        raise WeightsError(
+            f"unknown backbone '{name}' (model.vit / model.cnn); list the valid names with "
+            f"python -c \"import timm; print(timm.list_models('vit_*'))\" (or 'resnet*')")
     if weights != "hub":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

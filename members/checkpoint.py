@@ -10,13 +10,14 @@ scalars (their `loss`), so a file carrying any other pickled object is refused.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from members.atomic import atomic_path
 
 FORMAT = "ahiq-kit/heads-v1"
 AUTHORS_KEYS = ("deform_net_model_state_dict", "regressor_model_state_dict")
@@ -105,16 +106,12 @@ def load_heads_into(model: nn.Module, path: str | os.PathLike, cfg: Any) -> dict
 
 def save_heads(model: nn.Module, path: str | os.PathLike, model_config: dict,
                **extra: Any) -> None:
-    """Write our head checkpoint atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write our head checkpoint atomically (`members.atomic`: fixed temp name, then rename)."""
     ckpt = {"format": FORMAT, "model": model_config,
             "deform_net": model.deform_net.state_dict(), "regressor": model.regressor.state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(ckpt, tmp)
+        except RuntimeError as err:  # torch's zip writer reports a full disk or a size limit this way
+            raise CheckpointError(f"{path}: could not write the checkpoint ({str(err)[:200]}); free disk space "
+                                  "or raise the file-size limit (ulimit -f); the previous file is kept") from None

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from members.atomic import atomic_write_text  # re-exported: older imports keep working
 
 T = TypeVar("T")
 
@@ -80,19 +81,27 @@ def _merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def read_yaml_with_base(path: str | os.PathLike) -> dict:
+def read_yaml_with_base(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
     """A YAML mapping whose optional `base: other.yaml` (relative to this file) supplies defaults."""
+    path = Path(path)
+    here = path.resolve()
+    if here in _chain:  # a cycle would recurse until RecursionError
+        names = " -> ".join(str(p) for p in (*_chain, here))
+        raise ConfigError(f"{path}: 'base:' chain loops back on itself: {names}; remove one of these 'base:' lines")
     data = load_yaml(path)
     base = data.pop("base", None)
     if base is None:
         return data
-    return _merge(read_yaml_with_base(Path(path).parent / base), data)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{_where(data, 'base', 'base')} expected the path of another YAML file, got {base!r}")
+    return _merge(read_yaml_with_base(path.parent / base, (*_chain, here)), data)
 
 
 def _where(data: Any, key: str, path: str) -> str:
     lines = getattr(data, "lines", {})
     source = getattr(data, "source", "config")
-    line = f", line {lines[key]}" if key in lines else ""
+    line = lines.get(key)
+    line = f", line {line}" if isinstance(line, int) else f" ({line})" if line else ""
     return f"{source}{line}: '{path}'"
 
 
@@ -173,25 +182,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
-            node = node.setdefault(part, {})
+            if part not in node:  # a new section: errors inside it point at the override
+                node[part] = _LinedDict()
+                node[part].lines, node[part].source = {}, f"--set {item}"
+                _mark(node, part, item)
+            node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: '{part}' is not a section")
-        node[leaf] = yaml.safe_load(raw)
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: invalid YAML value: {err}") from None
+        _mark(node, leaf, item)
     return data
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a file through a temporary sibling and rename it into place: never a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _mark(node: dict, key: str, item: str) -> None:
+    """Record that `key` came from `--set item`, so that errors about it name the override."""
+    if hasattr(node, "lines"):
+        node.lines[key] = f"--set {item}"
 
 
 def dump_yaml(config: Any, path: str | os.PathLike) -> None:

@@ -213,33 +213,66 @@ def read_split(path: Path) -> list[Pair]:
     return pairs
 
 
-def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
-    """Write (or reread) `split_dir/{train,val,test}.csv`, `label_stats.json` and `splits.json`.
+def content_fingerprint(splits: dict[str, list[Pair]]) -> str:
+    """Hash of the data the splits were built from: every list (names, paths, MOS) and the size of
+    every image, so an edited score or a fixed image file changes it (mtimes are left out: copying a
+    dataset to another machine changes nothing)."""
+    sizes = {}
+    for pairs in splits.values():
+        for p in pairs:
+            for path in (p.dis, p.ref):
+                if str(path) not in sizes:
+                    sizes[str(path)] = path.stat().st_size if path.is_file() else -1
+    return _fingerprint({"lists": {s: _split_csv(p) for s, p in sorted(splits.items())}, "sizes": sizes})
 
-    `splits.json` is written last and marks a complete directory; it stores the data config, so a
-    directory made from another config is refused rather than silently reused.
+
+def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
+    """Write `split_dir/{train,val,test}.csv`, `label_stats.json` and `splits.json` when the data changed.
+
+    The lists are rebuilt from the label files and folders on every call (no image is opened), so an
+    edited score or a fixed file takes effect at once; `splits.json` (written last) records the data
+    config and the content fingerprint. A directory made from another data config is refused rather
+    than overwritten: other members may be using it.
     """
     split_dir = Path(split_dir)
     marker = split_dir / "splits.json"
     data = _fingerprinted(cfg)
+    saved = {}
     if marker.is_file():
-        saved = json.loads(marker.read_text(encoding="utf-8"))
-        if saved.get("fingerprint") != _fingerprint(data):
+        try:
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            saved = {}  # a damaged marker: rebuild the directory below
+        if saved and saved.get("fingerprint") != _fingerprint(data):
             old = saved.get("data", {})
             diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in data.items() if old.get(k) != v]
             raise DataError(f"{marker}: these splits were made from a different data config "
                             f"({'; '.join(diff) or 'unknown difference'}); use another split directory "
                             f"or delete {split_dir}")
-        return {s: read_split(split_dir / f"{s}.csv") for s in SPLITS}
     splits = build_splits(cfg)
+    content = content_fingerprint(splits)
+    if saved.get("content") == content and all((split_dir / f"{s}.csv").is_file() for s in SPLITS):
+        return splits
+    if saved:
+        print(f"{split_dir}: the data changed since these split lists were written; rewriting them "
+              "(members trained on the old lists will be reported as stale)", flush=True)
+    marker.unlink(missing_ok=True)  # the lists below and the marker never disagree, even if killed
     for split, pairs in splits.items():
         atomic_write_text(split_dir / f"{split}.csv", _split_csv(pairs))
     LabelStats.from_pairs(splits["train"], cfg.higher_is_better).save(split_dir / "label_stats.json")
     counts = {s: {"images": len(p), "references": len({x.ref_id for x in p}),
                   "labelled": all(x.mos is not None for x in p)} for s, p in splits.items()}
-    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "data": data,
+    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "content": content, "data": data,
                                           "counts": counts}, indent=2) + "\n")
     return splits
+
+
+def splits_content(split_dir: Path) -> str | None:
+    """The content fingerprint recorded in `split_dir/splits.json` (None when there is none)."""
+    try:
+        return json.loads((Path(split_dir) / "splits.json").read_text(encoding="utf-8")).get("content")
+    except (OSError, ValueError):
+        return None
 
 
 class TrainPairs(Dataset):

@@ -41,7 +41,8 @@ from skimage.filters import gaussian
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
-from members.config import atomic_write_text
+from members.atomic import atomic_write_text
+from members.cli import run_main
 
 FORMAT_VERSION = 1
 MARKER = "demo_data.json"
@@ -334,4 +335,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_main(main)

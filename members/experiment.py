@@ -17,49 +17,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from members.config import ConfigError, from_dict, load_yaml
-from members.member import MemberConfig, load_member_config, prepare_member_data
+from members.cli import run_main, shim_command
+from members.config import ConfigError
+from members.member import MemberConfig, StaleMemberError, check_member_folder, prediction_fingerprint, prepare_member_data
+from members.schema import MemberEntry, load_experiment
+from members.stagefiles import StageFileError, read_member_meta, sha256_file
 
 PRED_SPLITS = ("val", "test")
-
-
-@dataclass
-class ExperimentConfig:
-    name: str = "experiment"
-    runs_dir: str = "runs/experiment"
-    members: list[str] = field(default_factory=list)
-    ensemble: dict[str, Any] = field(default_factory=dict)  # read by the ensemble stage
-    submission: dict[str, Any] = field(default_factory=dict)  # read by the submission stage
-
-    def __post_init__(self) -> None:
-        if not self.members:
-            raise ValueError("an experiment needs at least one entry under 'members'")
-
-
-def member_overrides(exp: ExperimentConfig, name: str) -> list[str]:
-    """Every member writes under the experiment's runs_dir and shares its split lists."""
-    return [f"output_dir={Path(exp.runs_dir) / name}", f"split_dir={Path(exp.runs_dir) / 'splits'}"]
-
-
-def load_experiment(path: str | Path) -> tuple[ExperimentConfig, list[tuple[str, MemberConfig, list[str]]]]:
-    """The experiment and, for each member, (its YAML path, resolved config, overrides)."""
-    exp = from_dict(ExperimentConfig, load_yaml(path))
-    members, names = [], {}
-    for member_path in exp.members:
-        cfg = load_member_config(member_path)
-        if cfg.name in names:
-            raise ConfigError(f"{path}: members {names[cfg.name]} and {member_path} share the name {cfg.name!r}")
-        names[cfg.name] = member_path
-        overrides = member_overrides(exp, cfg.name)
-        members.append((member_path, load_member_config(member_path, overrides), overrides))
-    return exp, members
 
 
 def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> list[str]:
@@ -74,13 +45,23 @@ def needs_training(cfg: MemberConfig) -> bool:
     return not (cfg.out / "done.json").is_file()
 
 
-def needs_prediction(cfg: MemberConfig) -> bool:
-    """Training still to run, or a split's predictions missing or older than best.pth."""
+def needs_prediction(cfg: MemberConfig, splits: tuple[str, ...] = PRED_SPLITS) -> bool:
+    """Training still to run, or a split's predictions missing, damaged, or made from other heads,
+    another split list or another config (their preds_<split>.json records all three)."""
+    if needs_training(cfg):
+        return True
     best = cfg.out / "best.pth"
-    return needs_training(cfg) or any(
-        not (cfg.out / f"preds_{s}.json").is_file()
-        or (best.is_file() and best.stat().st_mtime > (cfg.out / f"preds_{s}.json").stat().st_mtime)
-        for s in PRED_SPLITS)
+    for split in splits:
+        try:
+            meta = read_member_meta(cfg.out, split)
+        except StageFileError:
+            return True
+        split_list = Path(cfg.split_dir) / f"{split}.csv"
+        if (meta.get("prediction_fingerprint") != prediction_fingerprint(cfg)
+                or (best.is_file() and meta.get("checkpoint_sha256") != sha256_file(best))
+                or meta.get("split_sha256") != (sha256_file(split_list) if split_list.is_file() else None)):
+            return True
+    return False
 
 
 def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
@@ -104,6 +85,31 @@ def _env(gpus: list[str], cpu_threads: int) -> dict[str, str]:
     return env
 
 
+def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
+    """Start a child that dies with this process (even on kill -9), in its own session so that a
+    Ctrl-C reaches only this process, which then stops the child and prints one line."""
+    return subprocess.Popen(shim_command(cmd), start_new_session=True, **kwargs)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a child started by `spawn` and everything in its session; its writes are atomic, and
+    the next run resumes from its last saved state."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def _gpus_per_member(text: str) -> int | None:
+    """--gpus-per-member: a positive whole number of GPUs, or 'all' (None)."""
+    if text == "all":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive whole number of GPUs or 'all'")
+    return int(text)
+
+
 def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple[list[list[str]], int]:
     """Slots that run one member each (GPU id lists; [[]] = the CPU) and processes per member.
 
@@ -117,54 +123,64 @@ def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple
     return slots, per_member
 
 
-def run_members(members: list, gpus: list[str], per_member: int | None, cpu_procs: int,
+def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | None, cpu_procs: int,
                 predict: bool = True) -> list[str]:
     """Run every member's jobs (with per-member prediction if `predict`); returns the failed members."""
     slots, processes = plan_slots(gpus, per_member, cpu_procs)
     threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
-    queue = [(cfg.name, cfg.out, member_jobs(path, cfg, overrides, predict),
-              "trained and predicted already" if not needs_prediction(cfg) else "trained already")
-             for path, cfg, overrides in members]
+    queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides, predict),
+              "trained and predicted already" if not needs_prediction(m.config) else "trained already")
+             for m in members]
     running: dict[int, tuple[str, Path, subprocess.Popen, list, Any]] = {}
     failed: list[str] = []
     side_by_side = len(slots) > 1
-    while queue or running:
-        free = [i for i in range(len(slots)) if i not in running]
-        while free and queue:
-            name, out, jobs, already = queue.pop(0)
-            if not jobs:
-                print(f"{name}: {already}")
-                continue
-            slot = free.pop(0)
-            out.mkdir(parents=True, exist_ok=True)
-            log = open(out / "run.log", "a") if side_by_side else None
-            module, args = jobs[0]
-            where = f"GPUs {','.join(slots[slot])}" if slots[slot] else f"{processes} CPU processes"
-            print(f"{name}: {module} on {where}", flush=True)
-            proc = subprocess.Popen(launch_command(module, args, processes, not slots[slot]),
-                                    env=_env(slots[slot], threads), stdout=log,
-                                    stderr=subprocess.STDOUT if log else None)
-            running[slot] = (name, out, proc, jobs[1:], log)
-        time.sleep(0.2)
-        for slot, (name, out, proc, jobs, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            del running[slot]
-            if log:
-                log.close()
-            if proc.returncode != 0:
-                failed.append(name)
-                print(f"{name}: FAILED (exit {proc.returncode})" + (f", see {out / 'run.log'}" if log else ""))
-            elif jobs:
-                queue.insert(0, (name, out, jobs, ""))
+    try:
+        while queue or running:
+            free = [i for i in range(len(slots)) if i not in running]
+            while free and queue:
+                name, out, jobs, already = queue.pop(0)
+                if not jobs:
+                    print(f"{name}: {already}")
+                    continue
+                slot = free.pop(0)
+                out.mkdir(parents=True, exist_ok=True)
+                log = open(out / "run.log", "a") if side_by_side else None
+                module, args = jobs[0]
+                where = f"GPUs {','.join(slots[slot])}" if slots[slot] else f"{processes} CPU processes"
+                print(f"{name}: {module} on {where}", flush=True)
+                proc = spawn(launch_command(module, args, processes, not slots[slot]),
+                             env=_env(slots[slot], threads), stdout=log, stderr=subprocess.STDOUT if log else None)
+                running[slot] = (name, out, proc, jobs[1:], log)
+            time.sleep(0.2)
+            for slot, (name, out, proc, jobs, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[slot]
+                if log:
+                    log.close()
+                if proc.returncode != 0:
+                    failed.append(name)
+                    print(f"{name}: FAILED (exit {proc.returncode})" + (f", see {out / 'run.log'}" if log else ""))
+                elif jobs:
+                    queue.insert(0, (name, out, jobs, ""))
+    except BaseException:  # Ctrl-C or a crash here: no member keeps training unwatched
+        for _, _, proc, _, _ in running.values():
+            stop(proc)
+        raise
     return failed
 
 
-def predict_shared(config: str | Path, names: list[str], gpus: list[str]) -> bool:
+def predict_shared(config: str | Path, overrides: list[str], names: list[str], gpus: list[str]) -> bool:
     """`members.predict_all --only names` on the first GPU (or the CPU); True if it succeeded."""
     print(f"predicting {', '.join(names)} together on {'GPU ' + gpus[0] if gpus else 'the CPU'}", flush=True)
-    cmd = [sys.executable, "-m", "members.predict_all", "-c", str(config), "--only", *names]
-    return subprocess.run(cmd, env=_env(gpus[:1], os.cpu_count() or 1)).returncode == 0
+    sets = [a for o in overrides for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "members.predict_all", "-c", str(config), *sets, "--only", *names]
+    proc = spawn(cmd, env=_env(gpus[:1], os.cpu_count() or 1))
+    try:
+        return proc.wait() == 0
+    except KeyboardInterrupt:
+        stop(proc)
+        raise
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,16 +188,28 @@ def main(argv: list[str] | None = None) -> int:
         prog="members.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="experiment YAML (e.g. configs/demo.yaml)")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids (default: all visible GPUs, else CPU)")
-    parser.add_argument("--gpus-per-member", default="1", help="K GPUs per member side by side, or 'all' for DDP")
+    parser.add_argument("--gpus-per-member", default=1, type=_gpus_per_member,
+                        help="K GPUs per member side by side, or 'all' for DDP")
     parser.add_argument("--cpu-procs", type=int, default=2, help="processes per member without GPUs")
     parser.add_argument("--predict", default="shared", choices=["shared", "each"],
                         help="shared: all members that need it at once after training (members.predict_all); "
                              "each: members.predict per member after its training")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an experiment key, dotted from the top level (e.g. --set runs_dir=runs/x)")
     args = parser.parse_args(argv)
     try:
-        exp, members = load_experiment(args.config)
-        for _, cfg, _ in members:  # every list checked (files decode, sizes, crops) before any training
-            prepare_member_data(cfg)
+        exp = load_experiment(args.config, args.overrides)
+        members = exp.members
+        for m in members:  # every list checked (files decode, sizes, crops) before any training
+            prepare_member_data(m.config)
+        stale = []
+        for m in members:  # a folder trained from other inputs is never reused or resumed silently
+            try:
+                check_member_folder(m.config)
+            except StaleMemberError as err:
+                stale.append(str(err))
+        if stale:
+            raise StaleMemberError("\n  ".join(["stale member folders:", *stale]))
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -190,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         gpus = [str(i) for i in range(torch.cuda.device_count())]
-    per_member = None if args.gpus_per_member == "all" else int(args.gpus_per_member)
+    per_member = args.gpus_per_member
     started = time.time()
-    to_predict = [cfg.name for _, cfg, _ in members if needs_prediction(cfg)]
+    to_predict = [m.name for m in members if needs_prediction(m.config)]
     failed = run_members(members, gpus, per_member, args.cpu_procs, predict=args.predict == "each")
     to_predict = [name for name in to_predict if name not in failed]
-    if args.predict == "shared" and to_predict and not predict_shared(args.config, to_predict, gpus):
+    if args.predict == "shared" and to_predict and not predict_shared(args.config, args.overrides, to_predict, gpus):
         failed += to_predict
     print(f"{exp.name}: {len(members) - len(failed)}/{len(members)} members ready in {time.time() - started:.0f} s")
     if failed:
@@ -204,4 +232,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

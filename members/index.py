@@ -7,6 +7,7 @@ Every `Pair` remembers where it was listed (`source`, "file:line") so errors poi
 from __future__ import annotations
 
 import csv
+import filecmp
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 MAX_REPORTED = 10  # problems listed in one error message; the rest are counted
+NAME_FORBIDDEN = ',"\n\r'  # characters an image name cannot have in a CSV row of ours
+RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "RGBA", "RGBa", "LA", "La", "PA")
 
 
 class DataError(ValueError):
@@ -62,14 +65,45 @@ def pipal_ref_id(name: str, where: str) -> str:
     return name[:5]
 
 
-def _names_in(folders: list[Path]) -> dict[str, Path]:
-    """Map file name -> first listed folder holding it (PIPAL ships four folders or one merged)."""
-    found: dict[str, Path] = {}
+def check_name(name: str, where: str) -> str:
+    """Image names go into `name,score` CSV rows: a comma, quote or line break would break them."""
+    bad = sorted({c for c in name if c in NAME_FORBIDDEN})
+    if bad:
+        shown = " ".join(repr(c) for c in bad)
+        raise DataError(f"{where}: image name {name!r} contains {shown}, which the kit's 'name,score' files "
+                        "cannot carry; rename the file")
+    return name
+
+
+def _names_in(folders: list[Path]) -> dict[str, list[Path]]:
+    """Map file name -> every listed folder holding it (PIPAL ships four folders or one merged)."""
+    found: dict[str, list[Path]] = {}
     for folder in folders:
         if folder.is_dir():
             for name in os.listdir(folder):
-                found.setdefault(name, folder)
+                found.setdefault(name, []).append(folder)
     return found
+
+
+def _pick_folder(name: str, folders: list[Path], where: str) -> Path:
+    """The folder of `name`. Copies in several folders are fine when byte-identical (a merged
+    `Train_Dis` beside the four `Distortion_*`); different files of one name are an error, since
+    any choice could train on the wrong image."""
+    first = folders[0]
+    for other in folders[1:]:
+        if not filecmp.cmp(first / name, other / name, shallow=False):
+            raise DataError(f"{where}: {name} is in both {first} and {other} with different content; "
+                            "keep one of them (or list only one folder in data.train_dis)")
+    return first
+
+
+def _label_text(file: Path) -> str:
+    if not file.is_file():
+        raise DataError(f"{file}: is a folder, not a label file; move it out of {file.parent}")
+    try:
+        return file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{file}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
 
 
 def read_pipal_labels(label_dir: Path, dis_dirs: list[Path], ref_dir: Path, root: Path) -> list[Pair]:
@@ -85,7 +119,7 @@ def read_pipal_labels(label_dir: Path, dis_dirs: list[Path], ref_dir: Path, root
     where_dis = _names_in(dis_dirs)
     pairs = []
     for file in files:
-        text = file.read_text(encoding="utf-8-sig")
+        text = _label_text(file)
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -95,7 +129,8 @@ def read_pipal_labels(label_dir: Path, dis_dirs: list[Path], ref_dir: Path, root
                 raise DataError(f"{where}: malformed label line {line!r}; expected 'name,score'")
             name = parts[0]
             ref_id = pipal_ref_id(name, where)
-            dis = where_dis.get(name, dis_dirs[0]) / name
+            folders = where_dis.get(name, [dis_dirs[0]])
+            dis = (_pick_folder(name, folders, where) if len(folders) > 1 else folders[0]) / name
             pairs.append(Pair(name, dis, ref_dir / f"{ref_id}.bmp", ref_id, _parse_score(parts[1], where), where))
     return pairs
 
@@ -108,7 +143,7 @@ def read_ntire_folder(dis_dir: Path, ref_dir: Path, root: Path) -> list[Pair]:
     for name in sorted(os.listdir(dis_dir)):
         if name.lower().endswith(".bmp"):
             where = _rel(dis_dir / name, root)
-            ref_id = pipal_ref_id(name, where)
+            ref_id = pipal_ref_id(check_name(name, where), where)
             pairs.append(Pair(name, dis_dir / name, ref_dir / f"{ref_id}.bmp", ref_id, None, where))
     return pairs
 
@@ -130,10 +165,13 @@ def read_csv_table(csv_path: Path, root: Path) -> list[Pair]:
         pairs = []
         for row in reader:
             where = f"{csv_path}:{reader.line_num}"
+            if None in row:  # DictReader files fields beyond the header under the key None
+                raise DataError(f"{where}: {len(reader.fieldnames) + len(row[None])} fields, the header has "
+                                f"{len(reader.fieldnames)}; a path containing a comma must be renamed")
             dis, ref = (row.get("dis_img_path") or "").strip(), (row.get("ref_img_path") or "").strip()
             if not dis or not ref or row.get("score") is None:
                 raise DataError(f"{where}: malformed row; expected dis_img_path,dis_type,ref_img_path,score")
-            name = Path(dis).as_posix()
+            name = check_name(Path(dis).as_posix(), where)
             pairs.append(Pair(name, root / dis, root / ref, Path(ref).as_posix(),
                               _parse_score(row["score"].strip(), where), where))
     return pairs
@@ -157,12 +195,44 @@ def check_unique(pairs: list[Pair], what: str) -> None:
     _report(problems, what)
 
 
+def as_rgb(im: Image.Image, path: Path) -> Image.Image:
+    """`im` as 8-bit RGB, or a `DataError` saying why it cannot be used as it is.
+
+    16-bit grey (I;16*, and I with values 0..65535, as older Pillow opens 16-bit PNGs) is scaled to
+    8 bits (PIL's own convert clips it to near white). Palette, CMYK, YCbCr, 1-bit and grey convert as
+    PIL does. An alpha channel is dropped when every pixel is opaque; a transparent pixel is refused,
+    since what lies under it is undefined and the score would depend on the tool that drew it.
+    """
+    mode = im.mode
+    if mode.startswith("I;16") or mode == "I":
+        samples = np.asarray(im)
+        if samples.size and (samples.min() < 0 or samples.max() > 65535):
+            raise DataError(f"{path}: 32-bit integer image with values outside 0..65535; save it as 8-bit RGB")
+        grey = np.floor(samples.astype(np.float64) / 257.0 + 0.5).astype(np.uint8)  # 65535 -> 255
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode not in RGB_MODES:
+        raise DataError(f"{path}: image mode {mode} is not supported; save it as 8-bit RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        low, _ = im.getchannel(im.getbands()[-1]).getextrema()  # alpha is the last band ('A' or 'a')
+        if low < 255:
+            raise DataError(f"{path}: has transparent pixels (mode {mode}); flatten it onto a background and "
+                            "save it as RGB")
+        if im.mode == "La":  # fully opaque, so premultiplied grey is the grey itself; PIL cannot convert La
+            im = im.getchannel("L")
+    return im.convert("RGB")
+
+
 def _decode_size(path: Path) -> tuple[int, int] | str:
-    """(height, width) after a full decode, or the reason it failed."""
+    """(height, width) after a full decode and conversion to RGB, or the reason it failed."""
     try:
         with Image.open(path) as im:
             im.load()
-            return im.height, im.width
+            rgb = as_rgb(im, path)
+            return rgb.height, rgb.width
+    except DataError as err:
+        return str(err).removeprefix(f"{path}: ")
     except Exception as err:  # PIL raises many types for corrupt files; all mean "cannot use it"
         return f"{type(err).__name__}: {err}"
 
@@ -207,8 +277,14 @@ def load_rgb(path: Path, min_size: int = 0) -> torch.Tensor:
     The upscale keeps the aspect ratio and depends only on the size, so a distorted image and its
     reference of the same size stay aligned.
     """
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    try:
+        with Image.open(path) as im:
+            im = as_rgb(im, path)
+    except DataError:
+        raise
+    except Exception as err:  # checked up front, so the file changed or went away during the run
+        raise DataError(f"{path}: cannot read this image any more ({type(err).__name__}: {err}); it passed "
+                        "the check when the run started: restore it, then rerun the same command") from None
     if min(im.size) < min_size:
         scale = min_size / min(im.size)
         size = tuple(max(min_size, round(s * scale)) for s in im.size)

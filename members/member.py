@@ -6,13 +6,14 @@ min-max normalised labels, seed 1919.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from members.config import apply_overrides, atomic_write_text, from_dict, read_yaml_with_base
-from members.data import SPLITS, DataConfig, LabelStats, Pair, check_pairs, prepare_splits
+from members.config import apply_overrides, atomic_write_text, from_dict, read_yaml_with_base, to_dict
+from members.data import SPLITS, DataConfig, LabelStats, Pair, check_pairs, prepare_splits, splits_content
 from members.model import ModelConfig
 from members.views import AugmentConfig, ViewConfig
 
@@ -93,6 +94,39 @@ class MemberConfig:
         return Path(self.output_dir)
 
 
+# Settings that change how a member runs but not what it computes; a change to any other setting
+# makes its trained heads (training) or its prediction files (prediction) stale.
+NOT_IN_TRAINING = ("output_dir", "split_dir", "predict", "train.num_workers", "train.val_every",
+                   "train.state_every", "train.keep_states", "train.log_with", "data.upscale_small")
+NOT_IN_PREDICTION = ("output_dir", "split_dir", "predict.batch_size", "predict.num_workers", "train.num_workers",
+                     "train.val_every", "train.state_every", "train.keep_states", "train.log_with")
+
+
+def _without(data: dict, dotted: tuple[str, ...]) -> dict:
+    data = json.loads(json.dumps(data))
+    for key in dotted:
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return data
+
+
+def training_fingerprint(cfg: MemberConfig) -> str:
+    """Hash of everything that determines the trained heads (model, data, recipe, seed)."""
+    return _hash(_without(to_dict(cfg), NOT_IN_TRAINING))
+
+
+def prediction_fingerprint(cfg: MemberConfig) -> str:
+    """Hash of everything that determines the member's prediction files (training + views)."""
+    return _hash(_without(to_dict(cfg), NOT_IN_PREDICTION))
+
+
+def _hash(data: dict) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def load_member_config(path: str | Path, overrides: list[str] | None = None) -> MemberConfig:
     """Read a member YAML (with its `base:` chain), apply `key=value` overrides, build and validate."""
     return from_dict(MemberConfig, apply_overrides(read_yaml_with_base(path), overrides or []))
@@ -108,8 +142,50 @@ def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], Label
     splits = prepare_splits(cfg.data, split_dir)
     stats = LabelStats.load(split_dir / "label_stats.json")
     marker = split_dir / f"checked_crop{cfg.model.crop}_upscale{int(cfg.data.upscale_small)}.json"
-    if not marker.is_file():
+    content = splits_content(split_dir)
+    try:
+        checked = json.loads(marker.read_text(encoding="utf-8")).get("content")
+    except (OSError, ValueError, AttributeError):
+        checked = None
+    if checked is None or checked != content:  # checked for other data (or never): check again
         for split in SPLITS:
             check_pairs(splits[split], cfg.model.crop, cfg.data.upscale_small, str(split_dir / f"{split}.csv"))
-        atomic_write_text(marker, json.dumps({s: len(splits[s]) for s in SPLITS}) + "\n")
+        atomic_write_text(marker, json.dumps({"content": content, **{s: len(splits[s]) for s in SPLITS}}) + "\n")
     return splits, stats
+
+
+class StaleMemberError(ValueError):
+    """A member folder holds training from another config or other split lists."""
+
+
+RECORD = "fingerprint.json"
+
+
+def write_training_record(cfg: MemberConfig) -> None:
+    """Record, at the start of training, what the heads in this folder are trained from."""
+    record = {"training_fingerprint": training_fingerprint(cfg), "splits_content": splits_content(Path(cfg.split_dir))}
+    atomic_write_text(cfg.out / RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def check_member_folder(cfg: MemberConfig) -> None:
+    """Refuse to reuse or resume a member folder trained from another config or other split lists:
+    its heads (and states) would silently stand for a different member."""
+    path = cfg.out / RECORD
+    if not path.is_file():
+        return  # nothing trained here yet
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        saved_cfg, saved_splits = record["training_fingerprint"], record["splits_content"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise StaleMemberError(f"{path}: unreadable; move {cfg.out} away to retrain {cfg.name}") from None
+    what = []
+    if saved_cfg != training_fingerprint(cfg):
+        what.append(f"its config changed since training (config hash {saved_cfg} -> {training_fingerprint(cfg)})")
+    current = splits_content(Path(cfg.split_dir))
+    if saved_splits != current:
+        what.append(f"the split lists changed since training (data fingerprint {saved_splits} -> {current}: "
+                    "edited labels or images)")
+    if what:
+        state = "trained" if (cfg.out / "done.json").is_file() else "partly trained"
+        raise StaleMemberError(f"{cfg.out}: member {cfg.name} was {state} from other inputs: {'; '.join(what)}. "
+                               f"Restore them, or move {cfg.out} away (or delete it) to retrain it")

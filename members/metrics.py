@@ -3,7 +3,8 @@
 This is the one tested place for metrics; training, the ensemble stage and reports import it.
 Conventions follow the NTIRE challenge (see shared/docs/ntire-format.md):
 
-- main score = |PLCC| + |SRCC| (sign-free, as in the published tables);
+- main score = |PLCC| + |SRCC| (sign-free, as in the published tables); `signed_main` keeps the signs,
+  for choosing between predictors (a backwards one must not look good);
 - PLCC/RMSE "after the logistic" map predictions through
   `(b1 - b2) / (1 + exp(-(x - b3) / b4)) + b2` fitted to the MOS, started at
   `[max(mos), min(mos), mean(pred), std(pred) / 4]`;
@@ -139,6 +140,14 @@ def main_score(pred: object, mos: object) -> float:
     """NTIRE main score |PLCC| + |SRCC|."""
     p, m = check_pair(pred, mos)
     return abs(_pearson(p, m)) + abs(_pearson(_ranks(p), _ranks(m)))
+
+
+def signed_main(pred: object, target: object) -> float:
+    """PLCC + SRCC with their signs, against a higher-is-better `target` (negate a lower-is-better MOS
+    first). Unlike `main_score` it scores a predictor that ranks backwards below zero, so it is the one
+    to rank members and ensembles by; both agree whenever the correlations are positive."""
+    p, t = check_pair(pred, target)
+    return _pearson(p, t) + _pearson(_ranks(p), _ranks(t))
 
 
 def evaluate(pred: object, mos: object) -> dict[str, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -26,10 +25,11 @@ from tqdm.auto import tqdm
 
 from members.backbones import WeightsError
 from members.checkpoint import CheckpointError
-from members.config import atomic_write_text
+from members.cli import run_main
 from members.data import EvalPairs, Pair
-from members.member import MemberConfig, load_member_config, prepare_member_data
+from members.member import MemberConfig, load_member_config, prediction_fingerprint, prepare_member_data
 from members.model import build_model
+from members.stagefiles import sha256_file, write_member_split
 from members.views import describe
 
 
@@ -55,23 +55,19 @@ def predict_scores(model: torch.nn.Module, loader: DataLoader, accelerator: Acce
     return scores
 
 
-def _csv(header: str, rows: list[tuple]) -> str:
-    return header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows)
-
-
 def write_predictions(out: Path, split: str, pairs: list[Pair], scores: np.ndarray, meta: dict) -> None:
-    order = sorted(range(len(pairs)), key=lambda i: pairs[i].name)
-    atomic_write_text(out / f"preds_{split}.csv",
-                      _csv("name,score", [(pairs[i].name, f"{scores[i]:.6f}") for i in order]))
-    if all(p.mos is not None for p in pairs):
-        atomic_write_text(out / f"labels_{split}.csv",
-                          _csv("name,ref,mos", [(pairs[i].name, pairs[i].ref_id, pairs[i].mos) for i in order]))
-    atomic_write_text(out / f"preds_{split}.json", json.dumps(meta, indent=2) + "\n")
+    """The split's files through `members.stagefiles` (preds, labels when labelled, then the json)."""
+    rows = [(p.name, float(s)) for p, s in zip(pairs, scores)]
+    labelled = all(p.mos is not None for p in pairs)
+    labels = [(p.name, p.ref_id, p.mos) for p in pairs] if labelled else None
+    write_member_split(out, split, rows, labels, meta)
 
 
 def prediction_meta(cfg: MemberConfig, split: str, n_images: int, n_views: int, seconds: float,
                     device: str, processes: int, checkpoint: str) -> dict:
-    """`preds_<split>.json`: what later stages need (timing, device, views, backbones) in one place."""
+    """`preds_<split>.json`: what later stages need (timing, device, views, backbones) in one place,
+    and what the predictions were made from (split list, heads, config), for the next stage to verify."""
+    split_list = Path(cfg.split_dir) / f"{split}.csv"
     return {
         "member": cfg.name, "split": split, "n_images": n_images, "n_views": n_views,
         "views": describe(cfg.predict.views), "seconds": round(seconds, 3),
@@ -80,6 +76,9 @@ def prediction_meta(cfg: MemberConfig, split: str, n_images: int, n_views: int, 
         "pretrained_backbones": "none" not in (cfg.model.vit_weights, cfg.model.cnn_weights),
         "higher_is_better": cfg.data.higher_is_better,
         "model": {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop},
+        "split_sha256": sha256_file(split_list) if split_list.is_file() else None,
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "prediction_fingerprint": prediction_fingerprint(cfg),
     }
 
 
@@ -135,4 +134,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

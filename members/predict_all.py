@@ -15,8 +15,10 @@ import sys
 
 from members.backbones import WeightsError
 from members.checkpoint import CheckpointError
+from members.cli import run_main
 from members.config import ConfigError
-from members.experiment import PRED_SPLITS, load_experiment
+from members.experiment import PRED_SPLITS
+from members.schema import load_experiment
 from members.fastpredict import PRECISIONS, FastOptions, predict_members
 
 
@@ -35,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: predict.num_workers)")
     parser.add_argument("--no-reuse", action="store_true", help="recompute the reference for every pair (checking)")
     parser.add_argument("--device", default="", help="cpu | cuda | cuda:N (default: cuda when available)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an experiment key, dotted from the top level (e.g. --set runs_dir=runs/x)")
     args = parser.parse_args(argv)
     try:
-        _, members = load_experiment(args.config)
-        cfgs = [cfg for _, cfg, _ in members if args.only is None or cfg.name in args.only]
-        unknown = set(args.only or []) - {cfg.name for _, cfg, _ in members}
+        exp = load_experiment(args.config, args.overrides)
+        cfgs = [m.config for m in exp.members if args.only is None or m.name in args.only]
+        unknown = set(args.only or []) - set(exp.member_names)
         if unknown:
             raise ConfigError(f"{args.config}: no member named {', '.join(sorted(unknown))}")
         opts = FastOptions(precision=args.precision, channels_last=args.channels_last, compile=args.compile,
@@ -53,4 +57,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

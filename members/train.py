@@ -19,6 +19,12 @@ import shutil
 import time
 from pathlib import Path
 
+from members.cli import die_with_parent
+
+if __name__ == "__main__":
+    # Before the slow imports below: a worker whose launcher is killed must not train on as an orphan.
+    die_with_parent()
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,11 +33,14 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from members.atomic import atomic_write_text, sweep_temps
 from members.backbones import WeightsError
 from members.checkpoint import CheckpointError, save_heads
-from members.config import atomic_write_text, dump_yaml, to_dict
+from members.cli import hold_folder_lock, one_line, run_main
+from members.config import dump_yaml, to_dict
 from members.data import EvalPairs, TrainPairs
-from members.member import MemberConfig, load_member_config, prepare_member_data
+from members.member import (MemberConfig, check_member_folder, load_member_config, prepare_member_data,
+                            write_training_record)
 from members.metrics import MetricError, evaluate
 from members.model import build_model
 from members.predict import predict_scores
@@ -43,30 +52,87 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class StateError(RuntimeError):
+    """The resumable state of a member cannot be read; the message says what to delete."""
+
+
+def _read_progress(state: Path) -> dict | None:
+    """A state folder's progress.json, or None when it is missing or torn (a killed write)."""
+    try:
+        progress = json.loads((state / "progress.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) and isinstance(progress.get("step"), int) else None
+
+
+def _complete_states(states: Path) -> list[Path]:
+    """State folders whose progress.json is whole, oldest first (by step; a '-b' twin after its base)."""
+    found = [p for p in states.glob("step-*") if p.is_dir() and _read_progress(p) is not None]
+    return sorted(found, key=lambda p: (_read_progress(p)["step"], p.name))
+
+
 def _latest_state(states: Path) -> Path | None:
+    """The state to resume from: the one latest.txt names, or, when latest.txt or that state is
+    unreadable (a torn write, a hand edit), the newest complete state, with a warning."""
     pointer = states / "latest.txt"
-    return states / pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.exists():
+        return None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        name = ""
+    if name.startswith("step-") and "/" not in name and _read_progress(states / name) is not None:
+        return states / name
+    complete = _complete_states(states)
+    if not complete:
+        raise StateError(f"{pointer}: names {name[:60]!r}, which is not a complete state, and {states} holds "
+                         f"no other; delete {states} (and log.csv) to train this member from the start")
+    print(f"warning: {pointer}: names {name[:60]!r}, which is not a complete state; resuming from the newest "
+          f"complete one, {complete[-1].name}")
+    return complete[-1]
 
 
 def _save_state(accelerator: Accelerator, states: Path, progress: dict, keep: int) -> None:
     """`save_state` into a temporary folder, then rename it into place and move the pointer, so a
-    crash at any moment leaves the previous state intact."""
-    name = f"step-{progress['step']:08d}"
+    crash at any moment leaves a complete state that latest.txt names.
+
+    The end-of-epoch state can have the same step as a mid-epoch one; the folder latest.txt names
+    is never deleted before the new state is in place: the new one then takes a '-b' twin name."""
+    base = f"step-{progress['step']:08d}"
+    pointer = states / "latest.txt"
+    current = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+    name = base if current != base else f"{base}-b"
     tmp = states / f".tmp-{name}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as err:  # safetensors reports a full disk or a file-size limit as its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StateError(f"{tmp}: could not save the training state ({err.__class__.__name__}: {str(err)[:200]}); "
+                         f"free disk space or raise the file-size limit (ulimit -f), then rerun to resume from "
+                         f"the previous state, which is kept") from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / "progress.json", json.dumps(progress, indent=2))
-        if (states / name).exists():
+        if (states / name).exists():  # a leftover twin that latest.txt does not name
             shutil.rmtree(states / name)
         os.replace(tmp, states / name)
-        atomic_write_text(states / "latest.txt", name + "\n")
-        for old in sorted(p for p in states.glob("step-*") if p.is_dir())[:-keep]:
+        atomic_write_text(pointer, name + "\n")
+        older = [p for p in _complete_states(states) if p.name != name]
+        for old in older[:max(len(older) - keep + 1, 0)]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _sweep_states(states: Path) -> None:
+    """Remove the temporary folders and torn states a killed run left (the main process, at start)."""
+    if not states.is_dir():
+        return
+    for entry in states.iterdir():
+        if entry.is_dir() and entry.name.startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def _log(path: Path, row: dict) -> None:
@@ -100,6 +166,10 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
     if (out / "done.json").is_file():
         print(f"{cfg.name}: already trained ({out / 'done.json'}); delete it to train again")
         return None
+    if int(os.environ.get("RANK", "0")) == 0:  # the run's main process owns the folder until it exits
+        hold_folder_lock(out, f"training of member '{cfg.name}'")
+        sweep_temps(out)  # litter of writes a killed run left behind
+        _sweep_states(out / "states")
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=tc.grad_accum,
@@ -110,12 +180,14 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
     )
     set_seed(cfg.seed)  # identical head init everywhere; crops are keyed by (seed, epoch, index)
     splits, stats = prepare_member_data(cfg)
+    check_member_folder(cfg)  # never resume states trained from another config or other labels
     if any(p.mos is None for p in splits["val"]):
         raise ValueError(f"{cfg.name}: the validation split has no labels, so no checkpoint can be chosen; "
                          "use data.val_source: holdout, or give data.valid_labels")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         dump_yaml(cfg, out / "config.yaml")
+        write_training_record(cfg)
 
     model = build_model(cfg.model)
     optimizer = torch.optim.Adam(model.head_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -139,8 +211,13 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
     progress = {"epoch": 0, "step": 0, "batch": 0, "best_main": -math.inf, "best_epoch": None}
     latest = _latest_state(states)
     if latest is not None:
-        accelerator.load_state(str(latest))
-        progress = json.loads((latest / "progress.json").read_text())
+        progress = _read_progress(latest)
+        try:
+            accelerator.load_state(str(latest))
+        except Exception as err:  # a torn or foreign state folder: say which, not a loader traceback
+            raise StateError(f"{latest}: cannot load this saved state ({err.__class__.__name__}: "
+                             f"{str(err)[:200]}); delete it (and {states / 'latest.txt'}) to resume from "
+                             "an older state, or delete the whole states folder to start over") from None
         if accelerator.is_main_process:
             _truncate_log(log_path, progress["step"])
         accelerator.print(f"{cfg.name}: resuming from {latest} (epoch {progress['epoch']}, step {progress['step']})")
@@ -230,9 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         train(load_member_config(args.config, args.set), abort_after_steps=args.abort_after_steps)
-    except (ValueError, FileNotFoundError, CheckpointError, WeightsError, NonFiniteLoss) as err:  # no traceback
-        raise SystemExit(f"error: {err}") from None
+    except (ValueError, FileNotFoundError, CheckpointError, WeightsError, NonFiniteLoss, StateError) as err:
+        raise SystemExit(f"error: {one_line(err)}") from None  # no traceback
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,8 @@ import hashlib
 import sys
 from pathlib import Path
 
-from members.config import atomic_write_text
+from members.atomic import atomic_write_text
+from members.cli import run_main
 
 AUTHORS_REPO = "chaofengc/IQA-PyTorch-Weights"
 AUTHORS_FILE = "AHIQ_vit_p8_epoch33-da3ea303.pth"
@@ -80,7 +81,7 @@ def fetch_authors_checkpoint(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from members.experiment import load_experiment
+    from members.schema import load_experiment
 
     parser = argparse.ArgumentParser(
         prog="members.weights", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    _, members = load_experiment(args.config)
+    exp = load_experiment(args.config)
     try:
-        files = [fetch_backbone(tag, out) for tag in hub_backbones([cfg for _, cfg, _ in members])]
+        files = [fetch_backbone(tag, out) for tag in hub_backbones([m.config for m in exp.members])]
         if not args.no_authors:
             files.append(fetch_authors_checkpoint(out))
     except DownloadError as err:
@@ -105,4 +106,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

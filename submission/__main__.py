@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from members.cli import run_main
 from members.config import ConfigError
 from submission.check import NamesError, print_report
-from submission.write import SubmissionInputError, SubmissionInvalidError, load_experiment, write_submission
+from members.schema import load_experiment
+from submission.write import SubmissionInputError, SubmissionInvalidError, write_submission
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,22 +22,24 @@ def main(argv: list[str] | None = None) -> int:
         "from <runs_dir>/ensemble/ensemble.json and preds_test.csv, then check it. The readme's runtime, "
         "device and extra-data fields come from the members' measured test metadata. "
         "Config section 'submission:' keys: out (default <runs_dir>/submission.zip), description "
-        "(default: generated), test_dir or names_file (names to check against; default: the names "
-        "in preds_test.csv).",
+        "(default: generated), test_dir or names_file (names to check against; default: the test split "
+        "list the members predicted). It refuses an ensemble whose files do not match its manifest or "
+        "were made from other members, member files, split lists or ensemble settings.",
     )
     parser.add_argument("-c", "--config", required=True, help="experiment config YAML, e.g. configs/demo.yaml")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override a config value, e.g. --set submission.out=/tmp/sub.zip (repeatable)",
+        help="override an experiment key, dotted from the top level, e.g. --set submission.out=/tmp/sub.zip "
+             "(repeatable; values parsed as YAML)",
     )
     args = parser.parse_args(argv)
     try:
-        runs_dir, config = load_experiment(args.config, args.set)
-        out, report = write_submission(runs_dir, config)
+        exp = load_experiment(args.config, args.set)
+        out, report = write_submission(exp)
     except SubmissionInvalidError as err:
         print_report(err.report, "submission (not written)")
         return 1
-    except (ConfigError, SubmissionInputError, NamesError) as err:
+    except (ConfigError, ValueError, NamesError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print_report(report, str(out))
@@ -43,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

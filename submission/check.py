@@ -14,16 +14,19 @@ import argparse
 import math
 import sys
 import zipfile
+import zlib
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from members.cli import run_main
 from submission.readme import parse_readme
 
 OUTPUT, README = "output.txt", "readme.txt"
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 MAX_EXAMPLES = 5  # names listed per problem; the count says how many there are in all
 MAX_ROW_ERRORS = 10  # malformed rows reported one by one before summarising the rest
+MAX_MEMBER_BYTES = 8 * 2**20  # uncompressed bytes read per zip member; output.txt for 1,650 rows is ~40 KB
 
 
 class NamesError(ValueError):
@@ -130,8 +133,10 @@ def check_output_text(text: str, names: Collection[str] | None) -> Report:
     return report
 
 
-def _decode(data: bytes, member: str, report: Report) -> str | None:
+def _decode(data: bytes | None, member: str, report: Report) -> str | None:
     """A zip member's bytes as text, or None after recording why it cannot be read."""
+    if data is None:  # unreadable: the reason is recorded already
+        return None
     if data.startswith(b"\xef\xbb\xbf"):
         report.warnings.append(f"{member} starts with a UTF-8 byte-order mark")
         data = data[3:]
@@ -142,13 +147,37 @@ def _decode(data: bytes, member: str, report: Report) -> str | None:
         return None
 
 
+def _read_capped(archive: zipfile.ZipFile, info: zipfile.ZipInfo, report: Report) -> bytes | None:
+    """A member's bytes, refusing more than MAX_MEMBER_BYTES: a small zip can inflate to gigabytes
+    (a 408 KB one to 834 MB), and the header's size can lie, so the read itself is bounded too."""
+    too_big = (f"'{info.filename}' inflates to more than {MAX_MEMBER_BYTES // 2**20} MB; a real "
+               f"{OUTPUT} is about 40 KB: this is not a submission (rebuild it with python -m submission)")
+    if info.file_size > MAX_MEMBER_BYTES:
+        report.errors.append(too_big)
+        return None
+    chunks, total = [], 0
+    try:
+        with archive.open(info) as f:
+            while chunk := f.read(2**20):
+                total += len(chunk)
+                if total > MAX_MEMBER_BYTES:
+                    report.errors.append(too_big)
+                    return None
+                chunks.append(chunk)
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as err:
+        # corrupt data, an unknown compression method, or an encrypted member
+        report.errors.append(f"cannot read '{info.filename}' from the zip: {err}")
+        return None
+    return b"".join(chunks)
+
+
 def check_zip(path: str | Path, names: Collection[str] | None) -> Report:
     """Check a submission zip: its layout, output.txt against `names` (None: skip), and readme.txt."""
     report = Report()
     if not zipfile.is_zipfile(path):
         report.errors.append(f"{path}: not a zip file (or not found)")
         return report
-    contents: dict[str, bytes] = {}
+    contents: dict[str, bytes | None] = {}
     macosx: list[str] = []
     with zipfile.ZipFile(path) as archive:
         for info in archive.infolist():
@@ -168,11 +197,7 @@ def check_zip(path: str | Path, names: Collection[str] | None) -> Report:
             elif name in contents:
                 report.errors.append(f"zip contains '{name}' twice")
             else:
-                try:
-                    contents[name] = archive.read(info)
-                except (zipfile.BadZipFile, OSError) as err:
-                    report.errors.append(f"cannot read '{name}' from the zip: {err}")
-                    contents[name] = b""
+                contents[name] = _read_capped(archive, info, report)
     if macosx:
         report.warnings.append(
             f"zip contains {len(macosx)} macOS metadata entries ({_examples(macosx)}); "
@@ -255,4 +280,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -1,8 +1,11 @@
 """Build the NTIRE submission zip from the ensemble stage's files.
 
 Inputs, both written by the ensemble stage into `<runs_dir>/ensemble/`:
-- `ensemble.json`: "members" (each with the `test_meta` its prediction run measured), "method", "weights";
+- `ensemble.json`: "members" (each with the `test_meta` its prediction run measured), "method", "weights",
+  and the manifest that ties the set to its inputs (checked first: `verify_ensemble`);
 - `preds_test.csv`: header `name,score`, then the ensemble's higher-is-better test scores.
+The zip's names are checked against the test folder when configured, else against the test split list
+the members predicted, never against the rows of `preds_test.csv` itself.
 
 Every readme value comes from those files, never from constants: the runtime is the sum of the members'
 measured seconds per image (the ensemble runs all of them, each with its own test views), the device
@@ -11,16 +14,17 @@ checked with `submission.check`, and renamed into place only when valid: no part
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from members.config import ConfigError, apply_overrides, from_dict, load_yaml
+from members.atomic import atomic_path
+from members.data import read_split
+from members.schema import Experiment
+from members.stagefiles import (REBUILD_ENSEMBLE, REBUILD_MEMBERS, StageFileError, read_json, read_preds,
+                                read_stage_outputs, sha256_file)
 from submission.check import OUTPUT, README, Report, check_zip, names_in_dir, read_names_file
 from submission.readme import ReadmeInfo, format_readme
 
@@ -35,22 +39,6 @@ class SubmissionInvalidError(ValueError):
     def __init__(self, report: Report) -> None:
         super().__init__("the submission fails the checks:\n" + "\n".join(report.errors))
         self.report = report
-
-
-@dataclass
-class SubmissionConfig:
-    """The experiment config's `submission:` section. Relative paths are relative to the working dir."""
-
-    out: str | None = None  # the zip; None = <runs_dir>/submission.zip
-    description: str | None = None  # readme "Other description"; None = generated from the experiment
-    test_dir: str | None = None  # folder of the distorted test images, to check names against
-    names_file: str | None = None  # or a file with one test image name per line
-
-    def __post_init__(self) -> None:
-        if self.test_dir is not None and self.names_file is not None:
-            raise ValueError("give 'test_dir' or 'names_file', not both")
-        if self.description is not None and (not self.description.strip() or "\n" in self.description):
-            raise ValueError("'description' must be one non-empty line (the readme is one field per line)")
 
 
 @dataclass(frozen=True)
@@ -75,15 +63,6 @@ class EnsembleMeta:
     members: list[MemberMeta]
     method: str
     weights: dict[str, float]
-
-
-def load_experiment(path: str | Path, overrides: list[str] = ()) -> tuple[Path, SubmissionConfig]:
-    """The runs dir and the `submission:` section of an experiment config (with `--set` overrides)."""
-    data = apply_overrides(load_yaml(path), list(overrides))
-    runs_dir = data.get("runs_dir")
-    if not isinstance(runs_dir, str) or not runs_dir:
-        raise ConfigError(f"{path}: 'runs_dir' is missing or not a path (e.g. runs_dir: runs/demo)")
-    return Path(runs_dir), from_dict(SubmissionConfig, data.get("submission"), prefix="submission.")
 
 
 def _field(mapping: Any, key: str, kind: type | tuple[type, ...], where: str, path: Path) -> Any:
@@ -126,13 +105,11 @@ def _member(entry: Any, index: int, path: Path) -> MemberMeta:
 
 
 def load_ensemble(path: Path) -> EnsembleMeta:
-    """Read and validate `ensemble.json`."""
-    if not path.is_file():
-        raise SubmissionInputError(f"{path}: not found; run the ensemble stage first")
+    """Read and validate `ensemble.json` (the caller has verified its manifest)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise SubmissionInputError(f"{path} line {err.lineno}: invalid JSON: {err.msg}") from None
+        data = read_json(path, REBUILD_ENSEMBLE)
+    except StageFileError as err:
+        raise SubmissionInputError(str(err)) from None
     entries = _field(data, "members", list, "", path)
     if not entries:
         raise SubmissionInputError(f"{path}: 'members' is empty")
@@ -151,30 +128,48 @@ def load_ensemble(path: Path) -> EnsembleMeta:
 
 
 def read_predictions(path: Path) -> list[tuple[str, float]]:
-    """Rows of a `name,score` prediction CSV, sorted by name; every score finite, every name once."""
-    if not path.is_file():
-        raise SubmissionInputError(f"{path}: not found; run the ensemble stage first")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines or lines[0].strip() != "name,score":
-        raise SubmissionInputError(f"{path} line 1: expected the header 'name,score'")
-    rows: dict[str, float] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        parts = [part.strip() for part in line.split(",")]
-        if len(parts) != 2 or not parts[0]:
-            raise SubmissionInputError(f"{path} line {number}: expected 'name,score', got {line!r}")
-        name, text = parts
-        try:
-            score = float(text)
-        except ValueError:
-            score = math.nan
-        if not math.isfinite(score):
-            raise SubmissionInputError(f"{path} line {number}: score {text!r} for {name} is not a finite number")
-        if name in rows:
-            raise SubmissionInputError(f"{path} line {number}: {name} appears twice")
-        rows[name] = score
-    if not rows:
-        raise SubmissionInputError(f"{path}: no prediction rows")
-    return sorted(rows.items())
+    """Rows of a `name,score` prediction CSV, sorted by name (format checked by members.stagefiles)."""
+    try:
+        return sorted(read_preds(path).items())
+    except StageFileError as err:
+        raise SubmissionInputError(str(err)) from None
+
+
+def verify_ensemble(exp: Experiment, needed: list[str]) -> dict:
+    """`ensemble.json`, after proving that the ensemble's files are one set and were made from the
+    experiment's current members, member files, split lists and ensemble settings."""
+    try:
+        record = read_stage_outputs(exp.out_dir, "ensemble.json", needed, REBUILD_ENSEMBLE)
+    except StageFileError as err:
+        raise SubmissionInputError(str(err)) from None
+    path = exp.out_dir / "ensemble.json"
+    manifest = record["manifest"]
+    used = sorted(manifest.get("inputs", {}).get("members", {}))
+    problems = []
+    if used != sorted(exp.member_names):
+        problems.append(f"the experiment lists members {sorted(exp.member_names)} but the ensemble used {used}")
+    elif manifest.get("ensemble_fingerprint") != exp.ensemble_fingerprint():
+        problems.append(f"the ensemble: section of {exp.path} changed since the ensemble was fitted")
+    for name, files in manifest.get("inputs", {}).get("members", {}).items():
+        for file, digest in files.items():
+            current = exp.runs_dir / name / file
+            if name in exp.member_names and (not current.is_file() or sha256_file(current) != digest):
+                problems.append(f"{current} changed since the ensemble was fitted")
+    for split, digest in manifest.get("inputs", {}).get("splits", {}).items():
+        current = exp.split_dir / f"{split}.csv"
+        if not current.is_file() or sha256_file(current) != digest:
+            problems.append(f"{current} changed since the ensemble was fitted")
+    if problems:
+        raise SubmissionInputError(f"{path} is stale; rerun {REBUILD_ENSEMBLE}:\n  " + "\n  ".join(problems))
+    return record
+
+
+def split_names(exp: Experiment, split: str) -> list[str]:
+    """The image names of the split the members predicted (the ensemble verified its hash)."""
+    try:
+        return [p.name for p in read_split(exp.split_dir / f"{split}.csv")]
+    except ValueError as err:
+        raise SubmissionInputError(f"{err}; run {REBUILD_MEMBERS}") from None
 
 
 def describe(ensemble: EnsembleMeta) -> str:
@@ -215,24 +210,23 @@ def format_output(rows: list[tuple[str, float]]) -> str:
     return "".join(f"{name},{score:.6f}\n" for name, score in sorted(rows))
 
 
-def write_submission(runs_dir: Path, config: SubmissionConfig) -> tuple[Path, Report]:
+def write_submission(exp: Experiment) -> tuple[Path, Report]:
     """Write the checked zip; return its path and the checker's report (warnings only)."""
-    ensemble_dir = runs_dir / "ensemble"
-    ensemble = load_ensemble(ensemble_dir / "ensemble.json")
-    rows = read_predictions(ensemble_dir / "preds_test.csv")
+    config = exp.submission
+    verify_ensemble(exp, ["preds_test.csv"])
+    ensemble = load_ensemble(exp.out_dir / "ensemble.json")
+    rows = read_predictions(exp.out_dir / "preds_test.csv")
     if config.test_dir is not None:
         names = names_in_dir(config.test_dir)
     elif config.names_file is not None:
         names = read_names_file(config.names_file)
-    else:
-        names = [name for name, _ in rows]
+    else:  # never the file's own rows: a missing row must be caught
+        names = split_names(exp, "test")
     files = {OUTPUT: format_output(rows), README: format_readme(readme_info(ensemble, config.description))}
 
-    out = Path(config.out) if config.out is not None else runs_dir / "submission.zip"
+    out = exp.zip_path("test")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:  # removed, and `out` untouched, if anything below fails
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
             for name, text in files.items():
                 archive.writestr(name, text.encode("utf-8"))
@@ -240,8 +234,4 @@ def write_submission(runs_dir: Path, config: SubmissionConfig) -> tuple[Path, Re
         report = check_zip(tmp, names)
         if not report.ok:
             raise SubmissionInvalidError(report)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out, report

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from ensemble.__main__ import main
-from ensemble.config import load_experiment
 from ensemble.io import EnsembleInputError, load_members
 from members.config import ConfigError
+from members.member import prediction_fingerprint
+from members.schema import load_experiment
+from members.stagefiles import StageFileError, read_labels, read_preds, sha256_file, write_member_split
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["mean", "rank_mean", "nnls", "ridge", "greedy"]
@@ -26,14 +28,35 @@ def meta(name: str, n: int) -> dict:
             "higher_is_better": True, "model": {"vit": "vit_base_patch8_224", "cnn": "resnet50", "crop": 224}}
 
 
-def write_csv(path: Path, header: str, rows: list[tuple]) -> None:
-    path.write_text(header + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows), encoding="utf-8")
+def write_split(path: Path, names: list[str], refs: list[str], mos: list[float] | None) -> None:
+    """A split list in the members' format (what `prepare_splits` writes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [f"{n},dis/{n},ref/{r}.bmp,{r},{'' if mos is None else repr(float(m))},synthetic\n"
+            for n, r, m in zip(names, refs, mos if mos is not None else [None] * len(names))]
+    path.write_text("name,dis,ref,ref_id,mos,source\n" + "".join(rows), encoding="utf-8")
+
+
+def write_member(exp_config: Path, name: str, val: list[tuple[str, str]], mos: np.ndarray, val_scores: np.ndarray,
+                 test: list[str], test_scores: np.ndarray, test_meta: dict | None = None) -> None:
+    """A member's stage files as `members.predict` writes them (manifest included), made from the
+    experiment's current split lists and the member's current config."""
+    exp = load_experiment(exp_config)
+    cfg = next(m.config for m in exp.members if m.name == name)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    for split, rows, labels, base in (
+            ("val", [(n, s) for (n, _), s in zip(val, val_scores)], [(n, r, float(m)) for (n, r), m in zip(val, mos)],
+             {**meta(name, len(val)), "split": "val"}),
+            ("test", list(zip(test, test_scores)), None, test_meta or meta(name, len(test)))):
+        extra = {"split_sha256": sha256_file(exp.split_dir / f"{split}.csv"), "checkpoint_sha256": None,
+                 "prediction_fingerprint": prediction_fingerprint(cfg)}
+        write_member_split(cfg.out, split, [(n, float(s)) for n, s in rows], labels, {**base, **extra})
 
 
 def make_experiment(root: Path, noise_sds: tuple[float, ...] = (0.3, 0.7, 1.5), n_refs: int = 12,
-                    per_ref: int = 10, section: str = "  n_boot: 50\n", relative: bool = False) -> Path:
-    """Synthetic members (MOS + noise of the given strengths) under root/runs/demo, their member configs
-    and an experiment config; returns the experiment config path."""
+                    per_ref: int = 10, section: str = "  n_boot: 50\n", relative: bool = False,
+                    signs: tuple[float, ...] | None = None) -> Path:
+    """Synthetic members (MOS + noise of the given strengths, times `signs`) under root/runs/demo, with
+    their split lists, member configs and an experiment config; returns the experiment config path."""
     rng = np.random.default_rng(0)
     val = [(f"V{r:03d}_10_{k:02d}.bmp", f"V{r:03d}") for r in range(n_refs) for k in range(per_ref)]
     test = [f"T{r:03d}_10_{k:02d}.bmp" for r in range(n_refs) for k in range(per_ref)]
@@ -41,22 +64,25 @@ def make_experiment(root: Path, noise_sds: tuple[float, ...] = (0.3, 0.7, 1.5), 
     test_mos = 1450 + rng.normal(0, 110, len(test))
     base = Path() if relative else root
     (root / "configs" / "members").mkdir(parents=True)
-    member_paths = []
-    for j, sd in enumerate(noise_sds):
-        name = f"m{j}"
-        d = root / "runs" / "demo" / name
-        d.mkdir(parents=True)
-        val_scores = (mos - 1450) / 120 + rng.normal(0, sd, len(val))
-        test_scores = (test_mos - 1450) / 120 + rng.normal(0, sd, len(test))
-        write_csv(d / "preds_val.csv", "name,score", [(n, f"{s:.6f}") for (n, _), s in zip(val, val_scores)])
-        write_csv(d / "labels_val.csv", "name,ref,mos", [(n, r, f"{m:.4f}") for (n, r), m in zip(val, mos)])
-        write_csv(d / "preds_test.csv", "name,score", [(n, f"{s:.6f}") for n, s in zip(test, test_scores)])
-        (d / "preds_test.json").write_text(json.dumps(meta(name, len(test))), encoding="utf-8")
+    runs = base / "runs" / "demo"
+    names = [f"m{j}" for j in range(len(noise_sds))]
+    for j, name in enumerate(names):
         (root / "configs" / "members" / f"{name}.yaml").write_text(f"name: {name}\nseed: {j}\n")
-        member_paths.append(str(base / "configs" / "members" / f"{name}.yaml"))
     config = root / "configs" / "exp.yaml"
-    config.write_text(f"name: demo\nruns_dir: {base / 'runs' / 'demo'}\nmembers: {json.dumps(member_paths)}\n"
-                      f"ensemble:\n{section}submission:\n  zip: out.zip\n", encoding="utf-8")
+    config.write_text(f"name: demo\nruns_dir: {runs}\nmembers: {json.dumps([f'members/{n}.yaml' for n in names])}\n"
+                      f"ensemble:\n{section}submission:\n  out: out.zip\n", encoding="utf-8")
+    write_split(root / "runs" / "demo" / "splits" / "val.csv", [n for n, _ in val], [r for _, r in val], list(mos))
+    write_split(root / "runs" / "demo" / "splits" / "test.csv", test, [n[:4] for n in test], None)
+    cwd = os.getcwd()
+    os.chdir(root)  # runs_dir may be relative to the working directory
+    try:
+        for j, sd in enumerate(noise_sds):
+            sign = 1.0 if signs is None else signs[j]
+            val_scores = sign * ((mos - 1450) / 120 + rng.normal(0, sd, len(val)))
+            test_scores = sign * ((test_mos - 1450) / 120 + rng.normal(0, sd, len(test)))
+            write_member(config, names[j], val, mos, val_scores, test, test_scores)
+    finally:
+        os.chdir(cwd)
     return config
 
 
@@ -69,32 +95,54 @@ def run_fails(config: Path, capsys: pytest.CaptureFixture, *pieces: str) -> None
     assert not (config.parents[1] / "runs" / "demo" / "ensemble").exists()
 
 
+def members_of(config: Path):
+    return load_members(load_experiment(config))
+
+
 def test_load_members_aligns_rows_by_name(tmp_path):
     config = make_experiment(tmp_path)
-    path = tmp_path / "runs" / "demo" / "m1" / "preds_test.csv"
-    header, *rows = path.read_text().splitlines()
-    path.write_text("\n".join([header, *reversed(rows)]) + "\n")  # same rows, reverse order
-    exp = load_experiment(config)
-    data = load_members(exp.runs_dir, exp.member_names)
+    data = members_of(config)
+    by_name = read_preds(tmp_path / "runs" / "demo" / "m1" / "preds_test.csv")
     assert data.test_names == sorted(data.test_names) and data.x_test.shape == (120, 3)
-    by_name = dict(line.split(",") for line in rows)
-    assert np.allclose(data.x_test[:, 1], [float(by_name[n]) for n in data.test_names])
-    assert data.members == ["m0", "m1", "m2"] and data.test_meta[0] == meta("m0", 120)
+    assert np.allclose(data.x_test[:, 1], [by_name[n] for n in data.test_names])
+    assert data.members == ["m0", "m1", "m2"]
+    assert {k: v for k, v in data.test_meta[0].items() if k in meta("m0", 120)} == meta("m0", 120)
 
 
 def test_missing_member_file(tmp_path, capsys):
     config = make_experiment(tmp_path)
     missing = tmp_path / "runs" / "demo" / "m1" / "preds_test.csv"
     missing.unlink()
-    run_fails(config, capsys, "missing member file", str(missing))
+    run_fails(config, capsys, "member files that cannot be used", str(missing), "make train-members")
+
+
+def test_edited_member_file_is_refused(tmp_path, capsys):
+    """A file that does not match its member's manifest (edited, or from an interrupted run) is never read."""
+    config = make_experiment(tmp_path)
+    path = tmp_path / "runs" / "demo" / "m2" / "preds_val.csv"
+    path.write_text(path.read_text().replace("V000_10_00.bmp,", "V000_10_00.bmp,9", 1))
+    run_fails(config, capsys, str(path), "changed since preds_val.json was written")
+
+
+def test_stale_member_files_are_refused(tmp_path, capsys):
+    """Predictions made from another split list or another member config are stale."""
+    config = make_experiment(tmp_path)
+    split = tmp_path / "runs" / "demo" / "splits" / "test.csv"
+    split.write_text(split.read_text().replace("T000_10_00.bmp,", "T000_10_01.bmp,", 1))
+    run_fails(config, capsys, "predicted another test split list")
+    config = make_experiment(tmp_path / "b")
+    (tmp_path / "b" / "configs" / "members" / "m0.yaml").write_text("name: m0\nseed: 0\ntrain: {epochs: 3}\n")
+    run_fails(config, capsys, "predicted with another config of m0")
 
 
 def test_mismatched_names_list_the_differences(tmp_path, capsys):
     config = make_experiment(tmp_path)
-    m1_val = tmp_path / "runs" / "demo" / "m1" / "preds_val.csv"
-    m1_val.write_text("\n".join(m1_val.read_text().splitlines()[:-1]) + "\n")  # drop the last image
-    m2_test = tmp_path / "runs" / "demo" / "m2" / "preds_test.csv"
-    m2_test.write_text(m2_test.read_text().replace("T000_10_00.bmp", "T999_10_00.bmp"))
+    data = members_of(config)
+    val = [(n, r) for n, r in zip(data.val_names, data.refs)]
+    write_member(config, "m1", val[:-1], data.mos[:-1], data.x_val[:-1, 1], data.test_names, data.x_test[:, 1])
+    test = [n.replace("T000_10_00.bmp", "T999_10_00.bmp") for n in data.test_names]
+    write_member(config, "m2", val, data.mos, data.x_val[:, 2], test, data.x_test[:, 2])
+    m1_val, m2_test = (tmp_path / "runs" / "demo" / m for m in ("m1/preds_val.csv", "m2/preds_test.csv"))
     run_fails(config, capsys, f"{m1_val} vs", "1 name(s) missing (e.g. V011_10_09.bmp)",
               f"{m2_test} vs", "extra name(s) (e.g. T999_10_00.bmp)")
 
@@ -105,67 +153,96 @@ def test_mismatched_names_list_the_differences(tmp_path, capsys):
         ("preds_val.csv", lambda t: t.replace(t.splitlines()[3].split(",")[1], "nan", 1), ["line 4", "finite"]),
         ("preds_test.csv", lambda t: t.replace("name,score", "image,score"), ["line 1", "expected header"]),
         ("preds_test.csv", lambda t: t.replace(".bmp,", ".bmp;", 1), ["line 2", "expected 'name,score'"]),
+        ("preds_test.csv", lambda t: t.replace(".bmp,", ".bmp,1,", 1), ["line 2", "expected 'name,score'"]),
         ("preds_val.csv", lambda t: t.replace(t.splitlines()[5].split(",")[1], "good", 1), ["line 6", "'good'"]),
         ("labels_val.csv", lambda t: t + t.splitlines()[1] + "\n", ["line 122", "repeats line 2"]),
-        ("preds_test.json", lambda t: t.replace('"higher_is_better": true', '"hib": 1'), ["higher_is_better"]),
-        ("preds_test.json", lambda t: t[:-1], ["invalid JSON"]),
     ],
 )
-def test_malformed_files_name_file_and_line(tmp_path, capsys, file, edit, pieces):
-    config = make_experiment(tmp_path)
+def test_malformed_files_name_file_and_line(tmp_path, file, edit, pieces):
+    make_experiment(tmp_path)
     path = tmp_path / "runs" / "demo" / "m2" / file
     path.write_text(edit(path.read_text()))
-    run_fails(config, capsys, str(path), *pieces)
+    with pytest.raises(StageFileError) as err:
+        (read_labels if file.startswith("labels") else read_preds)(path)
+    for piece in [str(path), *pieces]:
+        assert piece in str(err.value)
+
+
+@pytest.mark.parametrize(("edit", "piece"), [(lambda t: t.replace('"higher_is_better": true', '"hib": 1'),
+                                              "higher_is_better"), (lambda t: t[:-2], "invalid JSON")])
+def test_malformed_member_json(tmp_path, capsys, edit, piece):
+    config = make_experiment(tmp_path)
+    path = tmp_path / "runs" / "demo" / "m2" / "preds_test.json"
+    path.write_text(edit(path.read_text()))
+    run_fails(config, capsys, str(path), piece)
 
 
 def test_constant_member(tmp_path, capsys):
     config = make_experiment(tmp_path)
-    path = tmp_path / "runs" / "demo" / "m0" / "preds_test.csv"
-    header, *rows = path.read_text().splitlines()
-    path.write_text("\n".join([header, *(r.split(",")[0] + ",0.500000" for r in rows)]) + "\n")
-    run_fails(config, capsys, str(path), "constant member")
+    data = members_of(config)
+    val = [(n, r) for n, r in zip(data.val_names, data.refs)]
+    write_member(config, "m0", val, data.mos, data.x_val[:, 0], data.test_names, np.full(len(data.test_names), 0.5))
+    run_fails(config, capsys, str(tmp_path / "runs" / "demo" / "m0" / "preds_test.csv"), "constant member")
 
 
 def test_labels_must_agree_across_members(tmp_path, capsys):
     config = make_experiment(tmp_path)
-    path = tmp_path / "runs" / "demo" / "m2" / "labels_val.csv"
-    lines = path.read_text().splitlines()
-    name, ref, _ = lines[7].split(",")
-    lines[7] = f"{name},{ref},1.0"
-    path.write_text("\n".join(lines) + "\n")
-    run_fails(config, capsys, str(path), "disagrees with", name)
+    data = members_of(config)
+    val = [(n, r) for n, r in zip(data.val_names, data.refs)]
+    mos = data.mos.copy()
+    mos[6] = 1.0
+    write_member(config, "m2", val, mos, data.x_val[:, 2], data.test_names, data.x_test[:, 2])
+    run_fails(config, capsys, str(tmp_path / "runs" / "demo" / "m2" / "labels_val.csv"), "disagrees with",
+              data.val_names[6])
 
 
 def test_config_errors(tmp_path):
-    config = make_experiment(tmp_path, section="  n_boot: 50\n  fold: 3\n")
+    config = make_experiment(tmp_path)
+    config.write_text(config.read_text().replace("  n_boot: 50\n", "  n_boot: 50\n  fold: 3\n"))
     with pytest.raises(ConfigError, match=r"exp.yaml, line 6: 'ensemble.fold' unknown key"):
         load_experiment(config)
     config.write_text(config.read_text().replace("  fold: 3\n", ""))
     with pytest.raises(ConfigError, match="methods \\['blend'\\] invalid"):
-        load_experiment(config, ["methods=[blend]"])
+        load_experiment(config, ["ensemble.methods=[blend]"])
     with pytest.raises(ConfigError, match="'ensemble.folds': expected int"):
-        load_experiment(config, ["folds=three"])
-    (tmp_path / "configs" / "members" / "m1.yaml").write_text("seed: 1\n")
-    with pytest.raises(ConfigError, match="m1.yaml: member config needs a 'name:'"):
+        load_experiment(config, ["ensemble.folds=three"])
+    with pytest.raises(ConfigError, match=r"--set folds=3\): 'folds' unknown key"):
+        load_experiment(config, ["folds=3"])  # one meaning of --set: dotted from the top level
+    with pytest.raises(ConfigError, match=r"'ensembel' unknown key"):
+        load_experiment(config, ["ensembel.folds=3"])
+    (tmp_path / "configs" / "members" / "m1.yaml").write_text("name: m0\nseed: 1\n")
+    with pytest.raises(ConfigError, match="share the name 'm0'"):
         load_experiment(config)
     (tmp_path / "configs" / "members" / "m1.yaml").unlink()
     with pytest.raises(ConfigError, match=r"exp.yaml, line 3: member config .*m1.yaml not found"):
         load_experiment(config)
 
 
+def test_typo_in_top_level_key_is_an_error_in_every_stage(tmp_path, capsys):
+    from submission.__main__ import main as submission_main
+
+    config = make_experiment(tmp_path)
+    config.write_text(config.read_text().replace("ensemble:", "ensembel:"))
+    assert main(["-c", str(config)]) == 2
+    assert "'ensembel' unknown key" in capsys.readouterr().err
+    assert submission_main(["-c", str(config)]) == 2
+    assert "'ensembel' unknown key" in capsys.readouterr().err
+
+
 def test_overrides_and_defaults(tmp_path):
     config = make_experiment(tmp_path)
-    exp = load_experiment(config, ["folds=3", "ensemble.calibration=logistic"])
+    exp = load_experiment(config, ["ensemble.folds=3", "ensemble.calibration=logistic"])
     cfg = exp.ensemble
     assert (cfg.folds, cfg.calibration, cfg.n_boot, cfg.seed) == (3, "logistic", 50, 0)
     assert cfg.methods == METHODS and exp.out_dir == tmp_path / "runs" / "demo" / "ensemble"
-    assert load_experiment(config, ["methods=[nnls]"]).ensemble.methods == ["mean", "nnls"]
+    assert load_experiment(config, ["ensemble.methods=[nnls]"]).ensemble.methods == ["mean", "nnls"]
 
 
 def test_load_members_error_type(tmp_path):
-    make_experiment(tmp_path)
-    with pytest.raises(EnsembleInputError, match="missing member file"):
-        load_members(tmp_path / "runs" / "demo", ["m0", "nobody"])
+    config = make_experiment(tmp_path)
+    (tmp_path / "runs" / "demo" / "m1" / "preds_test.json").unlink()
+    with pytest.raises(EnsembleInputError, match="preds_test.json: not found"):
+        members_of(config)
 
 
 def read_scores(path: Path) -> tuple[list[str], np.ndarray]:
@@ -179,7 +256,7 @@ def read_scores(path: Path) -> tuple[list[str], np.ndarray]:
 def test_cli_end_to_end(tmp_path):
     make_experiment(tmp_path, relative=True)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "ensemble", "-c", "configs/exp.yaml", "--set", "folds=4"],
+    done = subprocess.run([sys.executable, "-m", "ensemble", "-c", "configs/exp.yaml", "--set", "ensemble.folds=4"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "runs" / "demo" / "ensemble"
@@ -187,11 +264,12 @@ def test_cli_end_to_end(tmp_path):
     assert {p.name for p in out.iterdir()} == expected  # no temp files left
 
     record = json.loads((out / "ensemble.json").read_text())
+    assert set(record["manifest"]["outputs"]) == expected - {"ensemble.json"}
     assert [m["name"] for m in record["members"]] == ["m0", "m1", "m2"]
-    assert record["members"][1]["test_meta"] == meta("m1", 120)
+    assert {k: v for k, v in record["members"][1]["test_meta"].items() if k in meta("m1", 120)} == meta("m1", 120)
     assert record["method"] in METHODS and sum(record["weights"].values()) == pytest.approx(1)
     assert set(record["cv"]) == set(METHODS) and record["reason"]
-    assert all(len(v["fold_main"]) == 4 and len(v["oof_main_ci"]) == 2 for v in record["cv"].values())
+    assert all(len(v["within_fold_scores"]) == 4 and len(v["oof_main_ci"]) == 2 for v in record["cv"].values())
     assert record["config"]["ensemble"]["folds"] == 4
     assert record["ridge_alpha"] in (0.01, 0.1, 1.0, 10.0)  # chosen by inner CV (not configured)
     assert record["weights"]["m0"] >= record["weights"]["m2"]
@@ -217,9 +295,9 @@ def test_cli_help():
 def test_cli_calibration_keeps_test_order(tmp_path):
     config = make_experiment(tmp_path)
     plain, calibrated = tmp_path / "plain", tmp_path / "calibrated"
-    assert main(["-c", str(config), "--set", f"out_dir={plain}", "--set", "methods=[mean,nnls]"]) == 0
-    assert main(["-c", str(config), "--set", f"out_dir={calibrated}", "--set", "methods=[mean,nnls]",
-                 "--set", "calibration=isotonic"]) == 0
+    assert main(["-c", str(config), "--set", f"ensemble.out_dir={plain}", "--set", "ensemble.methods=[mean,nnls]"]) == 0
+    assert main(["-c", str(config), "--set", f"ensemble.out_dir={calibrated}", "--set",
+                 "ensemble.methods=[mean,nnls]", "--set", "ensemble.calibration=isotonic"]) == 0
     _, before = read_scores(plain / "preds_test.csv")
     _, after = read_scores(calibrated / "preds_test.csv")
     assert np.array_equal(np.argsort(before, kind="stable"), np.argsort(after, kind="stable"))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from ensemble.calibrate import CalibrationError, apply_calibration, check_order, fit_calibration
-from ensemble.config import EnsembleConfig
+from members.schema import EnsembleConfig
 from ensemble.fit import MethodResult, choose, evaluate_method, run_ensemble
 from ensemble.io import EnsembleInputError, MemberData
 from ensemble.methods import (combine_linear, combine_ranks, fit_greedy, fit_nnls, fit_ridge, get_method,
@@ -111,10 +111,9 @@ def test_cv_estimate_is_below_in_sample(name):
     # Two useful members among ten pure-noise ones and few references: fitting overfits.
     data = synthetic([0.8, 1.0] + [50.0] * 10, n_refs=10, per_ref=8, seed=1)
     x, _ = zscored(data)
-    result = evaluate_method(get_method(name), x, data.mos, data.mos, data.refs,
-                             EnsembleConfig(folds=5, n_boot=50))
-    assert result.cv_mean < result.in_sample
-    assert result.oof_metrics["main"] < result.in_sample
+    result = evaluate_method(get_method(name), x, data.mos, data.refs, EnsembleConfig(folds=5, n_boot=50))
+    assert result.within_fold_mean < result.in_sample
+    assert result.pooled == result.oof_metrics["main"] < result.in_sample
 
 
 def test_equal_weights_win_when_members_are_equally_good():
@@ -134,10 +133,11 @@ def test_best_cv_method_falls_back_to_mean_without_a_reliable_gain():
     # Seed picked so that this perturbed ensemble is slightly better on the full data, but not reliably.
     noisy = base + np.random.default_rng(15).normal(0, 0.05, len(base))
 
-    def result(name: str, oof: np.ndarray, cv_mean: float) -> MethodResult:
-        return MethodResult(name, [cv_mean], oof, {}, (0.0, 0.0), np.array([0.5, 0.5]), cv_mean)
+    def result(name: str, oof: np.ndarray) -> MethodResult:
+        main = metrics.signed_main(oof, data.mos)
+        return MethodResult(name, [main], oof, {"main": main}, (0.0, 0.0), np.array([0.5, 0.5]), main)
 
-    results = {"mean": result("mean", base, 1.80), "nnls": result("nnls", noisy, 1.81)}
+    results = {"mean": result("mean", base), "nnls": result("nnls", noisy)}
     best, chosen, paired, reason = choose(results, data.mos, data.refs, EnsembleConfig(n_boot=200))
     assert (best, chosen) == ("nnls", "mean")
     assert paired["delta"] > 0 >= paired["low"]

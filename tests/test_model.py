@@ -19,7 +19,7 @@ from members.checkpoint import CheckpointError, read_heads, save_heads
 from members.config import ConfigError
 from members.model import ModelConfig, build_model
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ahiq_official_state_dict.json"
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ahiq_official_state_dict.json"
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"vit": "vit_tiny_patch16_224", "cnn": "resnet18", "crop": 64, "vit_weights": "none", "cnn_weights": "none"}
 
@@ -235,11 +235,11 @@ def test_model_config_rejects_unknown_key_and_bad_grids():
 
 
 def test_make_weights_plans_hub_backbones_and_fails_clearly_offline(tmp_path):
-    from members.experiment import load_experiment
+    from members.schema import load_experiment
     from members.weights import hub_backbones
 
-    _, members = load_experiment(REPO / "configs/ahiq_c.yaml")
-    assert hub_backbones([cfg for _, cfg, _ in members]) == [
+    exp = load_experiment(REPO / "configs/ahiq_c.yaml")
+    assert hub_backbones([m.config for m in exp.members]) == [
         "vit_base_patch8_224.augreg_in21k_ft_in1k", "resnet50.a1_in1k", "vit_base_patch16_224.augreg_in21k_ft_in1k"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-m", "members.weights", "-c", "configs/ahiq_c.yaml", "--out",

@@ -1,9 +1,12 @@
-"""Tests of the submission stage: the checker on a real accepted zip and broken copies of it, and the
-writer end to end on a synthetic ensemble directory."""
+"""Tests of the submission stage: the checker on zips laid out like a real accepted one and broken copies
+of them, and the writer end to end on a synthetic ensemble directory."""
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -22,26 +25,120 @@ from submission.write import (
     write_submission,
 )
 
-REAL_ZIP = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real" / "ntire2022_fr_submission_4th_place.zip"
+# ---------------------------------------------------------------- the accepted layout and broken copies
+
+# The real accepted NTIRE 2022 zip has no known licence, so it stays outside the repository; its test runs
+# only when this variable names it (.ci/run points it at ../shared). The other tests use write_ntire_like_zip below.
+REAL_ZIP_ENV = "AHIQ_REAL_SUBMISSION_ZIP"
+MAC_UID, MAC_GID = 501, 20  # the first macOS user and group "staff", as in zips made by Finder
 
 
-# ---------------------------------------------------------------- the real zip and broken copies
+def real_zip_path() -> Path:
+    value = os.environ.get(REAL_ZIP_ENV, "")
+    if not value:
+        pytest.skip(f"the real accepted NTIRE 2022 zip is not in the repository (no known licence); "
+                    f"set {REAL_ZIP_ENV}=/path/to/ntire2022_fr_submission_4th_place.zip to run this test")
+    path = Path(value)
+    if not path.is_file():
+        pytest.fail(f"{REAL_ZIP_ENV}={value}: no such file")
+    return path
+
+
+def ntire_like_names() -> list[str]:
+    """1,650 names shaped like the NTIRE 2022 FR test set: 25 references x the same 66 distortion indices
+    (of 00-75), group 10, sorted. Generated: the real list is not derivable by a rule."""
+    rng = np.random.default_rng(2022)
+    refs = sorted(int(r) for r in rng.choice(250, 25, replace=False))
+    ks = sorted(int(k) for k in rng.choice(76, 66, replace=False))
+    return [f"A{r:04d}_10_{k:02d}.bmp" for r in refs for k in ks]
+
+
+def ntire_like_texts(names: list[str]) -> dict[str, str]:
+    """output.txt (Elo-scale scores, 6 decimals, NO final newline) and readme.txt (the five fields, no final
+    newline), formatted as in the accepted zip; the scores and the description are generated."""
+    scores = np.clip(np.random.default_rng(7).normal(1400.0, 120.0, len(names)), 1000.0, 1700.0)
+    output = "\n".join(f"{name},{score:.6f}" for name, score in zip(names, scores))
+    readme = "\n".join([
+        "runtime per image [s] : 0.2", "CPU[1] / GPU[0] : 0", "Extra Data [1] / No Extra Data [0] : 1",
+        "Other description : generated test scores for a zip laid out like an accepted one",
+        "Full-Reference [1] / Non-Reference [0] : 1"])
+    return {"output.txt": output, "readme.txt": readme}
+
+
+def apple_double() -> bytes:
+    """A minimal AppleDouble file (what macOS stores as __MACOSX/._name): header + one empty Finder Info entry."""
+    return struct.pack(">II16sHIII", 0x00051607, 0x00020000, b"Mac OS X        ", 1, 9, 38, 32) + bytes(32)
+
+
+class _WriteOnly:
+    """A stream zipfile cannot seek or tell: it then streams each entry with a data descriptor (flag bit 3)
+    after the data, the way macOS's Archive Utility writes zips."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, chunk: bytes) -> int:
+        self.data += chunk
+        return len(chunk)
+
+    def flush(self) -> None:
+        pass
+
+
+def write_ntire_like_zip(path: Path, texts: dict[str, str]) -> Path:
+    """Entry order, names, flags, Unix 0644 attributes and UT/ux extra fields as in the accepted zip:
+    readme.txt, __MACOSX/._readme.txt, output.txt, __MACOSX/._output.txt, deflated, no folder entries."""
+    stamp = 1648468366  # 2022-03-28, the deadline week; any fixed time would do
+    extra = struct.pack("<HHBIII", 0x5455, 13, 7, stamp, stamp, stamp)
+    extra += struct.pack("<HHBBIBI", 0x7875, 11, 1, 4, MAC_UID, 4, MAC_GID)
+    stream = _WriteOnly()
+    with zipfile.ZipFile(stream, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in ("readme.txt", "output.txt"):
+            for entry, data in ((name, texts[name].encode("utf-8")), (f"__MACOSX/._{name}", apple_double())):
+                info = zipfile.ZipInfo(entry, date_time=(2022, 3, 28, 11, 52, 46))
+                info.create_system, info.external_attr = 3, 0o100644 << 16
+                info.compress_type, info.extra = zipfile.ZIP_DEFLATED, extra
+                archive.writestr(info, data)
+    data = stream.data
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        for info in archive.infolist():  # Archive Utility's quirk: the uncompressed size in the local header too
+            data[info.header_offset + 22:info.header_offset + 26] = struct.pack("<I", info.file_size)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def local_headers(path: Path) -> list[tuple[int, int, int, bool]]:
+    """(flags, CRC, compressed size, uncompressed size given?) of each local file header."""
+    data, heads = path.read_bytes(), []
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            flags, crc, packed, size = struct.unpack_from("<H6xIII", data, info.header_offset + 6)
+            heads.append((flags, crc, packed, size == info.file_size))
+    return heads
+
 
 @pytest.fixture(scope="module")
-def real() -> dict[str, str]:
-    """output.txt and readme.txt of the real accepted submission."""
-    if not REAL_ZIP.is_file():
-        pytest.skip(f"fixture {REAL_ZIP} not present")
-    with zipfile.ZipFile(REAL_ZIP) as archive:
+def accepted_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A zip with the accepted submission's layout and generated names and scores."""
+    return write_ntire_like_zip(tmp_path_factory.mktemp("ntire") / "accepted.zip", ntire_like_texts(ntire_like_names()))
+
+
+@pytest.fixture(scope="module")
+def accepted(accepted_zip: Path) -> dict[str, str]:
+    """output.txt and readme.txt of accepted_zip."""
+    with zipfile.ZipFile(accepted_zip) as archive:
         return {name: archive.read(name).decode("utf-8") for name in ("output.txt", "readme.txt")}
 
 
-@pytest.fixture()
-def names_file(tmp_path: Path, real: dict[str, str]) -> Path:
-    """The real zip's own image names, one per line."""
-    path = tmp_path / "names.txt"
-    path.write_text("".join(line.split(",")[0] + "\n" for line in real["output.txt"].splitlines()))
+def write_names(path: Path, output: str) -> Path:
+    """The image names of an output.txt, one per line."""
+    path.write_text("".join(line.split(",")[0] + "\n" for line in output.splitlines()))
     return path
+
+
+@pytest.fixture()
+def names_file(tmp_path: Path, accepted: dict[str, str]) -> Path:
+    return write_names(tmp_path / "names.txt", accepted["output.txt"])
 
 
 def make_zip(path: Path, files: dict[str, str]) -> Path:
@@ -51,16 +148,47 @@ def make_zip(path: Path, files: dict[str, str]) -> Path:
     return path
 
 
-def test_real_zip_accepted_with_warnings(names_file: Path, capsys: pytest.CaptureFixture) -> None:
+def assert_accepted_with_warnings(path: Path, names_file: Path, capsys: pytest.CaptureFixture) -> None:
     names = read_names_file(names_file)
     assert len(names) == 1650
-    report = check_zip(REAL_ZIP, names)
+    report = check_zip(path, names)
     assert report.errors == []
     assert report.n_rows == 1650
     assert any("__MACOSX/._output.txt" in w for w in report.warnings)
     assert any("line 1650: no newline" in w for w in report.warnings)
-    assert check_main([str(REAL_ZIP), "--names", str(names_file)]) == 0
+    assert check_main([str(path), "--names", str(names_file)]) == 0
     assert "VALID" in capsys.readouterr().out
+
+
+def test_accepted_layout_accepted_with_warnings(
+    accepted_zip: Path, names_file: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert_accepted_with_warnings(accepted_zip, names_file, capsys)
+
+
+def test_real_zip_accepted_with_warnings(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    real = real_zip_path()
+    with zipfile.ZipFile(real) as archive:
+        output = archive.read("output.txt").decode("utf-8")
+    assert_accepted_with_warnings(real, write_names(tmp_path / "names.txt", output), capsys)
+
+
+def test_accepted_layout_matches_the_real_zip(accepted_zip: Path) -> None:
+    """The generated zip keeps what matters of the real one: entries, their order and flags, the text format."""
+    def layout(path: Path) -> tuple[list[tuple], dict[str, tuple]]:
+        with zipfile.ZipFile(path) as archive:
+            entries = [(i.filename, i.compress_type, i.flag_bits, i.create_system, i.external_attr, i.extra[:2],
+                        i.extra[17:19]) for i in archive.infolist()]
+            output = archive.read("output.txt").decode("utf-8")
+            readme = archive.read("readme.txt").decode("utf-8")
+        rows = [line.split(",") for line in output.splitlines()]
+        shape = (len(rows), output.endswith("\n"), {len(r) for r in rows}, {len(r[-1].split(".")[-1]) for r in rows},
+                 len({r[0][:5] for r in rows}), {re.fullmatch(r"A\d{4}_10_\d{2}\.bmp", r[0]) is not None for r in rows},
+                 [r[0] for r in rows] == sorted(r[0] for r in rows))
+        fields = [line.split(" : ")[0] for line in readme.splitlines()]
+        return entries, {"output": shape, "readme": (fields, readme.endswith("\n")), "local": local_headers(path)}
+
+    assert layout(accepted_zip) == layout(real_zip_path())
 
 
 def _drop_line(lines: list[str]) -> list[str]:
@@ -94,11 +222,11 @@ BROKEN_OUTPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN_OUTPUTS))
-def test_broken_output_rejected(case: str, tmp_path: Path, real: dict[str, str], names_file: Path) -> None:
+def test_broken_output_rejected(case: str, tmp_path: Path, accepted: dict[str, str], names_file: Path) -> None:
     transform, expected = BROKEN_OUTPUTS[case]
-    lines = real["output.txt"].splitlines()
+    lines = accepted["output.txt"].splitlines()
     output = "\n".join(transform(lines)) + "\n"
-    path = make_zip(tmp_path / "broken.zip", {"output.txt": output, "readme.txt": real["readme.txt"]})
+    path = make_zip(tmp_path / "broken.zip", {"output.txt": output, "readme.txt": accepted["readme.txt"]})
     report = check_zip(path, read_names_file(names_file))
     assert not report.ok
     text = "\n".join(report.errors)
@@ -106,25 +234,25 @@ def test_broken_output_rejected(case: str, tmp_path: Path, real: dict[str, str],
         assert fragment in text
 
 
-def test_folder_inside_zip_rejected(tmp_path: Path, real: dict[str, str], names_file: Path) -> None:
-    path = make_zip(tmp_path / "nested.zip", {f"sub/{name}": text for name, text in real.items()})
+def test_folder_inside_zip_rejected(tmp_path: Path, accepted: dict[str, str], names_file: Path) -> None:
+    path = make_zip(tmp_path / "nested.zip", {f"sub/{name}": text for name, text in accepted.items()})
     report = check_zip(path, read_names_file(names_file))
     text = "\n".join(report.errors)
     assert "output.txt is inside folder 'sub/'" in text
     assert "no readme.txt at the zip root" in text
 
 
-def test_extra_root_file_rejected(tmp_path: Path, real: dict[str, str], names_file: Path) -> None:
-    path = make_zip(tmp_path / "extra.zip", {**real, "model.pth": "x"})
+def test_extra_root_file_rejected(tmp_path: Path, accepted: dict[str, str], names_file: Path) -> None:
+    path = make_zip(tmp_path / "extra.zip", {**accepted, "model.pth": "x"})
     report = check_zip(path, read_names_file(names_file))
     assert any("unexpected file 'model.pth'" in e for e in report.errors)
 
 
 def test_missing_readme_field_rejected(
-    tmp_path: Path, real: dict[str, str], names_file: Path, capsys: pytest.CaptureFixture
+    tmp_path: Path, accepted: dict[str, str], names_file: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    readme = "\n".join(line for line in real["readme.txt"].splitlines() if not line.startswith("Extra Data"))
-    path = make_zip(tmp_path / "readme.zip", {"output.txt": real["output.txt"], "readme.txt": readme})
+    readme = "\n".join(line for line in accepted["readme.txt"].splitlines() if not line.startswith("Extra Data"))
+    path = make_zip(tmp_path / "readme.zip", {"output.txt": accepted["output.txt"], "readme.txt": readme})
     report = check_zip(path, read_names_file(names_file))
     assert report.errors == [f"readme.txt: missing field '{EXTRA_DATA}' (expected a line '{EXTRA_DATA} : value')"]
     assert check_main([str(path), "--names", str(names_file)]) == 1

@@ -1,0 +1,161 @@
+"""What every command line of the kit shares: one line per failure, and processes that die together.
+
+- `run_main(main)` runs a CLI's `main`: Ctrl-C prints "interrupted; rerun the same command to
+  resume" and exits 130; the kit's known error types (bad configs, bad data, file problems such as a
+  full disk or a missing folder) print one `error:` line and exit 2, never a traceback.
+- `die_with_parent()` makes a worker die when the process that launched it dies, even by `kill -9`:
+  torch's elastic launcher starts its workers in new sessions, so they would go on training as
+  orphans. Linux's PR_SET_PDEATHSIG does it; elsewhere it is a no-op.
+- `hold_folder_lock(folder)` makes sure one run at a time writes a folder (a second trainer on the
+  same member would interleave its log and checkpoints with the first).
+- `python -m members.cli --die-with-parent -- CMD...` execs CMD with the same protection, for
+  children started by `members.experiment`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, NoReturn
+
+INTERRUPTED = "interrupted; rerun the same command to resume"
+PR_SET_PDEATHSIG = 1
+# Parents whose children should follow them: the accelerate / torch.distributed launchers and our shim.
+LAUNCHERS = ("accelerate", "torch.distributed.run", "torchrun", "members.cli")
+
+_held_locks: list[IO[str]] = []  # open lock files live as long as the process
+
+
+class LockedError(RuntimeError):
+    """Another live process holds the folder's lock."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """The kit's own "bad input" errors; imported lazily so `members.cli` stays cheap to start."""
+    from members.config import ConfigError
+    from members.index import DataError
+
+    found: list[type[BaseException]] = [ConfigError, DataError, LockedError]
+    for module, name in (("members.backbones", "WeightsError"), ("members.checkpoint", "CheckpointError"),
+                         ("members.train", "StateError")):
+        cls = getattr(sys.modules.get(module), name, None)  # only if the CLI loaded it already
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
+
+
+def one_line(err: BaseException) -> str:
+    """The message of `err` as a user should see it (no traceback, not even one relayed by a
+    DataLoader worker, whose message embeds the worker's traceback)."""
+    text = str(err)
+    if "Original Traceback" in text:  # torch's worker re-raise: keep the original error's message
+        last = [ln for ln in text.strip().splitlines() if ln.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(err, OSError) and err.strerror:
+        where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        hint = {errno.EFBIG: " (the file-size limit was hit: raise `ulimit -f` or write elsewhere)",
+                errno.ENOSPC: " (the disk is full: free space or write elsewhere)",
+                errno.EACCES: " (no permission: pick a folder you can write)",
+                errno.EROFS: " (read-only file system: write elsewhere)"}.get(err.errno, "")
+        text = f"{where + ': ' if where else ''}{err.strerror}{hint}"
+    return text
+
+
+def _close_progress_bars() -> None:
+    """Close open tqdm bars now: at exit they would redraw themselves after our last line."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", [])):
+        try:
+            bar.close()
+        except Exception:  # a bar half torn down by the interrupt: it must not hide the message
+            pass
+
+
+def run_main(main: Callable[[], int | None]) -> NoReturn:
+    """Run a CLI's `main` and exit with its status; see the module docstring for failures."""
+    die_with_parent()  # a no-op unless started by a launcher (accelerate launch, members.experiment)
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        _close_progress_bars()
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # `... | head`: the reader left; nothing to report
+        sys.exit(1)
+    except (OSError, *_known_errors()) as err:
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)
+
+
+def _launched_by_launcher(ppid: int) -> bool:
+    """True when the parent is a launcher whose death should end this process. A process started by
+    a shell is left alone: `nohup python -m members.train ... &` must outlive the shell."""
+    try:
+        cmdline = Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+    return any(name in cmdline for name in LAUNCHERS)
+
+
+def die_with_parent(always: bool = False) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (`always`, or if the parent is a
+    launcher); exit at once if the parent died already. Call it first thing in a worker's main."""
+    if not sys.platform.startswith("linux"):
+        return
+    ppid = os.getppid()
+    if ppid == 1 and "TORCHELASTIC_RUN_ID" in os.environ:
+        os._exit(1)  # an elastic worker whose launcher is gone already
+    if not always and not _launched_by_launcher(ppid):
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not allowed here (a sandbox): no worse than before
+    # The parent may have died between getppid and prctl: then we were re-parented already.
+    if os.getppid() != ppid:
+        os._exit(1)
+
+
+def hold_folder_lock(folder: Path, what: str) -> None:
+    """Take `folder/.lock` for this process's lifetime (released by the OS when it exits, even by
+    kill -9), or raise `LockedError` naming the holder. `what` names the run in messages."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise LockedError(f"{folder}: {what} is already running here ({holder}); wait for it to finish or "
+                          "stop it, then rerun") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
+    _held_locks.append(f)
+
+
+def shim_command(cmd: list[str]) -> list[str]:
+    """`cmd` run through this module, so that it dies with the process that starts it."""
+    return [sys.executable, "-m", "members.cli", "--die-with-parent", "--", *cmd]
+
+
+def _exec_main(argv: list[str]) -> NoReturn:
+    if len(argv) < 3 or argv[:2] != ["--die-with-parent", "--"]:
+        sys.exit("usage: python -m members.cli --die-with-parent -- COMMAND [ARGS...]")
+    die_with_parent(always=True)
+    os.execvp(argv[2], argv[2:])
+
+
+if __name__ == "__main__":
+    _exec_main(sys.argv[1:])

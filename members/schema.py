@@ -1,0 +1,222 @@
+"""The experiment schema: one typed config for every stage, read by one loader.
+
+    name: demo                      # a label for messages and the readme
+    runs_dir: runs/demo             # everything the stages write goes under it
+    members: [members/demo_s1.yaml, ...]
+    ensemble: {folds: 3, ...}       # EnsembleConfig
+    submission: {test_dir: ...}     # SubmissionConfig
+
+`members.experiment`, `members.predict_all`, `ensemble` and `submission` all call `load_experiment`,
+so an unknown key at any level (member configs included) is an error in every stage, with its file and
+line, and `--set KEY=VALUE` means the same everywhere: KEY is a dotted path from the experiment's top
+level (`--set ensemble.folds=3`, `--set submission.out=x.zip`); a KEY that matches no field is an error.
+
+Path rule: a path to another config file (`members:` entries, `base:` in member configs) is relative to
+the folder of the file that names it. Data and output paths (`runs_dir`, `data.root`, `submission.out`,
+`submission.test_dir`, ...) are relative to the working directory (the repository root, where `make`
+runs).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from members.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+
+METHODS = ("mean", "rank_mean", "nnls", "ridge", "greedy")
+CALIBRATIONS = ("none", "logistic", "isotonic")
+PHASES = ("test", "valid")
+
+
+@dataclass
+class EnsembleConfig:
+    """The `ensemble:` section.
+
+    methods: combination methods to compare ("mean" is always evaluated: it is the fallback).
+    folds: cross-validation folds, grouped by reference image.
+    calibration: optional monotone map of the ensemble score onto the MOS scale.
+    n_boot: bootstrap resamples (over references) for intervals and the paired test.
+    seed: seed of the bootstraps.
+    out_dir: output directory; default `<runs_dir>/ensemble`.
+    ridge_alpha: shrinkage toward equal weights, in units of the number of training images;
+        None chooses it by an inner grouped cross-validation.
+    greedy_rounds: additions (with replacement) made by greedy ensemble selection.
+    """
+
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    folds: int = 5
+    calibration: str = "none"
+    n_boot: int = 1000
+    seed: int = 0
+    out_dir: str | None = None
+    ridge_alpha: float | None = None
+    greedy_rounds: int = 25
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods {unknown or '[]'} invalid; choose from {', '.join(METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods {self.methods} lists a method twice")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration {self.calibration!r} invalid; choose from {', '.join(CALIBRATIONS)}")
+        if self.folds < 2:
+            raise ValueError(f"folds must be >= 2, got {self.folds}")
+        if self.n_boot < 10:
+            raise ValueError(f"n_boot must be >= 10, got {self.n_boot}")
+        if self.ridge_alpha is not None and self.ridge_alpha <= 0:
+            raise ValueError(f"ridge_alpha must be > 0 (or null for inner CV), got {self.ridge_alpha}")
+        if self.greedy_rounds < 1:
+            raise ValueError(f"greedy_rounds must be >= 1, got {self.greedy_rounds}")
+        if "mean" not in self.methods:
+            self.methods = ["mean", *self.methods]
+
+
+@dataclass
+class SubmissionConfig:
+    """The `submission:` section.
+
+    out: the test-phase zip; default `<runs_dir>/submission.zip` (the validation-phase zip gets
+        `_valid` before `.zip`).
+    description: readme "Other description" (one line); default generated from the ensemble.
+    test_dir / names_file: the distorted test images (or a file of their names) to check the zip's
+        names against; default: the test split the members predicted.
+    valid_dir: the same for the validation phase; default: the valid split the members predicted.
+    """
+
+    out: str | None = None
+    description: str | None = None
+    test_dir: str | None = None
+    names_file: str | None = None
+    valid_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.test_dir is not None and self.names_file is not None:
+            raise ValueError("give 'test_dir' or 'names_file', not both")
+        if self.description is not None and (not self.description.strip() or "\n" in self.description):
+            raise ValueError("'description' must be one non-empty line (the readme is one field per line)")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    runs_dir: str = "runs/experiment"
+    members: list[str] = field(default_factory=list)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ValueError("an experiment needs at least one entry under 'members'")
+        if not self.runs_dir:
+            raise ValueError("'runs_dir' must be a non-empty path, e.g. runs/demo")
+
+
+@dataclass
+class MemberEntry:
+    """One member of an experiment: its config file and its resolved config (output and split
+    folders under the experiment's runs_dir)."""
+
+    path: Path
+    config: object  # members.member.MemberConfig (imported lazily: it pulls in torch)
+    overrides: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def out(self) -> Path:
+        return self.config.out
+
+
+@dataclass
+class Experiment:
+    """A loaded experiment: the typed config, where it came from, and its members."""
+
+    path: Path
+    config: ExperimentConfig
+    members: list[MemberEntry]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.config.runs_dir)
+
+    @property
+    def split_dir(self) -> Path:
+        return self.runs_dir / "splits"
+
+    @property
+    def ensemble(self) -> EnsembleConfig:
+        return self.config.ensemble
+
+    @property
+    def submission(self) -> SubmissionConfig:
+        return self.config.submission
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+    @property
+    def out_dir(self) -> Path:
+        """The ensemble stage's folder."""
+        out = self.config.ensemble.out_dir
+        return Path(out) if out else self.runs_dir / "ensemble"
+
+    def zip_path(self, phase: str = "test") -> Path:
+        out = Path(self.config.submission.out) if self.config.submission.out else self.runs_dir / "submission.zip"
+        return out if phase == "test" else out.with_name(f"{out.stem}_{phase}{out.suffix}")
+
+    def ensemble_fingerprint(self) -> str:
+        """What the ensemble's outputs depend on besides the member files: the member list and the
+        ensemble section."""
+        return fingerprint({"members": sorted(self.member_names), "ensemble": to_dict(self.config.ensemble)})
+
+
+def fingerprint(data: object) -> str:
+    """A short content hash of JSON-able data."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _member_path(raw: str, exp_path: Path, where: str) -> Path:
+    path = Path(raw)
+    resolved = path if path.is_absolute() else exp_path.parent / path
+    if resolved.is_file():
+        return resolved
+    hint = ""
+    if not path.is_absolute() and path.is_file():  # the old rule: relative to the working directory
+        hint = (f"; paths under 'members:' are relative to the experiment file's folder "
+                f"({exp_path.parent}), so write {os.path.relpath(path, exp_path.parent)}")
+    raise ConfigError(f"{where}: member config {resolved} not found{hint}")
+
+
+def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+    """Read, override (`KEY=VALUE`, dotted from the top level) and validate an experiment and every
+    member config it lists. Raises `ConfigError` naming the file, line and key."""
+    from members.member import load_member_config
+
+    path = Path(path)
+    data = apply_overrides(load_yaml(path), list(overrides))
+    cfg = from_dict(ExperimentConfig, data)
+    where = f"{path}, line {getattr(data, 'lines', {}).get('members', '?')}"
+    members: list[MemberEntry] = []
+    seen: dict[str, Path] = {}
+    for raw in cfg.members:
+        member_path = _member_path(raw, path, where)
+        name = load_member_config(member_path).name
+        if not name or "/" in name or name in (".", ".."):
+            raise ConfigError(f"{member_path}: 'name' must be a plain folder name, got {name!r}")
+        if name in seen:
+            raise ConfigError(f"{where}: members {seen[name]} and {member_path} share the name {name!r}")
+        seen[name] = member_path
+        sets = [f"output_dir={Path(cfg.runs_dir) / name}", f"split_dir={Path(cfg.runs_dir) / 'splits'}"]
+        members.append(MemberEntry(member_path, load_member_config(member_path, sets), sets))
+    return Experiment(path, cfg, members)

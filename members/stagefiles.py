@@ -1,0 +1,225 @@
+"""The stage files: the one place that writes, reads and verifies what flows between the stages.
+
+A member writes, per predicted split, into its folder:
+- `preds_<split>.csv`: `name,score` sorted by name (normalised scale, higher = better);
+- `labels_<split>.csv`: `name,ref,mos` (labelled splits only);
+- `preds_<split>.json`, written LAST: timing, device, views, and the manifest of the two files above
+  (`files`: content hashes), of the split list predicted (`split_sha256`), of the heads
+  (`checkpoint_sha256`) and of the member config (`prediction_fingerprint`).
+The ensemble writes `ensemble.json` LAST into its folder; its `manifest` holds the hashes of every
+member file it read, of the split lists, of the experiment's ensemble settings and of its own outputs.
+
+A stage checks the manifest of the stage before it against the files on disk and the current
+experiment, so files from an interrupted run, another run or an older config are refused, with the
+command that rebuilds them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+from members.atomic import atomic_write_bytes, atomic_write_text
+
+_SHOW = 5  # names shown per difference; more would drown the message
+REBUILD_MEMBERS = "make train-members (or make predict-all)"
+REBUILD_ENSEMBLE = "make ensemble"
+
+
+class StageFileError(ValueError):
+    """A stage file is missing, malformed, or does not belong with the others; the message names the
+    file (and line) and the command that rebuilds it."""
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_name(name: str, where: str) -> None:
+    """Names go into comma-separated files unquoted: no commas, line breaks or surrounding spaces."""
+    if not name or "," in name or "\n" in name or "\r" in name or name != name.strip():
+        raise StageFileError(f"{where}: image name {name!r} cannot be written to a name,score file "
+                             "(empty, or holds a comma, a line break or surrounding spaces); rename the image")
+
+
+# ---------------------------------------------------------------------------------------------- CSVs
+def preds_csv(rows: list[tuple[str, float]]) -> str:
+    for name, _ in rows:
+        check_name(name, "predictions")
+    return "name,score\n" + "".join(f"{n},{s:.6f}\n" for n, s in sorted(rows))
+
+
+def labels_csv(rows: list[tuple[str, str, float]]) -> str:
+    for name, ref, _ in rows:
+        check_name(name, "labels")
+        check_name(ref, "labels")
+    return "name,ref,mos\n" + "".join(f"{n},{r},{m!r}\n" for n, r, m in sorted(rows))
+
+
+def _rows(path: Path, header: tuple[str, ...]) -> list[tuple[int, list[str]]]:
+    """(line number, fields) of each data row, after checking the header."""
+    if not path.is_file():
+        raise StageFileError(f"{path}: not found")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise StageFileError(f"{path}: not UTF-8 text ({err})") from None
+    expected = ",".join(header)
+    if not lines or [h.strip() for h in lines[0].split(",")] != list(header):
+        raise StageFileError(f"{path}, line 1: expected header '{expected}', got "
+                             f"{repr(lines[0]) if lines else 'an empty file'}")
+    rows = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != len(header) or not fields[0]:
+            raise StageFileError(f"{path}, line {number}: expected '{expected}', got {line!r}")
+        rows.append((number, fields))
+    if not rows:
+        raise StageFileError(f"{path}: no data rows after the header")
+    return rows
+
+
+def _number(text: str, path: Path, number: int, column: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise StageFileError(f"{path}, line {number}: {column} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise StageFileError(f"{path}, line {number}: {column} is {text!r}; it must be finite")
+    return value
+
+
+def _unique(name: str, seen: dict[str, int], path: Path, number: int) -> None:
+    if name in seen:
+        raise StageFileError(f"{path}, line {number}: name {name!r} repeats line {seen[name]}")
+    seen[name] = number
+
+
+def read_preds(path: Path) -> dict[str, float]:
+    """`name,score` file -> {name: score}."""
+    seen: dict[str, int] = {}
+    out = {}
+    for number, (name, score) in _rows(Path(path), ("name", "score")):
+        _unique(name, seen, path, number)
+        out[name] = _number(score, path, number, "score")
+    return out
+
+
+def read_labels(path: Path) -> dict[str, tuple[str, float]]:
+    """`name,ref,mos` file -> {name: (ref, mos)}."""
+    seen: dict[str, int] = {}
+    out = {}
+    for number, (name, ref, mos) in _rows(Path(path), ("name", "ref", "mos")):
+        _unique(name, seen, path, number)
+        if not ref:
+            raise StageFileError(f"{path}, line {number}: empty ref")
+        out[name] = (ref, _number(mos, path, number, "mos"))
+    return out
+
+
+def read_json(path: Path, rebuild: str) -> dict:
+    if not path.is_file():
+        raise StageFileError(f"{path}: not found; run {rebuild}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise StageFileError(f"{path}: not UTF-8 text; run {rebuild}") from None
+    except json.JSONDecodeError as err:
+        raise StageFileError(f"{path}, line {err.lineno}: invalid JSON ({err.msg}); run {rebuild}") from None
+    if not isinstance(data, dict):
+        raise StageFileError(f"{path}: expected a JSON object; run {rebuild}")
+    return data
+
+
+# ----------------------------------------------------------------------------------- member outputs
+def write_member_split(out: Path, split: str, rows: list[tuple[str, float]],
+                       labels: list[tuple[str, str, float]] | None, meta: dict) -> None:
+    """Write a member's predictions (and labels) for `split`, then `preds_<split>.json` with their
+    hashes: the json is the split's manifest, so a reader never pairs it with files of another run."""
+    out = Path(out)
+    files = {f"preds_{split}.csv": preds_csv(rows)}
+    if labels is not None:
+        files[f"labels_{split}.csv"] = labels_csv(labels)
+    stale = out / f"labels_{split}.csv"
+    if labels is None and stale.exists():
+        stale.unlink()  # an unlabelled run must not leave an older run's labels beside its predictions
+    (out / f"preds_{split}.json").unlink(missing_ok=True)  # files and manifest never disagree, even if killed
+    for name, text in files.items():
+        atomic_write_text(out / name, text)
+    manifest = {**meta, "split": split, "files": {n: hashlib.sha256(t.encode()).hexdigest() for n, t in files.items()}}
+    atomic_write_text(out / f"preds_{split}.json", json.dumps(manifest, indent=2) + "\n")
+
+
+def read_member_meta(member_dir: Path, split: str) -> dict:
+    """A member's `preds_<split>.json`, verified against the files it lists."""
+    path = Path(member_dir) / f"preds_{split}.json"
+    meta = read_json(path, REBUILD_MEMBERS)
+    files = meta.get("files")
+    if not isinstance(files, dict) or f"preds_{split}.csv" not in files:
+        raise StageFileError(f"{path}: no manifest of its files (written by an older kit or by hand); "
+                             f"run {REBUILD_MEMBERS}")
+    if not isinstance(meta.get("higher_is_better"), bool):
+        raise StageFileError(f"{path}: expected a boolean 'higher_is_better'; run {REBUILD_MEMBERS}")
+    for name, digest in files.items():
+        file = path.parent / name
+        if not file.is_file():
+            raise StageFileError(f"{file}: missing, but {path.name} lists it; run {REBUILD_MEMBERS}")
+        if sha256_file(file) != digest:
+            raise StageFileError(f"{file}: changed since {path.name} was written (edited, or a prediction run "
+                                 f"was interrupted); run {REBUILD_MEMBERS}")
+    return meta
+
+
+# ---------------------------------------------------------------------------------- ensemble outputs
+def write_stage_outputs(out_dir: Path, files: dict[str, str | bytes], manifest_name: str, manifest: dict) -> None:
+    """Write a stage's files, then its manifest (`manifest_name`, JSON) with their hashes, last. The old
+    manifest is removed first, so a run killed half-way leaves no manifest that vouches for a mix."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / manifest_name).unlink(missing_ok=True)
+    digests = {}
+    for name, payload in files.items():
+        data = payload.encode("utf-8") if isinstance(payload, str) else payload
+        atomic_write_bytes(out_dir / name, data)
+        digests[name] = hashlib.sha256(data).hexdigest()
+    manifest = {**manifest, "manifest": {**manifest.get("manifest", {}), "outputs": digests}}
+    atomic_write_text(out_dir / manifest_name, json.dumps(manifest, indent=2) + "\n")
+
+
+def read_stage_outputs(out_dir: Path, manifest_name: str, needed: list[str], rebuild: str) -> dict:
+    """A stage's manifest, after checking that every file it vouches for (and every `needed` one) is
+    on disk with the content it recorded."""
+    path = Path(out_dir) / manifest_name
+    data = read_json(path, rebuild)
+    outputs = data.get("manifest", {}).get("outputs") if isinstance(data.get("manifest"), dict) else None
+    if not isinstance(outputs, dict):
+        raise StageFileError(f"{path}: no manifest of its outputs (written by an older kit); run {rebuild}")
+    for name in needed:
+        if name not in outputs:
+            raise StageFileError(f"{path}: does not list {name}; run {rebuild}")
+    for name, digest in outputs.items():
+        file = path.parent / name
+        if not file.is_file() or sha256_file(file) != digest:
+            raise StageFileError(f"{file}: {'missing' if not file.is_file() else 'changed'} since {path.name} was "
+                                 f"written (an interrupted run, or edited by hand); run {rebuild}")
+    return data
+
+
+def name_difference(path: Path, names: set[str], ref_path: Path, ref_names: set[str]) -> str | None:
+    """'path vs ref_path: N missing (e.g. ...) M extra (e.g. ...)', or None when equal."""
+    missing, extra = sorted(ref_names - names), sorted(names - ref_names)
+    if not missing and not extra:
+        return None
+    parts = [f"{path} vs {ref_path}:"]
+    if missing:
+        parts.append(f"{len(missing)} name(s) missing (e.g. {', '.join(missing[:_SHOW])})")
+    if extra:
+        parts.append(f"{len(extra)} extra name(s) (e.g. {', '.join(extra[:_SHOW])})")
+    return " ".join(parts)
