@@ -136,6 +136,7 @@ def load_members(exp: Experiment) -> MemberData:
                              [(f"preds_{split}.json", sha256_file(m.out / f"preds_{split}.json")),
                               *metas[m.name, split]["files"].items()]} for m in exp.members},
         "splits": {split: sha256_file(exp.split_dir / f"{split}.csv") for split in SPLITS},
+        "member_configs": {m.name: prediction_fingerprint(m.config) for m in exp.members},
     }
     return MemberData(
         members=exp.member_names, dirs=dirs, val_names=val_names,

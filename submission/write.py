@@ -22,6 +22,7 @@ from typing import Any
 
 from members.atomic import atomic_path
 from members.data import read_split
+from members.member import prediction_fingerprint
 from members.schema import Experiment
 from members.stagefiles import (REBUILD_ENSEMBLE, REBUILD_MEMBERS, StageFileError, read_json, read_preds,
                                 read_stage_outputs, sha256_file)
@@ -155,6 +156,12 @@ def verify_ensemble(exp: Experiment, needed: list[str]) -> dict:
             current = exp.runs_dir / name / file
             if name in exp.member_names and (not current.is_file() or sha256_file(current) != digest):
                 problems.append(f"{current} changed since the ensemble was fitted")
+    configs = manifest.get("inputs", {}).get("member_configs", {})
+    for m in exp.members:
+        if m.name in configs and configs[m.name] != prediction_fingerprint(m.config):
+            problems.append(f"the config of member {m.name} ({m.path}) changed since the ensemble was fitted "
+                            f"(config hash {configs[m.name]} -> {prediction_fingerprint(m.config)}); "
+                            f"run make train-members first")
     for split, digest in manifest.get("inputs", {}).get("splits", {}).items():
         current = exp.split_dir / f"{split}.csv"
         if not current.is_file() or sha256_file(current) != digest:

@@ -211,6 +211,8 @@ def test_check_order_catches_ties():
 
 
 def test_non_negative_fits_fall_back_to_equal_weights_when_no_member_helps():
+    # Inside one CV fold a fit must still return weights; run_ensemble refuses such members as a whole
+    # (tests/test_ensemble_signed.py), and the fold's out-of-fold score shows the failure.
     rng = np.random.default_rng(0)
     y = rng.normal(size=60)
     x = np.column_stack([-y + 0.1 * rng.normal(size=60), -y + 0.2 * rng.normal(size=60)])  # both anti-correlated

@@ -17,11 +17,11 @@ from members.config import ConfigError
 from submission.__main__ import main as submission_main
 from submission.check import check_zip, main as check_main, names_in_dir, read_names_file
 from submission.readme import CPU, EXTRA_DATA, FIELDS, ReadmeInfo, format_readme, parse_readme
+from members.schema import load_experiment
+from members.stagefiles import sha256_file, write_stage_outputs
 from submission.write import (
     SubmissionInputError,
     SubmissionInvalidError,
-    SubmissionConfig,
-    load_experiment,
     write_submission,
 )
 
@@ -299,23 +299,37 @@ def _meta(name: str, seconds: float, device: str, pretrained: bool) -> dict:
     }
 
 
-def make_runs(tmp_path: Path, metas: list[dict], scores: list[str] | None = None) -> tuple[Path, list[str], Path]:
-    """A synthetic `<runs_dir>/ensemble/` and an experiment config pointing at it."""
+def make_runs(tmp_path: Path, metas: list[dict], scores: list[str] | None = None,
+              split_names: list[str] | None = None) -> tuple[Path, list[str], Path]:
+    """A synthetic experiment (member configs, test split list) whose `<runs_dir>/ensemble/` holds an
+    ensemble's files and manifest as the ensemble stage writes them; returns (runs, names, config)."""
     runs = tmp_path / "runs"
-    ensemble = runs / "ensemble"
-    ensemble.mkdir(parents=True)
     names = [f"A{ref:04d}_10_{k:02d}.bmp" for ref in (3, 1) for k in (5, 0, 2, 1, 4, 3)]  # unsorted on purpose
     if scores is None:
         scores = [f"{s:.9f}" for s in np.random.default_rng(0).normal(size=len(names))]
-    (ensemble / "preds_test.csv").write_text("name,score\n" + "".join(f"{n},{s}\n" for n, s in zip(names, scores)))
+    for m in metas:
+        (tmp_path / f"{m['member']}.yaml").write_text(f"name: {m['member']}\n")
+    config = tmp_path / "exp.yaml"
+    members = json.dumps([f"{m['member']}.yaml" for m in metas])
+    config.write_text(f"name: t\nruns_dir: {runs}\nmembers: {members}\nensemble: {{}}\nsubmission: {{}}\n")
+    split = runs / "splits" / "test.csv"
+    split.parent.mkdir(parents=True)
+    split.write_text("name,dis,ref,ref_id,mos,source\n" + "".join(
+        f"{n},dis/{n},ref/{n[:5]}.bmp,{n[:5]},,t\n" for n in sorted(split_names or names)))
+    exp = load_experiment(config)
     doc = {
         "members": [{"name": m["member"], "dir": str(runs / m["member"]), "test_meta": m} for m in metas],
         "method": "nnls", "weights": {m["member"]: w for m, w in zip(metas, (0.7, 0.3))},
+        "manifest": {"experiment": str(config), "ensemble_fingerprint": exp.ensemble_fingerprint(),
+                     "inputs": {"members": {m["member"]: {} for m in metas}, "splits": {"test": sha256_file(split)}}},
     }
-    (ensemble / "ensemble.json").write_text(json.dumps(doc, indent=1))
-    config = tmp_path / "exp.yaml"
-    config.write_text(f"name: t\nruns_dir: {runs}\nmembers: []\nensemble: {{}}\nsubmission: {{}}\n")
+    preds = "name,score\n" + "".join(f"{n},{s}\n" for n, s in zip(names, scores))
+    write_stage_outputs(exp.out_dir, {"preds_test.csv": preds}, "ensemble.json", doc)
     return runs, names, config
+
+
+def submit(config: Path, *sets: str) -> tuple[Path, object]:
+    return write_submission(load_experiment(config, list(sets)))
 
 
 TWO = [("a", 0.031, "cuda", True), ("b", 0.5, "cpu", False)]
@@ -346,7 +360,7 @@ def test_writer_end_to_end(tmp_path: Path, members: list, cpu: int, extra: int) 
     assert "2 AHIQ" in info.description and "'nnls'" in info.description and "a=0.7" in info.description
     report = check_zip(out, names)
     assert report.ok and report.warnings == []
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "submission.zip"]
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits", "submission.zip"]
 
 
 def test_writer_description_override_and_test_dir(tmp_path: Path) -> None:
@@ -357,64 +371,132 @@ def test_writer_description_override_and_test_dir(tmp_path: Path) -> None:
         (test_dir / name).write_bytes(b"BM")
     assert names_in_dir(test_dir) == sorted(names)
     out = tmp_path / "sub" / "final.zip"
-    cfg = SubmissionConfig(out=str(out), description="My method.", test_dir=str(test_dir))
-    written, report = write_submission(runs, cfg)
+    written, report = submit(config, f"submission.out={out}", "submission.description=My method.",
+                             f"submission.test_dir={test_dir}")
     assert written == out and report.ok
     with zipfile.ZipFile(out) as archive:
         assert "Other description : My method.\n" in archive.read("readme.txt").decode()
 
 
 def test_writer_rejects_names_mismatch_and_keeps_old_zip(tmp_path: Path) -> None:
-    runs, names, _ = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    runs, names, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
     out = runs / "submission.zip"
     out.write_bytes(b"previous")
     names_path = tmp_path / "names.txt"
     names_path.write_text("\n".join(names[1:] + ["A0009_10_00.bmp"]))
     with pytest.raises(SubmissionInvalidError) as err:
-        write_submission(runs, SubmissionConfig(names_file=str(names_path)))
+        submit(config, f"submission.names_file={names_path}")
     assert "A0009_10_00.bmp" in str(err.value) and names[0] in str(err.value)
     assert out.read_bytes() == b"previous"
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "submission.zip"]
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits", "submission.zip"]
 
 
 def test_writer_missing_ensemble_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
     (runs / "ensemble/ensemble.json").unlink()
-    with pytest.raises(SubmissionInputError, match=r"ensemble\.json: not found"):
-        write_submission(runs, SubmissionConfig())
+    with pytest.raises(SubmissionInputError, match=r"ensemble\.json: not found; run make ensemble"):
+        submit(config)
     assert submission_main(["-c", str(config)]) == 2
     assert "ensemble.json: not found" in capsys.readouterr().err
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble"]
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits"]
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "abc"])
 def test_writer_rejects_non_finite_prediction(tmp_path: Path, bad: str) -> None:
     scores = [f"{0.1 * i:.6f}" for i in range(12)]
     scores[1] = bad
-    runs, names, _ = make_runs(tmp_path, [_meta(*m) for m in TWO], scores)
-    with pytest.raises(SubmissionInputError, match=rf"preds_test\.csv line 3: score '{bad}' for {names[1]}"):
-        write_submission(runs, SubmissionConfig())
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble"]
+    runs, names, config = make_runs(tmp_path, [_meta(*m) for m in TWO], scores)
+    with pytest.raises(SubmissionInputError, match=rf"preds_test\.csv, line 3: score (is )?'{bad}'"):
+        submit(config)
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits"]
 
 
 def test_writer_rejects_constant_prediction(tmp_path: Path) -> None:
-    runs, _, _ = make_runs(tmp_path, [_meta(*m) for m in TWO], ["0.5"] * 12)
+    runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO], ["0.5"] * 12)
     with pytest.raises(SubmissionInvalidError, match="all 12 scores are equal"):
-        write_submission(runs, SubmissionConfig())
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble"]
+        submit(config)
+    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits"]
 
 
 def test_writer_rejects_bad_member_meta(tmp_path: Path) -> None:
     meta = _meta("a", 0.1, "tpu", True)
-    runs, _, _ = make_runs(tmp_path, [meta, _meta("b", 0.1, "cpu", True)])
+    _, _, config = make_runs(tmp_path, [meta, _meta("b", 0.1, "cpu", True)])
     with pytest.raises(SubmissionInputError, match=r"'members\[0\]\.test_meta\.device' must be 'cpu' or 'cuda'"):
-        write_submission(runs, SubmissionConfig())
+        submit(config)
 
 
-def test_config_section(tmp_path: Path) -> None:
+def test_config_section(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
-    runs_dir, cfg = load_experiment(config, ["submission.out=/x/s.zip"])
-    assert runs_dir == runs and cfg.out == "/x/s.zip" and cfg.description is None
-    config.write_text(f"runs_dir: {runs}\nsubmission:\n  out: a.zip\n  outt: b.zip\n")
-    with pytest.raises(ConfigError, match=r"line 4: 'submission\.outt' unknown key"):
+    exp = load_experiment(config, ["submission.out=/x/s.zip"])
+    assert exp.runs_dir == runs and exp.submission.out == "/x/s.zip" and exp.submission.description is None
+    assert exp.zip_path("test") == Path("/x/s.zip")
+    # --set has one meaning everywhere: a key that is not in the schema is an error, not ignored
+    assert submission_main(["-c", str(config), "--set", f"out={tmp_path / 'x.zip'}"]) == 2
+    assert "'out' unknown key" in capsys.readouterr().err and not (tmp_path / "x.zip").exists()
+    config.write_text(config.read_text().replace("submission: {}", "submission:\n  out: a.zip\n  outt: b.zip"))
+    with pytest.raises(ConfigError, match=r"line 7: 'submission\.outt' unknown key"):
         load_experiment(config)
+
+
+# ------------------------------------------------------ the ensemble's files must belong together
+
+def test_interrupted_ensemble_run_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """kill -9 of the ensemble stage after it replaced preds_test.csv but before ensemble.json:
+    the old manifest no longer vouches for the file, so no zip is built."""
+    runs, names, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    preds = runs / "ensemble" / "preds_test.csv"
+    preds.write_text("name,score\n" + "".join(f"{n},{i}.5\n" for i, n in enumerate(names)))  # another run's
+    assert submission_main(["-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert str(preds) in err and "changed since ensemble.json was written" in err and "make ensemble" in err
+    assert not (runs / "submission.zip").exists()
+
+
+def test_killed_ensemble_run_left_no_manifest(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun of the ensemble stage killed after its first file: the old manifest is gone, so the
+    mix of old and new files is never vouched for."""
+    import members.stagefiles as stagefiles
+
+    runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    written = []
+
+    def write_then_die(path: Path, data: bytes) -> None:
+        if written:
+            raise KeyboardInterrupt  # stands for the kill: nothing after this point runs
+        written.append(path)
+        path.write_bytes(data)
+
+    monkeypatch.setattr(stagefiles, "atomic_write_bytes", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        stagefiles.write_stage_outputs(runs / "ensemble", {"preds_test.csv": "name,score\nA0001_10_00.bmp,1\n",
+                                                           "report.md": "x"}, "ensemble.json", {})
+    monkeypatch.undo()
+    assert written == [runs / "ensemble" / "preds_test.csv"]
+    assert submission_main(["-c", str(config)]) == 2
+    assert "ensemble.json: not found; run make ensemble" in capsys.readouterr().err
+
+
+def test_members_the_ensemble_did_not_use_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    (tmp_path / "c.yaml").write_text("name: c\n")
+    config.write_text(config.read_text().replace('"b.yaml"]', '"b.yaml", "c.yaml"]'))
+    assert submission_main(["-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "the ensemble used ['a', 'b']" in err and "make ensemble" in err
+    assert not (runs / "submission.zip").exists()
+
+
+def test_changed_ensemble_settings_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    assert submission_main(["-c", str(config), "--set", "ensemble.folds=3"]) == 2
+    assert "ensemble: section" in capsys.readouterr().err
+
+
+def test_names_checked_against_the_predicted_test_split(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """No test_dir: a row missing from preds_test.csv is caught against the members' test split list."""
+    names = [f"A{ref:04d}_10_{k:02d}.bmp" for ref in (3, 1) for k in (5, 0, 2, 1, 4, 3)]
+    runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO], split_names=names + ["A0007_10_00.bmp"])
+    assert submission_main(["-c", str(config)]) == 1
+    assert "A0007_10_00.bmp" in capsys.readouterr().out
+    assert not (runs / "submission.zip").exists()
