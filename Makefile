@@ -11,6 +11,8 @@ GPUS_PER_MEMBER ?= 1
 CPU_PROCS ?= 2
 # shared: predict all members together after training (members.predict_all); each: one by one.
 PREDICT ?= shared
+# test: the final test-phase zip; valid: the development-phase zip of the NTIRE validation folder.
+PHASE ?= test
 
 .PHONY: help install test demo demo-data weights train-members predict-all ensemble submit bench clean-demo
 
@@ -43,8 +45,8 @@ predict-all: $(STAMP)  ## re-predict EXPERIMENT's trained members at once, shari
 ensemble: $(STAMP)  ## fit the ensemble of EXPERIMENT's members (grouped CV) and write its report
 	$(PY) -m ensemble -c $(EXPERIMENT)
 
-submit: $(STAMP)  ## write and check EXPERIMENT's submission zip
-	$(PY) -m submission -c $(EXPERIMENT)
+submit: $(STAMP)  ## write and check EXPERIMENT's submission zip (PHASE=valid: the development-phase zip)
+	$(PY) -m submission -c $(EXPERIMENT) --phase $(PHASE)
 
 demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 	$(MAKE) --no-print-directory demo-data

@@ -27,9 +27,11 @@ from members.index import (DataError, Pair, check_pairs, check_unique, load_rgb,
 from members.views import AugmentConfig, ViewConfig, apply_view, count_views, make_views, random_view
 
 __all__ = ["DataConfig", "DataError", "EvalPairs", "LabelStats", "Pair", "TrainPairs", "check_pairs",
-           "load_rgb", "prepare_splits", "read_split", "SPLITS"]
+           "load_rgb", "prepare_splits", "read_split", "SPLITS", "VALID"]
 
 SPLITS = ("train", "val", "test")
+# The NTIRE validation folder, predicted for the development-phase leaderboard whenever it exists.
+VALID = "valid"
 SPLIT_COLUMNS = ["name", "dis", "ref", "ref_id", "mos", "source"]
 # Fields that do not change which images land in which split; changing them keeps the split dir valid.
 NOT_FINGERPRINTED = ("upscale_small",)
@@ -164,12 +166,14 @@ def build_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
             val = _labelled_or_folder(root, cfg.valid_labels, cfg.valid_dis, cfg.valid_ref, "validation")
         test = _labelled_or_folder(root, cfg.test_labels, cfg.test_dis, cfg.test_ref, "test")
         splits = {"train": train, "val": val, "test": test}
+        if (root / cfg.valid_dis).is_dir() and (root / cfg.valid_ref).is_dir():
+            splits[VALID] = _labelled_or_folder(root, cfg.valid_labels, cfg.valid_dis, cfg.valid_ref, "validation")
     for split, pairs in splits.items():
         if not pairs:
             raise DataError(f"{cfg.root or '.'}: the {split} split is empty (too few reference images "
                             "for the fractions, or an empty folder)")
         check_unique(pairs, f"{split} split")
-    return {s: sorted(splits[s], key=lambda p: p.name) for s in SPLITS}
+    return {s: sorted(pairs, key=lambda p: p.name) for s, pairs in splits.items()}
 
 
 def _fingerprinted(cfg: DataConfig) -> dict:
@@ -251,7 +255,7 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
                             f"or delete {split_dir}")
     splits = build_splits(cfg)
     content = content_fingerprint(splits)
-    if saved.get("content") == content and all((split_dir / f"{s}.csv").is_file() for s in SPLITS):
+    if saved.get("content") == content and all((split_dir / f"{s}.csv").is_file() for s in splits):
         return splits
     if saved:
         print(f"{split_dir}: the data changed since these split lists were written; rewriting them "
@@ -259,6 +263,8 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
     marker.unlink(missing_ok=True)  # the lists below and the marker never disagree, even if killed
     for split, pairs in splits.items():
         atomic_write_text(split_dir / f"{split}.csv", _split_csv(pairs))
+    if VALID not in splits:
+        (split_dir / f"{VALID}.csv").unlink(missing_ok=True)  # the folder is gone: so is its list
     LabelStats.from_pairs(splits["train"], cfg.higher_is_better).save(split_dir / "label_stats.json")
     counts = {s: {"images": len(p), "references": len({x.ref_id for x in p}),
                   "labelled": all(x.mos is not None for x in p)} for s, p in splits.items()}

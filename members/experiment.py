@@ -26,11 +26,11 @@ from typing import Any
 
 from members.cli import run_main, shim_command
 from members.config import ConfigError
-from members.member import MemberConfig, StaleMemberError, check_member_folder, prediction_fingerprint, prepare_member_data
+from members.member import (MemberConfig, StaleMemberError, check_member_folder, prediction_fingerprint,
+                            prediction_splits, prepare_member_data)
 from members.schema import MemberEntry, load_experiment
 from members.stagefiles import StageFileError, read_member_meta, sha256_file
 
-PRED_SPLITS = ("val", "test")
 
 
 def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> list[str]:
@@ -45,13 +45,13 @@ def needs_training(cfg: MemberConfig) -> bool:
     return not (cfg.out / "done.json").is_file()
 
 
-def needs_prediction(cfg: MemberConfig, splits: tuple[str, ...] = PRED_SPLITS) -> bool:
+def needs_prediction(cfg: MemberConfig) -> bool:
     """Training still to run, or a split's predictions missing, damaged, or made from other heads,
     another split list or another config (their preds_<split>.json records all three)."""
     if needs_training(cfg):
         return True
     best = cfg.out / "best.pth"
-    for split in splits:
+    for split in prediction_splits(cfg):
         try:
             meta = read_member_meta(cfg.out, split)
         except StageFileError:
@@ -72,7 +72,7 @@ def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
     if needs_training(cfg):
         jobs.append(("members.train", ["-c", member_path, *sets]))
     if predict and needs_prediction(cfg):
-        jobs.append(("members.predict", ["-c", member_path, "--split", *PRED_SPLITS, *sets]))
+        jobs.append(("members.predict", ["-c", member_path, "--split", *prediction_splits(cfg), *sets]))
     return jobs
 
 

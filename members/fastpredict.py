@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from members.checkpoint import load_heads_into
 from members.config import to_dict
 from members.grouped import GroupedHeads, prepare_model
-from members.member import MemberConfig, prepare_member_data
+from members.member import MemberConfig, prediction_splits, prepare_member_data
 from members.model import AHIQ, build_model
 from members.predict import checkpoint_for, prediction_meta, write_predictions
 from members.refdata import RefGroupPairs
@@ -174,7 +174,7 @@ def _device(opts: FastOptions) -> torch.device:
     return torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def predict_members(cfgs: list[MemberConfig], splits_to_run: list[str], opts: FastOptions | None = None,
+def predict_members(cfgs: list[MemberConfig], splits_to_run: list[str] | None, opts: FastOptions | None = None,
                     checkpoints: dict[str, str] | None = None, progress: bool = True) -> dict[str, dict]:
     """Predict every member on `splits_to_run`, sharing backbones within groups; writes each member's
     `preds_<split>.csv/.json` (and `labels_<split>.csv`) like `members.predict`. Returns the metas by
@@ -188,7 +188,7 @@ def predict_members(cfgs: list[MemberConfig], splits_to_run: list[str], opts: Fa
         lead = group[0]
         scorer = SharedScorer(build_group(group, [ckpts[c.name] for c in group]), device,
                               precision_of(lead, opts), opts.channels_last, opts.compile, opts.max_crops)
-        for split in splits_to_run:
+        for split in splits_to_run or prediction_splits(lead):  # grouped members share the split dir
             pairs = data[lead.name][split]
             dataset = RefGroupPairs(pairs, lead.model.crop, lead.predict.views, None,
                                     chunk=(opts.batch_size or lead.predict.batch_size) if opts.reuse_reference else 1,

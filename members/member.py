@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from members.config import apply_overrides, atomic_write_text, from_dict, read_yaml_with_base, to_dict
-from members.data import SPLITS, DataConfig, LabelStats, Pair, check_pairs, prepare_splits, splits_content
+from members.data import VALID, DataConfig, LabelStats, Pair, check_pairs, prepare_splits, splits_content
 from members.model import ModelConfig
 from members.views import AugmentConfig, ViewConfig
 
@@ -148,10 +148,16 @@ def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], Label
     except (OSError, ValueError, AttributeError):
         checked = None
     if checked is None or checked != content:  # checked for other data (or never): check again
-        for split in SPLITS:
-            check_pairs(splits[split], cfg.model.crop, cfg.data.upscale_small, str(split_dir / f"{split}.csv"))
-        atomic_write_text(marker, json.dumps({"content": content, **{s: len(splits[s]) for s in SPLITS}}) + "\n")
+        for split, pairs in splits.items():
+            check_pairs(pairs, cfg.model.crop, cfg.data.upscale_small, str(split_dir / f"{split}.csv"))
+        atomic_write_text(marker, json.dumps({"content": content, **{s: len(p) for s, p in splits.items()}}) + "\n")
     return splits, stats
+
+
+def prediction_splits(cfg: MemberConfig) -> tuple[str, ...]:
+    """The splits a member predicts for the later stages: val (to fit the ensemble), test, and the
+    NTIRE validation folder when the data has one (the development-phase leaderboard)."""
+    return ("val", "test", VALID) if (Path(cfg.split_dir) / f"{VALID}.csv").is_file() else ("val", "test")
 
 
 class StaleMemberError(ValueError):

@@ -27,7 +27,8 @@ from members.backbones import WeightsError
 from members.checkpoint import CheckpointError
 from members.cli import run_main
 from members.data import EvalPairs, Pair
-from members.member import MemberConfig, load_member_config, prediction_fingerprint, prepare_member_data
+from members.member import (MemberConfig, load_member_config, prediction_fingerprint, prediction_splits,
+                            prepare_member_data)
 from members.model import build_model
 from members.stagefiles import sha256_file, write_member_split
 from members.views import describe
@@ -91,13 +92,13 @@ def checkpoint_for(cfg: MemberConfig, checkpoint: str | None) -> str:
                             f"and model.init_from is not set (train first, or pass --checkpoint)")
 
 
-def predict(cfg: MemberConfig, splits_to_run: list[str], checkpoint: str | None = None,
+def predict(cfg: MemberConfig, splits_to_run: list[str] | None, checkpoint: str | None = None,
             batch_size: int | None = None) -> None:
     accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
     splits, stats = prepare_member_data(cfg)
     model_cfg = dataclasses.replace(cfg.model, init_from=checkpoint_for(cfg, checkpoint))
     model = accelerator.prepare(build_model(model_cfg))
-    for split in splits_to_run:
+    for split in splits_to_run or prediction_splits(cfg):
         pairs = splits[split]
         dataset = EvalPairs(pairs, cfg.model.crop, cfg.predict.views, stats, upscale_small=cfg.data.upscale_small)
         loader = accelerator.prepare(DataLoader(
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="members.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="member YAML config")
-    parser.add_argument("--split", nargs="+", default=["val", "test"], choices=["train", "val", "test"])
+    parser.add_argument("--split", nargs="+", default=None, choices=["train", "val", "test", "valid"],
+                        help="splits to predict (default: val, test, and valid when the data has the NTIRE "
+                             "validation folder)")
     parser.add_argument("--checkpoint", default=None,
                         help="heads file (default: <output_dir>/best.pth, else model.init_from)")
     parser.add_argument("--batch-size", type=int, default=None, help="pairs per batch (default: predict.batch_size)")

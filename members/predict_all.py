@@ -17,7 +17,6 @@ from members.backbones import WeightsError
 from members.checkpoint import CheckpointError
 from members.cli import run_main
 from members.config import ConfigError
-from members.experiment import PRED_SPLITS
 from members.schema import load_experiment
 from members.fastpredict import PRECISIONS, FastOptions, predict_members
 
@@ -26,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="members.predict_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="experiment YAML (e.g. configs/demo.yaml)")
-    parser.add_argument("--split", nargs="+", default=list(PRED_SPLITS), choices=["train", "val", "test"])
+    parser.add_argument("--split", nargs="+", default=None, choices=["train", "val", "test", "valid"],
+                        help="splits to predict (default: val, test, and valid when the data has the NTIRE "
+                             "validation folder)")
     parser.add_argument("--only", nargs="+", default=None, metavar="NAME", help="predict only these members")
     parser.add_argument("--precision", default="member", choices=["member", *PRECISIONS],
                         help="autocast dtype (default: each member's train.mixed_precision)")
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = FastOptions(precision=args.precision, channels_last=args.channels_last, compile=args.compile,
                            batch_size=args.batch_size, max_crops=args.max_crops, num_workers=args.num_workers,
                            reuse_reference=not args.no_reuse, device=args.device)
-        predict_members(cfgs, args.split, opts)
+        predict_members(cfgs, args.split, opts)  # None: each member's prediction_splits
     except (ValueError, FileNotFoundError, CheckpointError, WeightsError) as err:  # bad input: no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -32,10 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         help="override an experiment key, dotted from the top level, e.g. --set submission.out=/tmp/sub.zip "
              "(repeatable; values parsed as YAML)",
     )
+    parser.add_argument("--phase", default="test", choices=["test", "valid"],
+                        help="test: the final test-phase zip (default); valid: the development-phase zip of the "
+                             "NTIRE validation folder (<out>_valid.zip)")
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.config, args.set)
-        out, report = write_submission(exp)
+        out, report = write_submission(exp, args.phase)
     except SubmissionInvalidError as err:
         print_report(err.report, "submission (not written)")
         return 1

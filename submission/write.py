@@ -23,7 +23,7 @@ from typing import Any
 from members.atomic import atomic_path
 from members.data import read_split
 from members.member import prediction_fingerprint
-from members.schema import Experiment
+from members.schema import PHASES, Experiment
 from members.stagefiles import (REBUILD_ENSEMBLE, REBUILD_MEMBERS, StageFileError, read_json, read_preds,
                                 read_stage_outputs, sha256_file)
 from submission.check import OUTPUT, README, Report, check_zip, names_in_dir, read_names_file
@@ -217,21 +217,31 @@ def format_output(rows: list[tuple[str, float]]) -> str:
     return "".join(f"{name},{score:.6f}\n" for name, score in sorted(rows))
 
 
-def write_submission(exp: Experiment) -> tuple[Path, Report]:
-    """Write the checked zip; return its path and the checker's report (warnings only)."""
+def write_submission(exp: Experiment, phase: str = "test") -> tuple[Path, Report]:
+    """Write the checked zip of `phase` ("test", or "valid": the development-phase leaderboard on the
+    NTIRE validation folder); return its path and the checker's report (warnings only)."""
+    if phase not in PHASES:
+        raise SubmissionInputError(f"phase {phase!r}: expected one of {', '.join(PHASES)}")
     config = exp.submission
-    verify_ensemble(exp, ["preds_test.csv"])
+    preds = f"preds_{phase}.csv"
+    if phase == "valid" and not (exp.split_dir / "valid.csv").is_file():
+        raise SubmissionInputError(f"{exp.split_dir / 'valid.csv'}: no validation split; the data has no NTIRE "
+                                   "validation folder (data.valid_dis / data.valid_ref), or run make train-members "
+                                   "after adding it")
+    verify_ensemble(exp, [preds])
     ensemble = load_ensemble(exp.out_dir / "ensemble.json")
-    rows = read_predictions(exp.out_dir / "preds_test.csv")
-    if config.test_dir is not None:
+    rows = read_predictions(exp.out_dir / preds)
+    if phase == "test" and config.test_dir is not None:
         names = names_in_dir(config.test_dir)
-    elif config.names_file is not None:
+    elif phase == "test" and config.names_file is not None:
         names = read_names_file(config.names_file)
+    elif phase == "valid" and config.valid_dir is not None:
+        names = names_in_dir(config.valid_dir)
     else:  # never the file's own rows: a missing row must be caught
-        names = split_names(exp, "test")
+        names = split_names(exp, phase)
     files = {OUTPUT: format_output(rows), README: format_readme(readme_info(ensemble, config.description))}
 
-    out = exp.zip_path("test")
+    out = exp.zip_path(phase)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:  # removed, and `out` untouched, if anything below fails
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
