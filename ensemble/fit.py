@@ -72,6 +72,7 @@ class EnsembleResult:
     calibration: dict
     oof: np.ndarray
     test: np.ndarray
+    valid: np.ndarray | None  # the NTIRE validation folder (development phase), when the members predicted it
     ridge_alpha: float | None  # the ridge refit's alpha (configured or chosen by inner CV); None without ridge
     refs_per_fold: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -146,9 +147,9 @@ def _check_members_direction(data: MemberData, signed: list[float]) -> list[str]
         raise EnsembleInputError(f"every member ranks the validation images backwards (signed PLCC + SRCC: "
                                  f"{listed}); {_direction_hint(data)}: check 'higher_is_better' in each "
                                  "member's preds_test.json and its labels_val.csv")
-    return [f"warning: member {n} ranks the validation images backwards (signed PLCC + SRCC {s:+.3f}); it "
-            f"gets weight 0. Check 'higher_is_better' in {d / 'preds_test.json'} and the MOS in "
-            f"{d / 'labels_val.csv'}: {_direction_hint(data)}"
+    return [f"warning: member {n} ranks the validation images backwards (signed PLCC + SRCC {s:+.3f}) and gets "
+            f"weight 0; member scores must be higher-is-better: check 'higher_is_better' in "
+            f"{d / 'preds_test.json'} and the MOS in {d / 'labels_val.csv'}"
             for n, d, s in zip(data.members, data.dirs, signed) if s <= 0]
 
 
@@ -192,6 +193,11 @@ def run_ensemble(data: MemberData, cfg: EnsembleConfig, progress: bool = False) 
     calibration = fit_calibration(cfg.calibration, val_pred, data.mos)
     test_out = apply_calibration(calibration, test_pred)
     check_order(test_pred, test_out, "test")
+    valid_out = None
+    if data.x_valid is not None:
+        valid_pred = method.combine(standardise(data.x_valid, mean, std), weights)
+        valid_out = apply_calibration(calibration, valid_pred)
+        check_order(valid_pred, valid_out, "valid")
     oof_out = apply_calibration(calibration, results[chosen].oof)
     check_order(results[chosen].oof, oof_out, "out-of-fold validation")
     ridge_alpha = None
@@ -201,5 +207,5 @@ def run_ensemble(data: MemberData, cfg: EnsembleConfig, progress: bool = False) 
                        else choose_ridge_alpha(x_val[:, sane], y, data.refs))
     return EnsembleResult(mean=mean, std=std, member_metrics=member_metrics, methods=results, best=best,
                           chosen=chosen, paired=paired, reason=reason, calibration=calibration,
-                          oof=oof_out, test=test_out, ridge_alpha=ridge_alpha,
+                          oof=oof_out, test=test_out, valid=valid_out, ridge_alpha=ridge_alpha,
                           refs_per_fold=n_refs / cfg.folds, warnings=warnings)

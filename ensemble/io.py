@@ -21,6 +21,7 @@ from members.stagefiles import (REBUILD_MEMBERS, StageFileError, name_difference
                                 read_preds, sha256_file)
 
 SPLITS = ("val", "test")
+VALID = "valid"  # predicted too when the experiment's split lists include the NTIRE validation folder
 _SHOW = 5
 
 
@@ -43,15 +44,17 @@ class MemberData:
     test_meta: list[dict]
     higher_is_better: bool
     inputs: dict = field(default_factory=dict)  # the hashes of every file read: the ensemble's manifest
+    valid_names: list[str] | None = None  # the NTIRE validation folder, when the members predicted it
+    x_valid: np.ndarray | None = None
 
 
-def _stale(exp: Experiment, metas: dict[tuple[str, str], dict]) -> list[str]:
+def _stale(exp: Experiment, metas: dict[tuple[str, str], dict], splits: tuple[str, ...]) -> list[str]:
     """Members whose predictions were not made from the experiment's current splits, heads and config."""
     problems = []
     for m in exp.members:
         best = m.out / "best.pth"
         best_sha = sha256_file(best) if best.is_file() else None
-        for split in SPLITS:
+        for split in splits:
             meta, where = metas[m.name, split], m.out / f"preds_{split}.json"
             split_list = exp.split_dir / f"{split}.csv"
             if not split_list.is_file():
@@ -94,9 +97,10 @@ def _check_constant(scores: np.ndarray, path: Path) -> None:
 def load_members(exp: Experiment) -> MemberData:
     """Read, verify and cross-check the files of the experiment's members."""
     dirs = [m.out for m in exp.members]
+    splits = SPLITS + ((VALID,) if (exp.split_dir / f"{VALID}.csv").is_file() else ())
     metas, problems = {}, []
     for m in exp.members:
-        for split in SPLITS:
+        for split in splits:
             try:
                 metas[m.name, split] = read_member_meta(m.out, split)
             except StageFileError as err:
@@ -104,7 +108,7 @@ def load_members(exp: Experiment) -> MemberData:
         if (m.name, "val") in metas and f"labels_val.csv" not in metas[m.name, "val"]["files"]:
             problems.append(f"{m.out / 'preds_val.json'}: the val split was predicted without labels")
     if not problems:
-        problems = _stale(exp, metas)
+        problems = _stale(exp, metas, splits)
     if problems:
         raise EnsembleInputError(f"member files that cannot be used (rebuild them with {REBUILD_MEMBERS}):\n  "
                                  + "\n  ".join(problems))
@@ -131,15 +135,28 @@ def load_members(exp: Experiment) -> MemberData:
         _check_constant(x_test[:, j], d / "preds_test.csv")
     mos = np.array([labels[0][n][1] for n in val_names])
     _check_constant(mos, dirs[0] / "labels_val.csv")
+    valid_names = x_valid = None
+    if VALID in splits:
+        try:
+            valid = [read_preds(d / f"preds_{VALID}.csv") for d in dirs]
+        except StageFileError as err:
+            raise EnsembleInputError(str(err)) from None
+        differ = [p for p in (name_difference(d / f"preds_{VALID}.csv", set(v), dirs[0] / f"preds_{VALID}.csv",
+                                              set(valid[0])) for d, v in zip(dirs[1:], valid[1:])) if p]
+        if differ:
+            raise EnsembleInputError("members do not cover the same images:\n  " + "\n  ".join(differ))
+        valid_names = sorted(valid[0])
+        x_valid = np.array([[v[n] for v in valid] for n in valid_names], dtype=np.float64)
     inputs = {
-        "members": {m.name: {name: digest for split in SPLITS for name, digest in
+        "members": {m.name: {name: digest for split in splits for name, digest in
                              [(f"preds_{split}.json", sha256_file(m.out / f"preds_{split}.json")),
                               *metas[m.name, split]["files"].items()]} for m in exp.members},
-        "splits": {split: sha256_file(exp.split_dir / f"{split}.csv") for split in SPLITS},
+        "splits": {split: sha256_file(exp.split_dir / f"{split}.csv") for split in splits},
         "member_configs": {m.name: prediction_fingerprint(m.config) for m in exp.members},
     }
     return MemberData(
         members=exp.member_names, dirs=dirs, val_names=val_names,
         refs=np.array([labels[0][n][0] for n in val_names]), mos=mos, x_val=x_val,
         test_names=test_names, x_test=x_test, test_meta=test_meta, higher_is_better=hib.pop(), inputs=inputs,
+        valid_names=valid_names, x_valid=x_valid,
     )

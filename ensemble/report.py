@@ -173,6 +173,7 @@ def render(exp: Experiment, data: MemberData, result: EnsembleResult) -> dict[st
     return {
         "preds_val.csv": preds_csv(data.val_names, result.oof),
         "preds_test.csv": preds_csv(data.test_names, result.test),
+        **({"preds_valid.csv": preds_csv(data.valid_names, result.valid)} if result.valid is not None else {}),
         "report.md": report_markdown(exp, data, result),
         **plots(data, result),
     }

@@ -1,0 +1,13 @@
+"""AHIQ members: model, data, training, prediction; `from members import Scorer` scores your own pairs."""
+from __future__ import annotations
+
+__all__ = ["Scorer"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import members.config` (the submission checker, the ensemble) must not pull in torch.
+    if name == "Scorer":
+        from members.scorer import Scorer
+
+        return Scorer
+    raise AttributeError(f"module 'members' has no attribute {name!r}")

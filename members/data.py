@@ -217,6 +217,9 @@ def read_split(path: Path) -> list[Pair]:
     return pairs
 
 
+TRAINING_SPLITS = ("train", "val")  # what training reads; test and valid only feed predictions
+
+
 def content_fingerprint(splits: dict[str, list[Pair]]) -> str:
     """Hash of the data the splits were built from: every list (names, paths, MOS) and the size of
     every image, so an edited score or a fixed image file changes it (mtimes are left out: copying a
@@ -255,11 +258,11 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
                             f"or delete {split_dir}")
     splits = build_splits(cfg)
     content = content_fingerprint(splits)
-    if saved.get("content") == content and all((split_dir / f"{s}.csv").is_file() for s in splits):
+    if (saved.get("content") == content and "training_content" in saved
+            and all((split_dir / f"{s}.csv").is_file() for s in splits)):
         return splits
     if saved:
-        print(f"{split_dir}: the data changed since these split lists were written; rewriting them "
-              "(members trained on the old lists will be reported as stale)", flush=True)
+        print(f"{split_dir}: the data changed since these split lists were written; rewriting them", flush=True)
     marker.unlink(missing_ok=True)  # the lists below and the marker never disagree, even if killed
     for split, pairs in splits.items():
         atomic_write_text(split_dir / f"{split}.csv", _split_csv(pairs))
@@ -268,16 +271,19 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
     LabelStats.from_pairs(splits["train"], cfg.higher_is_better).save(split_dir / "label_stats.json")
     counts = {s: {"images": len(p), "references": len({x.ref_id for x in p}),
                   "labelled": all(x.mos is not None for x in p)} for s, p in splits.items()}
-    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "content": content, "data": data,
-                                          "counts": counts}, indent=2) + "\n")
+    training = content_fingerprint({s: splits[s] for s in TRAINING_SPLITS})
+    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "content": content,
+                                          "training_content": training, "data": data, "counts": counts},
+                                         indent=2) + "\n")
     return splits
 
 
-def splits_content(split_dir: Path) -> str | None:
-    """The content fingerprint recorded in `split_dir/splits.json` (None when there is none)."""
+def splits_content(split_dir: Path, key: str = "content") -> str | None:
+    """A content fingerprint recorded in `split_dir/splits.json`: "content" (every list) or
+    "training_content" (the lists training reads); None when there is none."""
     try:
-        return json.loads((Path(split_dir) / "splits.json").read_text(encoding="utf-8")).get("content")
-    except (OSError, ValueError):
+        return json.loads((Path(split_dir) / "splits.json").read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
         return None
 
 

@@ -8,16 +8,18 @@ The mapping is monotone in both measures, so within one distortion type a strong
 always gets a lower label; the noise (sd 10) is small next to the gap between the levels used.
 
 References are square, non-overlapping crops of photos that ship inside the scikit-image wheel
-(no download), resized to `size` px. Train and test references come from different photos.
-Seven distortion types (train group = type), each with four increasing levels: train uses levels
-1 and 3 (k = 00, 01), the unlabelled test split uses levels 2 and 4 (k = 2 * type + 0 or 1), so the
-same test k is the same method for every test reference, as in NTIRE.
+(no download), resized to `size` px. Train, validation and test references come from different
+photos. Seven distortion types (train group = type), each with four increasing levels: train uses
+levels 1 and 3 (k = 00, 01); the unlabelled validation and test splits use levels 2 and 4
+(k = 2 * type + 0 or 1), so the same k is the same method for every reference, as in NTIRE.
 
 Layout written under `--out` (as PIPAL ships it, plus two demo-only items):
     Train_Ref/A0001.bmp                  Distortion_1..4/A0001_00_00.bmp (blocks of references)
     Train_Label/A0001.txt                lines `A0001_00_00.bmp,1520.0648`
+    NTIRE2022_FR_Valid_Ref/A0020.bmp     NTIRE2022_FR_Valid_Dis/A0020_10_00.bmp  (development phase)
     NTIRE2022_FR_Testing_Ref/A0015.bmp   NTIRE2022_FR_Testing_Dis/A0015_10_00.bmp
-    demo_test_labels/A0015.txt           NOT part of the real layout: hidden proxy labels of the test
+    demo_valid_labels/A0020.txt          NOT part of the real layout: hidden proxy labels of the
+    demo_test_labels/A0015.txt           validation and test images (NTIRE never released them)
     README.txt, demo_data.json           description; parameters, written last as completion marker
 
 Usage: python -m members.demo_data --out data/demo [--size 80] [--seed 0]
@@ -44,11 +46,11 @@ from tqdm import tqdm
 from members.atomic import atomic_write_text
 from members.cli import run_main
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds the validation folder
 MARKER = "demo_data.json"
 TEST_GROUP = 10
 TRAIN_LEVELS = (0, 2)  # indices into Distortion.levels; test uses the in-between and the extreme
-TEST_LEVELS = (1, 3)
+TEST_LEVELS = (1, 3)  # also the validation levels: NTIRE uses one method list for both
 N_DISTORTION_FOLDERS = 4
 LABEL_NOISE_SD = 10.0
 
@@ -117,6 +119,14 @@ DISTORTIONS: tuple[Distortion, ...] = (
 # (photo loader, number of crops). Only photos bundled in the wheel: no pooch, no network.
 TRAIN_PHOTOS = (("astronaut", 4), ("coffee", 4), ("chelsea", 3), ("rocket", 3))
 TEST_PHOTOS = (("motorcycle_left", 3), ("immunohistochemistry", 2))
+VALID_PHOTOS = (("retina", 2), ("hubble_deep_field", 2))
+# Split -> (photos, reference folder, distorted folder, label folder). Reference ids are given in
+# this order, so adding the validation split last left the train and test images unchanged.
+SPLITS = {
+    "train": (TRAIN_PHOTOS, "Train_Ref", "", "Train_Label"),
+    "test": (TEST_PHOTOS, "NTIRE2022_FR_Testing_Ref", "NTIRE2022_FR_Testing_Dis", "demo_test_labels"),
+    "valid": (VALID_PHOTOS, "NTIRE2022_FR_Valid_Ref", "NTIRE2022_FR_Valid_Dis", "demo_valid_labels"),
+}
 _CORNERS = ((0, 0), (1, 1), (0, 1), (1, 0))  # order of crops: opposite corners first
 
 
@@ -166,7 +176,7 @@ class Item:
 
 
 def plan_items(ref_id: int, split: str) -> list[Item]:
-    """Distorted images of one reference: train `A_tt_jj` (group = type), test `A_10_kk`."""
+    """Distorted images of one reference: train `A_tt_jj` (group = type), valid and test `A_10_kk`."""
     levels = TRAIN_LEVELS if split == "train" else TEST_LEVELS
     items = []
     for t in range(len(DISTORTIONS)):
@@ -202,34 +212,32 @@ def params(size: int, seed: int) -> dict:
 
 def generate(root: Path, size: int, seed: int, progress: bool = False) -> dict[str, int]:
     """Write the whole dataset into the existing empty folder `root`; returns image counts."""
-    dirs = ["Train_Ref", "NTIRE2022_FR_Testing_Ref", "NTIRE2022_FR_Testing_Dis"]
+    dirs = [d for _, ref_dir, dis_dir, _ in SPLITS.values() for d in (ref_dir, dis_dir) if d]
     dirs += [f"Distortion_{i}" for i in range(1, N_DISTORTION_FOLDERS + 1)]
     refs: list[tuple[int, str, np.ndarray]] = []
-    for split, photos in (("train", TRAIN_PHOTOS), ("test", TEST_PHOTOS)):
+    for split, (photos, *_) in SPLITS.items():
         for photo, n in photos:
             for crop in photo_crops(_load_photo(photo), n, size):
                 refs.append((len(refs) + 1, split, crop))
     n_train = sum(split == "train" for _, split, _ in refs)
     for d in dirs:
         (root / d).mkdir()
-    labels: dict[str, dict[int, list[tuple[str, float]]]] = {"train": {}, "test": {}}
-    counts = {"train_refs": n_train, "test_refs": len(refs) - n_train, "train_images": 0, "test_images": 0}
+    labels: dict[str, dict[int, list[tuple[str, float]]]] = {split: {} for split in SPLITS}
+    counts = {f"{split}_{what}": 0 for split in SPLITS for what in ("refs", "images")}
     for ref_id, split, ref in tqdm(refs, desc="demo data", unit="ref", disable=not progress):
-        if split == "train":
-            _save_bmp(root / "Train_Ref" / f"A{ref_id:04d}.bmp", ref)
-            # PIPAL ships its distorted train images in four folders; readers must search all four.
-            dis_dir = root / f"Distortion_{(ref_id - 1) * N_DISTORTION_FOLDERS // n_train + 1}"
-        else:
-            _save_bmp(root / "NTIRE2022_FR_Testing_Ref" / f"A{ref_id:04d}.bmp", ref)
-            dis_dir = root / "NTIRE2022_FR_Testing_Dis"
+        _, ref_dir, dis_dir, _ = SPLITS[split]
+        _save_bmp(root / ref_dir / f"A{ref_id:04d}.bmp", ref)
+        # PIPAL ships its distorted train images in four folders; readers must search all four.
+        dis_dir = dis_dir or f"Distortion_{(ref_id - 1) * N_DISTORTION_FOLDERS // n_train + 1}"
         rows = labels[split].setdefault(ref_id, [])
         for item in plan_items(ref_id, split):
             dis, mos = make_distorted(ref, item, seed)
-            _save_bmp(dis_dir / item.name, dis)
+            _save_bmp(root / dis_dir / item.name, dis)
             rows.append((item.name, mos))
+        counts[f"{split}_refs"] += 1
         counts[f"{split}_images"] += len(rows)
-    _write_labels(root / "Train_Label", labels["train"])
-    _write_labels(root / "demo_test_labels", labels["test"])
+    for split, (*_, label_dir) in SPLITS.items():
+        _write_labels(root / label_dir, labels[split])
     (root / "README.txt").write_text(_readme(size, seed, counts), encoding="utf-8", newline="\n")
     return counts
 
@@ -237,12 +245,12 @@ def generate(root: Path, size: int, seed: int, progress: bool = False) -> dict[s
 def _readme(size: int, seed: int, counts: dict[str, int]) -> str:
     table = "\n".join(
         f"  {d.name:<20} train {t:02d}_00={d.levels[TRAIN_LEVELS[0]]:<5g} {t:02d}_01={d.levels[TRAIN_LEVELS[1]]:<5g}"
-        f" test 10_{2 * t:02d}={d.levels[TEST_LEVELS[0]]:<5g} 10_{2 * t + 1:02d}={d.levels[TEST_LEVELS[1]]:g}"
+        f" valid/test 10_{2 * t:02d}={d.levels[TEST_LEVELS[0]]:<5g} 10_{2 * t + 1:02d}={d.levels[TEST_LEVELS[1]]:g}"
         for t, d in enumerate(DISTORTIONS)
     )
     return f"""Demo dataset in the PIPAL / NTIRE 2022 FR layout, made by `python -m members.demo_data`
 (size {size} px, seed {seed}): {counts['train_refs']} train references ({counts['train_images']} distorted images),
-{counts['test_refs']} test references ({counts['test_images']} distorted images), 8-bit RGB BMP.
+{counts['valid_refs']} validation references ({counts['valid_images']}), {counts['test_refs']} test references ({counts['test_images']}), 8-bit RGB BMP.
 
 THE LABELS ARE SYNTHETIC PROXIES, NOT HUMAN OPINIONS. They are a monotone function of two
 full-reference measures plus a little seeded noise:
@@ -250,15 +258,18 @@ full-reference measures plus a little seeded noise:
 A model trained on them learns to imitate SSIM/PSNR, not human perception. Use this data only to
 demonstrate and test the pipeline.
 
-References: square crops of photos bundled with scikit-image; train and test use different photos.
-Distortion_1..4 mirror PIPAL's four folders; here each holds a contiguous block of train references.
-Distortion levels by name
-suffix (train group = type; test group 10, where the same k is the same method for every reference):
+References: square crops of photos bundled with scikit-image; train, validation and test use
+different photos. Distortion_1..4 mirror PIPAL's four folders; here each holds a contiguous block of
+train references. NTIRE2022_FR_Valid_* is the development-phase folder (its leaderboard scored it),
+NTIRE2022_FR_Testing_* the test-phase folder; both are unlabelled, as in NTIRE. Distortion levels by
+name suffix (train group = type; validation and test group 10, where the same k is the same method
+for every reference):
 {table}
 
-demo_test_labels/ is NOT part of the real NTIRE layout (the real test labels were never released):
-it holds the hidden proxy labels of the test images, in Train_Label format, so a demo can report
-test correlations. demo_data.json is written last and marks the dataset as complete.
+demo_valid_labels/ and demo_test_labels/ are NOT part of the real NTIRE layout (the real labels
+were never released): they hold the hidden proxy labels of the validation and test images, in
+Train_Label format, so a demo can report their correlations. demo_data.json is written last and
+marks the dataset as complete.
 """
 
 

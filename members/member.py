@@ -169,7 +169,8 @@ RECORD = "fingerprint.json"
 
 def write_training_record(cfg: MemberConfig) -> None:
     """Record, at the start of training, what the heads in this folder are trained from."""
-    record = {"training_fingerprint": training_fingerprint(cfg), "splits_content": splits_content(Path(cfg.split_dir))}
+    record = {"training_fingerprint": training_fingerprint(cfg),
+              "splits_content": splits_content(Path(cfg.split_dir), "training_content")}
     atomic_write_text(cfg.out / RECORD, json.dumps(record, indent=2) + "\n")
 
 
@@ -187,7 +188,7 @@ def check_member_folder(cfg: MemberConfig) -> None:
     what = []
     if saved_cfg != training_fingerprint(cfg):
         what.append(f"its config changed since training (config hash {saved_cfg} -> {training_fingerprint(cfg)})")
-    current = splits_content(Path(cfg.split_dir))
+    current = splits_content(Path(cfg.split_dir), "training_content")
     if saved_splits != current:
         what.append(f"the split lists changed since training (data fingerprint {saved_splits} -> {current}: "
                     "edited labels or images)")

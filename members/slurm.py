@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -178,10 +179,11 @@ class StageJob:
             from submitit.helpers import DelayedSubmission
         except ImportError:
             raise ClusterError(INSTALL) from None
-        if self._proc is not None:
-            from members.experiment import stop
-
-            stop(self._proc)
+        if self._proc is not None:  # kill only: waiting here, inside __call__'s wait, would deadlock
+            try:
+                os.killpg(self._proc.pid, signal.SIGKILL)  # spawn gave it its own session
+            except ProcessLookupError:
+                pass
         self._proc, self.attempt = None, self.attempt + 1
         return DelayedSubmission(self)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from members.atomic import atomic_write_bytes, atomic_write_text
 
 _SHOW = 5  # names shown per difference; more would drown the message
+SCORE_DECIMALS = 6  # scores are written with %.6f; the ensemble fits on the written values
 REBUILD_MEMBERS = "make train-members (or make predict-all)"
 REBUILD_ENSEMBLE = "make ensemble"
 
@@ -51,7 +52,7 @@ def check_name(name: str, where: str) -> None:
 def preds_csv(rows: list[tuple[str, float]]) -> str:
     for name, _ in rows:
         check_name(name, "predictions")
-    return "name,score\n" + "".join(f"{n},{s:.6f}\n" for n, s in sorted(rows))
+    return "name,score\n" + "".join(f"{n},{s:.{SCORE_DECIMALS}f}\n" for n, s in sorted(rows))
 
 
 def labels_csv(rows: list[tuple[str, str, float]]) -> str:

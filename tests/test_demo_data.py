@@ -13,11 +13,15 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from members import demo_data
+from members.data import DataConfig, build_splits
 from members.demo_data import MARKER, DemoDataError, build, main, proxy_quality
 
 TRAIN_DIS = [f"Distortion_{i}" for i in range(1, 5)]
 TRAIN_NAME = re.compile(r"^A\d{4}_0[0-6]_\d{2}\.bmp$")
 TEST_NAME = re.compile(r"^A\d{4}_10_\d{2}\.bmp$")
+# (labels, distorted folders) of every split; the validation and test labels are the hidden ones.
+LABELLED = (("Train_Label", TRAIN_DIS), ("demo_valid_labels", ["NTIRE2022_FR_Valid_Dis"]),
+            ("demo_test_labels", ["NTIRE2022_FR_Testing_Dis"]))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +55,8 @@ def names_in(root: Path, folders: list[str]) -> dict[str, Path]:
 def test_layout_and_names(demo: Path) -> None:
     top = {p.name for p in demo.iterdir()}
     assert top == {"Train_Ref", "Train_Label", *TRAIN_DIS, "NTIRE2022_FR_Testing_Ref",
-                   "NTIRE2022_FR_Testing_Dis", "demo_test_labels", "README.txt", MARKER}
+                   "NTIRE2022_FR_Testing_Dis", "demo_test_labels", "NTIRE2022_FR_Valid_Ref",
+                   "NTIRE2022_FR_Valid_Dis", "demo_valid_labels", "README.txt", MARKER}
     train = names_in(demo, TRAIN_DIS)
     assert 12 * 8 <= len(train) and all(TRAIN_NAME.match(n) for n in train)
     assert all((demo / "Train_Ref" / f"{n[:5]}.bmp").is_file() for n in train)
@@ -75,8 +80,41 @@ def test_layout_and_names(demo: Path) -> None:
     assert not set(ks_of_ref) & set(folder_of_ref), "test references must differ from train ones"
 
 
+def test_validation_folder_is_ntire_like_and_disjoint(demo: Path) -> None:
+    # The development-phase folder: group 10, the test's k list, its own references and photos.
+    valid = names_in(demo, ["NTIRE2022_FR_Valid_Dis"])
+    test = names_in(demo, ["NTIRE2022_FR_Testing_Dis"])
+    assert valid and all(TEST_NAME.match(n) for n in valid)
+    valid_refs = {p.stem for p in (demo / "NTIRE2022_FR_Valid_Ref").iterdir()}
+    assert valid_refs == {n[:5] for n in valid}
+    ks_of_ref = defaultdict(set)
+    for name in valid:
+        ks_of_ref[name[:5]].add(name[9:11])
+    assert 3 <= len(ks_of_ref) <= 6
+    assert set(ks_of_ref.values()) == {frozenset(n[9:11] for n in test)}, "valid and test must share the k list"
+    others = {p.stem for d in ("Train_Ref", "NTIRE2022_FR_Testing_Ref") for p in (demo / d).iterdir()}
+    assert not valid_refs & others
+    # Other photos, not other crops of the same ones: no validation reference resembles another one.
+    def pixels(path: Path) -> np.ndarray:
+        return np.asarray(Image.open(path), dtype=np.float64)
+    for v in sorted((demo / "NTIRE2022_FR_Valid_Ref").iterdir()):
+        for d in ("Train_Ref", "NTIRE2022_FR_Testing_Ref"):
+            for o in (demo / d).iterdir():
+                assert np.abs(pixels(v).mean((0, 1)) - pixels(o).mean((0, 1))).max() > 1.0, (v.name, o.name)
+
+
+def test_validation_split_is_read_unlabelled_or_with_its_hidden_labels(demo: Path) -> None:
+    # As NTIRE ships it the folder has no labels; the demo's hidden ones load like valid_labels would.
+    hidden = build_splits(DataConfig(root=str(demo), val_source="ntire_valid", valid_labels="demo_valid_labels"))
+    plain = build_splits(DataConfig(root=str(demo), val_source="ntire_valid"))
+    assert [p.name for p in hidden["val"]] == [p.name for p in plain["val"]] == sorted(
+        names_in(demo, ["NTIRE2022_FR_Valid_Dis"]))
+    assert all(p.mos is None for p in plain["val"]) and all(p.mos is not None for p in hidden["val"])
+    assert len(hidden["train"]) == len(names_in(demo, TRAIN_DIS)), "ntire_valid keeps every train reference"
+
+
 def test_labels_cover_exactly_the_images(demo: Path) -> None:
-    for label_dir, folders in (("Train_Label", TRAIN_DIS), ("demo_test_labels", ["NTIRE2022_FR_Testing_Dis"])):
+    for label_dir, folders in LABELLED:
         labels = read_labels(demo / label_dir)
         assert set(labels) == set(names_in(demo, folders))
         scores = np.array(list(labels.values()))
@@ -87,9 +125,9 @@ def test_labels_cover_exactly_the_images(demo: Path) -> None:
 
 
 def test_stronger_level_gets_lower_label(demo: Path) -> None:
-    # Train: within group (= type) k 01 is the stronger level; test: k = 2 * type + (0 mild, 1 strong).
+    # Train: within group (= type) k 01 is the stronger level; valid and test: k = 2 * type + (0 mild, 1 strong).
     train = read_labels(demo / "Train_Label")
-    test = read_labels(demo / "demo_test_labels")
+    test = {**read_labels(demo / "demo_test_labels"), **read_labels(demo / "demo_valid_labels")}
     pairs = [(n, n[:9] + "01.bmp") for n in train if n.endswith("_00.bmp")]
     pairs += [(n, f"{n[:9]}{int(n[9:11]) + 1:02d}.bmp") for n in test if int(n[9:11]) % 2 == 0]
     assert len(pairs) == (len(train) + len(test)) // 2
@@ -98,10 +136,14 @@ def test_stronger_level_gets_lower_label(demo: Path) -> None:
         assert both[strong] < both[mild], f"{strong} ({both[strong]}) not below {mild} ({both[mild]})"
 
 
-def test_labels_follow_the_full_reference_measure(demo: Path) -> None:
-    labels = read_labels(demo / "Train_Label")
-    files = names_in(demo, TRAIN_DIS)
-    q = [proxy_quality(np.asarray(Image.open(demo / "Train_Ref" / f"{n[:5]}.bmp")), np.asarray(Image.open(files[n])))
+@pytest.mark.parametrize("labels_dir, folders, ref_dir", [
+    ("Train_Label", TRAIN_DIS, "Train_Ref"),
+    ("demo_valid_labels", ["NTIRE2022_FR_Valid_Dis"], "NTIRE2022_FR_Valid_Ref")])
+def test_labels_follow_the_full_reference_measure(demo: Path, labels_dir: str, folders: list[str],
+                                                  ref_dir: str) -> None:
+    labels = read_labels(demo / labels_dir)
+    files = names_in(demo, folders)
+    q = [proxy_quality(np.asarray(Image.open(demo / ref_dir / f"{n[:5]}.bmp")), np.asarray(Image.open(files[n])))
          for n in labels]
     assert spearmanr(q, list(labels.values())).statistic > 0.95
 
@@ -140,7 +182,7 @@ def test_idempotent_with_marker(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert build(out, size=32) is True
     marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    assert marker["params"] == {"generator": "members.demo_data", "format_version": 1, "size": 32, "seed": 0}
+    assert marker["params"] == {"generator": "members.demo_data", "format_version": 2, "size": 32, "seed": 0}
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert build(out, size=32) is False
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

@@ -1,0 +1,230 @@
+"""Score your own image pairs with a trained member or a fitted ensemble: the kit's Python API.
+
+    from members import Scorer
+    member = Scorer.from_member("runs/ahiq_c/ahiq_p8_s1919")       # or Scorer.from_checkpoint(path, config)
+    ens = Scorer.from_ensemble("runs/ahiq_c")                       # applies ensemble.json
+    ens.score(dis, ref)              # tensors (B,3,H,W) or (3,H,W) in [0,1], PIL images or paths
+    ens.score_pairs([(dis_path, ref_path), ...], batch_size=8, progress=True)
+
+Scores are higher = better. A member's score is on its normalised training scale, exactly what its
+`preds_<split>.csv` holds; an ensemble's is what its `preds_<split>.csv` holds (standardised members
+combined with the fitted weights, then the calibration), so scoring the test images reproduces
+`preds_test.csv`. Scoring runs through the same reference-grouped engine as prediction
+(`members.fastpredict.SharedScorer`), with each member's own crop, test-time views and upscaling rule;
+an image smaller than the crop is an error unless the member was trained with `data.upscale_small`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from members.config import ConfigError, from_dict, load_yaml
+from members.data import DataError, Pair, load_rgb
+from members.fastpredict import FastOptions, SharedScorer, build_group, group_members, precision_of
+from members.index import as_rgb
+from members.member import MemberConfig, load_member_config
+from members.refdata import RefGroupPairs
+from members.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json, read_stage_outputs,
+                                sha256_file)
+from members.views import apply_view, make_views
+
+ImageLike = Union[str, Path, Image.Image, torch.Tensor]
+
+
+class ScorerError(ValueError):
+    """A member or ensemble cannot be loaded, or an input cannot be scored; the message says why."""
+
+
+def _image(x: ImageLike, min_size: int, crop: int, what: str) -> torch.Tensor:
+    """(3, H, W) float in [0, 1], upscaled when a side is below `min_size` (the member's rule)."""
+    if isinstance(x, (str, Path)):
+        if not Path(x).is_file():
+            raise ScorerError(f"{what}: {x} not found")
+        try:
+            img = load_rgb(Path(x), min_size)
+        except DataError as err:
+            raise ScorerError(str(err)) from None
+    elif isinstance(x, Image.Image):
+        try:
+            rgb = as_rgb(x, Path(what))
+        except DataError as err:
+            raise ScorerError(str(err)) from None
+        img = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+        if min(img.shape[1:]) < min_size:
+            img = upscale(img, min_size)
+    elif isinstance(x, torch.Tensor):
+        if x.ndim != 3 or x.shape[0] != 3 or not x.is_floating_point():
+            raise ScorerError(f"{what}: expected a float tensor (3, H, W) in [0, 1], got {tuple(x.shape)} {x.dtype}")
+        if float(x.min()) < 0 or float(x.max()) > 1:
+            raise ScorerError(f"{what}: values must be in [0, 1] (got {float(x.min()):.3g}..{float(x.max()):.3g})")
+        img = x.detach().float().cpu()
+        if min(img.shape[1:]) < min_size:
+            img = upscale(img, min_size)
+    else:
+        raise ScorerError(f"{what}: expected a path, a PIL image or a tensor, got {type(x).__name__}")
+    if min(img.shape[1:]) < crop:
+        raise ScorerError(f"{what}: {tuple(img.shape[1:])} is smaller than the member's {crop}px crop; use larger "
+                          "images, or a member trained with data.upscale_small: true")
+    return img
+
+
+def upscale(img: torch.Tensor, min_size: int) -> torch.Tensor:
+    """The upscaling `load_rgb` applies to small files, for an image already in memory."""
+    pil = Image.fromarray(img.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    scale = min_size / min(pil.size)
+    pil = pil.resize(tuple(max(min_size, round(s * scale)) for s in pil.size), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+
+
+def _as_list(x: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
+    if isinstance(x, torch.Tensor):
+        return list(x) if x.ndim == 4 else [x]
+    if isinstance(x, (str, Path, Image.Image)):
+        return [x]
+    return list(x)
+
+
+class Scorer:
+    """Full-reference quality of (distorted, reference) pairs from one or more members, optionally
+    combined as a fitted ensemble (`combine`: the `ensemble.json` record)."""
+
+    def __init__(self, members: list[tuple[MemberConfig, str]], ensemble: dict | None = None,
+                 device: str = "", precision: str = "member") -> None:
+        self.configs = [cfg for cfg, _ in members]
+        self.checkpoints = {cfg.name: str(ckpt) for cfg, ckpt in members}
+        self.ensemble = ensemble
+        self.opts = FastOptions(precision=precision, device=device)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.groups = []
+        for group in group_members(self.configs, self.opts):
+            models = build_group(group, [self.checkpoints[c.name] for c in group])
+            self.groups.append((group, SharedScorer(models, self.device, precision_of(group[0], self.opts))))
+
+    # ------------------------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, config: str | Path | MemberConfig, **kwargs) -> Scorer:
+        """One member: a heads file and its member config (a YAML path or a MemberConfig)."""
+        cfg = config if isinstance(config, MemberConfig) else load_member_config(config)
+        if not Path(checkpoint).is_file():
+            raise ScorerError(f"{checkpoint}: heads file not found")
+        return cls([(cfg, str(checkpoint))], **kwargs)
+
+    @classmethod
+    def from_member(cls, member_dir: str | Path, **kwargs) -> Scorer:
+        """A trained member folder (its resolved `config.yaml` and `best.pth`)."""
+        member_dir = Path(member_dir)
+        config, best = member_dir / "config.yaml", member_dir / "best.pth"
+        for path in (config, best):
+            if not path.is_file():
+                raise ScorerError(f"{path}: not found; is {member_dir} a trained member folder (make train-members)?")
+        return cls([(_member_config(member_dir), str(best))], **kwargs)
+
+    @classmethod
+    def from_ensemble(cls, path: str | Path, **kwargs) -> Scorer:
+        """A fitted ensemble: its folder (with `ensemble.json`) or the experiment's runs dir. The
+        ensemble's files and the members' heads are checked against the ensemble's manifest."""
+        path = Path(path)
+        folder = path if (path / "ensemble.json").is_file() else path / "ensemble"
+        try:
+            record = read_stage_outputs(folder, "ensemble.json", [], REBUILD_ENSEMBLE)
+        except StageFileError as err:
+            raise ScorerError(str(err)) from None
+        inputs = record["manifest"].get("inputs", {}).get("members", {})
+        members = []
+        for entry in record["members"]:
+            name = entry["name"]
+            member_dir = folder.parent / name if (folder.parent / name).is_dir() else Path(entry["dir"])
+            recorded = inputs.get(name, {}).get("preds_test.json")
+            meta_path = member_dir / "preds_test.json"
+            if not meta_path.is_file() or (recorded and sha256_file(meta_path) != recorded):
+                raise ScorerError(f"{meta_path}: not the member files the ensemble was fitted on; rerun make ensemble")
+            meta = read_json(meta_path, REBUILD_ENSEMBLE)
+            best = member_dir / "best.pth"
+            if not best.is_file() or sha256_file(best) != meta.get("checkpoint_sha256"):
+                raise ScorerError(f"{best}: not the heads the ensemble's predictions were made with; "
+                                  "rerun make train-members and make ensemble")
+            members.append((_member_config(member_dir), str(best)))
+        return cls(members, ensemble=record, **kwargs)
+
+    # ------------------------------------------------------------------------------------ scoring
+    def score(self, dis: ImageLike | Sequence[ImageLike], ref: ImageLike | Sequence[ImageLike]) -> np.ndarray:
+        """Scores of aligned (distorted, reference) images; one per pair."""
+        dis, ref = _as_list(dis), _as_list(ref)
+        if len(dis) != len(ref):
+            raise ScorerError(f"{len(dis)} distorted images but {len(ref)} references")
+        columns = np.zeros((len(dis), len(self.configs)))
+        for group, scorer in self.groups:
+            lead = group[0]
+            items = list(self._items(dis, ref, lead))
+            scores = scorer.score(items, len(dis), reuse_reference=True, progress=False)
+            for cfg, s in zip(group, scores):
+                columns[:, self.configs.index(cfg)] = s
+        return self._combine(columns)
+
+    def score_pairs(self, pairs: Iterable[tuple[str | Path, str | Path]], batch_size: int = 8,
+                    progress: bool = False, num_workers: int = 0) -> np.ndarray:
+        """Scores of (distorted path, reference path) pairs, grouped by reference so that each
+        reference's work is done once; `batch_size` distorted images per step."""
+        pairs = [Pair(Path(d).name, Path(d), Path(r), str(r), None, f"pair {i + 1}") for i, (d, r) in enumerate(pairs)]
+        columns = np.zeros((len(pairs), len(self.configs)))
+        for group, scorer in self.groups:
+            lead = group[0]
+            for p in pairs:
+                for path in (p.dis, p.ref):
+                    if not path.is_file():
+                        raise ScorerError(f"{p.source}: {path} not found")
+            data = RefGroupPairs(pairs, lead.model.crop, lead.predict.views, None, chunk=batch_size,
+                                 upscale_small=lead.data.upscale_small)
+            loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers)
+            try:
+                scores = scorer.score(loader, len(pairs), reuse_reference=True, progress=progress)
+            except (DataError, ValueError) as err:
+                raise ScorerError(str(err)) from None
+            for cfg, s in zip(group, scores):
+                columns[:, self.configs.index(cfg)] = s
+        return self._combine(columns)
+
+    def _items(self, dis: list, ref: list, cfg: MemberConfig):
+        """Reference-grouped items (the engine's input) for images in memory; one pair per item."""
+        min_size = cfg.model.crop if cfg.data.upscale_small else 0
+        for i, (d, r) in enumerate(zip(dis, ref)):
+            r_img = _image(r, min_size, cfg.model.crop, f"reference {i}")
+            d_img = _image(d, min_size, cfg.model.crop, f"distorted image {i}")
+            if d_img.shape != r_img.shape:
+                raise ScorerError(f"pair {i}: distorted {tuple(d_img.shape[1:])} and reference "
+                                  f"{tuple(r_img.shape[1:])} differ in size")
+            views = make_views(r_img.shape[1], r_img.shape[2], cfg.model.crop, cfg.predict.views)
+            yield {"ref_key": f"pair{i}", "index": torch.tensor([i]),
+                   "ref": torch.stack([apply_view(r_img, v, cfg.model.crop) for v in views]),
+                   "dis": torch.stack([apply_view(d_img, v, cfg.model.crop) for v in views])[None]}
+
+    def _combine(self, columns: np.ndarray) -> np.ndarray:
+        """Member columns -> final scores: the member's own, or the ensemble's as its stage computes it
+        from the members' written (6-decimal) scores."""
+        if self.ensemble is None:
+            return columns[:, 0].copy() if columns.shape[1] == 1 else columns
+        from ensemble.calibrate import apply_calibration  # the ensemble's rules, applied as fitted
+        from ensemble.methods import get_method
+
+        record = self.ensemble
+        names = [c.name for c in self.configs]
+        x = np.round(columns, SCORE_DECIMALS)
+        mean = np.array([record["standardisation"][n]["mean"] for n in names])
+        std = np.array([record["standardisation"][n]["std"] for n in names])
+        weights = np.array([record["weights"][n] for n in names])
+        if record["method"] == "rank_mean" and len(x) < 2:
+            raise ScorerError("a rank_mean ensemble ranks scores within the scored set: score several pairs at once")
+        combined = get_method(record["method"]).combine((x - mean) / std, weights)
+        return apply_calibration(record["calibration"], combined)
+
+
+def _member_config(member_dir: Path) -> MemberConfig:
+    try:
+        return from_dict(MemberConfig, load_yaml(member_dir / "config.yaml"))
+    except ConfigError as err:
+        raise ScorerError(str(err)) from None
