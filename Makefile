@@ -11,6 +11,10 @@ GPUS_PER_MEMBER ?= 1
 CPU_PROCS ?= 2
 # shared: predict all members together after training (members.predict_all); each: one by one.
 PREDICT ?= shared
+# local: members on this machine (above); slurm: one SLURM job per member through submitit
+# (members.slurm; `pip install -e .[cluster]`), e.g. SLURM_ARGS="--wait --set cluster.partition=gpu".
+LAUNCHER ?= local
+SLURM_ARGS ?=
 # test: the final test-phase zip; valid: the development-phase zip of the NTIRE validation folder.
 PHASE ?= test
 
@@ -37,7 +41,13 @@ weights: $(STAMP)  ## download the configured backbone weights and the authors' 
 	$(PY) -m members.weights -c $(EXPERIMENT) --out weights
 
 train-members: $(STAMP)  ## train every member of EXPERIMENT (resumable), then predict val and test
+ifeq ($(LAUNCHER),slurm)
+	$(PY) -m members.slurm -c $(EXPERIMENT) $(SLURM_ARGS)
+else ifeq ($(LAUNCHER),local)
 	$(PY) -m members.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS) --predict $(PREDICT)
+else
+	$(error LAUNCHER=$(LAUNCHER): expected local or slurm)
+endif
 
 predict-all: $(STAMP)  ## re-predict EXPERIMENT's trained members at once, sharing backbones and reference work
 	$(PY) -m members.predict_all -c $(EXPERIMENT)

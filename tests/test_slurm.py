@@ -16,10 +16,10 @@ import yaml
 
 from members import demo_data
 from members.checkpoint import read_heads
+from members.cluster import (INSTALL, ClusterConfig, ClusterError, StageJob, accelerate_command, executor,
+                             first_host, sbatch_params)
 from members.config import ConfigError, from_dict, load_yaml
-from members.slurm import INSTALL, ClusterConfig, ClusterError, StageJob, accelerate_command, executor, first_host
 from members.slurm import main as slurm_main
-from members.slurm import sbatch_params
 
 submitit = pytest.importorskip("submitit", reason="submitit missing: pip install -e .[cluster] (requirements.txt has it)")
 

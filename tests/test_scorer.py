@@ -1,0 +1,163 @@
+"""The Python API (`members.Scorer`) and `members.score` on tiny members: scores equal the prediction
+files, every input kind gives the same score, and the ensemble applies `ensemble.json` exactly."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from ensemble.__main__ import main as ensemble_main
+from members import Scorer
+from members.checkpoint import save_heads
+from members.config import dump_yaml, to_dict
+from members.data import read_split
+from members.fastpredict import predict_members
+from members.member import prepare_member_data
+from members.metrics import plcc
+from members.model import build_model
+from members.schema import load_experiment
+from members.score import main as score_main
+from members.scorer import ScorerError
+from members.stagefiles import read_labels, read_preds
+from submission.__main__ import main as submission_main
+
+TOL = 1e-5
+
+
+def _heads(cfg, seed: int, flip: bool):
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    if flip:  # score -> -score: the per-patch score conv is linear in its weights and bias
+        conv = model.regressor.conv[0]
+        conv.weight.data.neg_()
+        conv.bias.data.neg_()
+    save_heads(model, cfg.out / "best.pth", to_dict(cfg.model))
+
+
+@pytest.fixture(scope="module")
+def fitted(member_yaml, tmp_path_factory) -> Path:
+    """Two members with random heads (turned so that both rank the validation images the right way),
+    predicted, and an ensemble fitted on them; returns the experiment config."""
+    root = tmp_path_factory.mktemp("scorer")
+    base = yaml.safe_load(member_yaml.read_text())
+    data = Path(base["data"]["root"])
+    for kind in ("Ref", "Dis"):  # an NTIRE validation folder: the test images stand in for it
+        if not (data / f"NTIRE2022_FR_Valid_{kind}").exists():
+            shutil.copytree(data / f"NTIRE2022_FR_Testing_{kind}", data / f"NTIRE2022_FR_Valid_{kind}")
+    names = []
+    for name, seed in (("sa", 1), ("sb", 2)):
+        (root / f"{name}.yaml").write_text(yaml.safe_dump({**base, "name": name, "seed": seed}))
+        names.append(f"{name}.yaml")
+    exp_path = root / "exp.yaml"
+    exp_path.write_text(yaml.safe_dump({"name": "s", "runs_dir": str(root / "runs"), "members": names,
+                                        "ensemble": {"folds": 3, "n_boot": 50}}))
+    exp = load_experiment(exp_path)
+    for k, m in enumerate(exp.members):
+        prepare_member_data(m.config)
+        m.out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(m.config, m.out / "config.yaml")
+        _heads(m.config, k, flip=False)
+    predict_members([m.config for m in exp.members], None, progress=False)
+    backwards = []
+    for k, m in enumerate(exp.members):
+        preds, labels = read_preds(m.out / "preds_val.csv"), read_labels(m.out / "labels_val.csv")
+        if plcc([preds[n] for n in labels], [labels[n][1] for n in labels]) < 0:
+            _heads(m.config, k, flip=True)
+            backwards.append(m.config)
+    if backwards:
+        predict_members(backwards, None, progress=False)
+    assert ensemble_main(["-c", str(exp_path)]) == 0
+    return exp_path
+
+
+def test_scores_equal_the_prediction_files(fitted):
+    exp = load_experiment(fitted)
+    pairs = read_split(exp.split_dir / "test.csv")
+    member = Scorer.from_member(exp.members[0].out)
+    want = read_preds(exp.members[0].out / "preds_test.csv")
+    got = member.score_pairs([(p.dis, p.ref) for p in pairs], batch_size=3)
+    assert np.abs(got - [want[p.name] for p in pairs]).max() <= TOL
+    ensemble = Scorer.from_ensemble(exp.runs_dir)
+    want = read_preds(exp.out_dir / "preds_test.csv")
+    got = ensemble.score_pairs([(p.dis, p.ref) for p in pairs])
+    assert np.abs(got - [want[p.name] for p in pairs]).max() <= TOL
+    assert np.ptp(got) > 100 * TOL  # the comparison is not between constants
+
+
+def test_every_input_kind_gives_the_same_score(fitted):
+    exp = load_experiment(fitted)
+    pairs = read_split(exp.split_dir / "test.csv")[:4]
+    scorer = Scorer.from_ensemble(exp.out_dir)
+    by_path = scorer.score([str(p.dis) for p in pairs], [p.ref for p in pairs])
+    images = [(Image.open(p.dis).convert("RGB"), Image.open(p.ref).convert("RGB")) for p in pairs]
+    by_pil = scorer.score([d for d, _ in images], [r for _, r in images])
+    as_tensor = [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255 for pair in images for im in pair]
+    by_tensor = scorer.score(torch.stack(as_tensor[0::2]), torch.stack(as_tensor[1::2]))
+    assert np.array_equal(by_path, by_pil) and np.allclose(by_path, by_tensor, atol=1e-6)
+    assert np.allclose(by_path, scorer.score_pairs([(p.dis, p.ref) for p in pairs]), atol=1e-6)
+
+
+def test_bad_inputs_are_clear_errors(fitted, tmp_path):
+    exp = load_experiment(fitted)
+    scorer = Scorer.from_member(exp.members[0].out)
+    small = torch.rand(3, 16, 16)
+    with pytest.raises(ScorerError, match="smaller than the member's 32px crop"):
+        scorer.score(small, small)
+    with pytest.raises(ScorerError, match=r"values must be in \[0, 1\]"):
+        scorer.score(torch.rand(3, 40, 40) * 255, torch.rand(3, 40, 40))
+    with pytest.raises(ScorerError, match="differ in size"):
+        scorer.score(torch.rand(3, 40, 40), torch.rand(3, 48, 40))
+    with pytest.raises(ScorerError, match="config.yaml: not found"):
+        Scorer.from_member(tmp_path)
+
+
+def test_ensemble_refuses_heads_it_was_not_fitted_with(fitted, tmp_path):
+    exp = load_experiment(fitted)
+    copy = tmp_path / "runs"
+    shutil.copytree(exp.runs_dir, copy)
+    _heads(dataclasses.replace(exp.members[0].config, output_dir=str(copy / "sa")), 7, flip=False)  # retrained
+    with pytest.raises(ScorerError, match="not the heads the ensemble's predictions were made with"):
+        Scorer.from_ensemble(copy)
+
+
+def test_cli_scores_a_folder_and_one_pair(fitted, tmp_path, capsys):
+    exp = load_experiment(fitted)
+    data = Path(exp.members[0].config.data.root)
+    out = tmp_path / "scores.csv"
+    assert score_main(["--ensemble", str(exp.runs_dir), "--dis-dir", str(data / "NTIRE2022_FR_Testing_Dis"),
+                       "--ref-dir", str(data / "NTIRE2022_FR_Testing_Ref"), "--out", str(out)]) == 0
+    got = read_preds(out)
+    want = read_preds(exp.out_dir / "preds_test.csv")
+    assert set(got) == set(want) and max(abs(got[n] - want[n]) for n in want) <= 2e-6
+    name = sorted(want)[0]
+    pair = [str(data / "NTIRE2022_FR_Testing_Dis" / name), str(data / "NTIRE2022_FR_Testing_Ref" / f"{name[:5]}.bmp")]
+    capsys.readouterr()
+    assert score_main(["--member", str(exp.members[1].out), *pair]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.split(",")[0] == name
+    assert abs(float(line.split(",")[1]) - read_preds(exp.members[1].out / "preds_test.csv")[name]) <= 2e-6
+    assert score_main(["--member", str(exp.members[1].out), pair[0], str(tmp_path / "nope.bmp")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_validation_phase_zip(fitted):
+    """The members predicted the NTIRE validation folder; the ensemble applies its weights to it and the
+    submission stage writes the development-phase zip, checked against the folder's names."""
+    exp = load_experiment(fitted)
+    valid = read_preds(exp.out_dir / "preds_valid.csv")
+    names = [p.name for p in read_split(exp.split_dir / "valid.csv")]
+    assert sorted(valid) == sorted(names)
+    assert submission_main(["-c", str(fitted), "--phase", "valid"]) == 0
+    with zipfile.ZipFile(exp.zip_path("valid")) as archive:
+        rows = archive.read("output.txt").decode().splitlines()
+    assert [r.split(",")[0] for r in rows] == sorted(names)
+    manifest = json.loads((exp.out_dir / "ensemble.json").read_text())["manifest"]
+    assert "valid" in manifest["inputs"]["splits"] and "preds_valid.csv" in manifest["outputs"]
