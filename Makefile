@@ -18,7 +18,7 @@ SLURM_ARGS ?=
 # test: the final test-phase zip; valid: the development-phase zip of the NTIRE validation folder.
 PHASE ?= test
 
-.PHONY: help install test demo demo-data weights train-members predict-all ensemble submit bench clean-demo
+.PHONY: help install test demo demo-data weights train-members predict-all ensemble submit score bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -62,6 +62,9 @@ demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 	$(MAKE) --no-print-directory demo-data
 	$(MAKE) --no-print-directory train-members ensemble submit EXPERIMENT=$(DEMO)
 	@echo "report: runs/demo/ensemble/report.md  submission: runs/demo/submission.zip"
+
+score: $(STAMP)  ## score your own pairs: make score ARGS="--ensemble runs/demo DIS.png REF.png" (--help lists all)
+	$(PY) -m members.score $(if $(ARGS),$(ARGS),--help)
 
 bench: $(STAMP)  ## speed/memory benchmark of the kit vs the release's way (writes bench/results/)
 	$(PY) -m bench.run --out bench/results

@@ -34,9 +34,13 @@ from members.stagefiles import StageFileError, read_member_meta, sha256_file
 
 
 def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> list[str]:
-    """`accelerate launch` for `python -m module args` on the given number of processes."""
+    """`accelerate launch` for `python -m module args` on the given number of processes.
+
+    Only what this driver decides is passed (one machine, the slot's process count); everything else
+    comes from the user's `accelerate config`. Mixed precision is the member's `train.mixed_precision`,
+    which the training code passes to its Accelerator (an explicit argument wins over the launcher's)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--main_process_port", "0",
-           "--num_processes", str(processes), "--mixed_precision", "no", "--dynamo_backend", "no"]
+           "--num_processes", str(processes)]
     cmd += ["--multi_gpu"] if processes > 1 else (["--cpu"] if cpu else [])
     return cmd + ["-m", module, *args]
 

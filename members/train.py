@@ -135,6 +135,17 @@ def _sweep_states(states: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def flat_config(data: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
+    """A nested config as dotted keys with scalar values (what trackers such as TensorBoard's hparams take)."""
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
+
+
 def _log(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", encoding="utf-8") as f:
@@ -222,7 +233,7 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
             _truncate_log(log_path, progress["step"])
         accelerator.print(f"{cfg.name}: resuming from {latest} (epoch {progress['epoch']}, step {progress['step']})")
     if tc.log_with:
-        accelerator.init_trackers(cfg.name, config={"lr": tc.lr, "batch_size": tc.batch_size, "seed": cfg.seed})
+        accelerator.init_trackers(cfg.name, config=flat_config(to_dict(cfg)))  # trackers get the whole config
 
     step, started = progress["step"], time.time()
     bar = tqdm(total=steps_per_epoch * tc.epochs, initial=step, desc=cfg.name,

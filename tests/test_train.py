@@ -5,7 +5,6 @@ import csv
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import yaml
 
 from members.checkpoint import read_heads
 from members.config import ConfigError
+from members.config import to_dict
 from members.experiment import launch_command
 from members.experiment import main as experiment_main
 from members.member import load_member_config
@@ -151,11 +151,24 @@ def test_member_jobs_follow_done_marker_and_prediction_age(member_yaml, tmp_path
     (cfg.out / "done.json").write_text("{}")
     (cfg.out / "best.pth").write_bytes(b"")
     assert needs_prediction(cfg) and modules(True) == ["members.predict"] and modules(False) == []
-    for split in ("val", "test"):
-        (cfg.out / f"preds_{split}.json").write_text("{}")
+    from members.member import prediction_fingerprint
+    from members.stagefiles import sha256_file, write_member_split
+
+    def predicted() -> None:
+        for split in ("val", "test"):
+            meta = {"higher_is_better": True, "split_sha256": None, "prediction_fingerprint": prediction_fingerprint(cfg),
+                    "checkpoint_sha256": sha256_file(cfg.out / "best.pth")}
+            write_member_split(cfg.out, split, [("a.bmp", 0.5)], None, meta)
+
+    (cfg.out / "preds_val.json").write_text("{}")  # no manifest: not a usable prediction
+    assert needs_prediction(cfg)
+    predicted()
     assert not needs_prediction(cfg) and modules(True) == []
-    os.utime(cfg.out / "best.pth", (time.time() + 10, time.time() + 10))  # retrained after predicting
+    (cfg.out / "best.pth").write_bytes(b"retrained")  # other heads than the predictions were made with
     assert needs_prediction(cfg) and modules(True) == ["members.predict"]
+    predicted()
+    (cfg.out / "preds_test.csv").write_text("name,score\na.bmp,0.7\n")  # edited or torn by a kill
+    assert needs_prediction(cfg)
 
 
 def test_launch_command_picks_the_process_layout():
@@ -163,6 +176,19 @@ def test_launch_command_picks_the_process_layout():
     assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2" and two[-3:] == ["members.train", "-c", "x.yaml"]
     one = launch_command("members.train", [], processes=1, cpu=True)
     assert "--cpu" in one and "--multi_gpu" not in one
+    # the user's `accelerate config` decides the rest: no mixed precision or dynamo forced on every launch
+    assert not {"--mixed_precision", "--dynamo_backend"} & set(two + one)
+
+
+def test_trackers_get_the_whole_config(member_yaml):
+    from members.member import load_member_config
+    from members.train import flat_config
+
+    cfg = load_member_config(member_yaml)
+    flat = flat_config(to_dict(cfg))
+    assert flat["train.lr"] == cfg.train.lr and flat["model.vit"] == cfg.model.vit
+    assert flat["predict.views.kind"] == cfg.predict.views.kind and flat["seed"] == cfg.seed
+    assert all(isinstance(v, (int, float, str, bool)) for v in flat.values())
 
 
 def test_collapsed_validation_counts_as_zero_instead_of_stopping(capsys):
