@@ -96,7 +96,7 @@ def accelerate_command(env: Mapping[str, str], c: ClusterConfig, module: str, ar
             raise ClusterError(f"a {c.nodes}-node member must run in a {c.nodes}-node SLURM job "
                                f"({', '.join(missing) or 'SLURM_JOB_NUM_NODES=' + env['SLURM_JOB_NUM_NODES']})")
         port = c.main_process_port or 20000 + int(env["SLURM_JOB_ID"]) % 20000  # differs between jobs
-        cmd += ["--machine_rank", env.get("SLURM_PROCID", "0"), "--main_process_ip", first_host(env["SLURM_JOB_NODELIST"]),
+        cmd += ["--machine_rank", env["SLURM_NODEID"], "--main_process_ip", first_host(env["SLURM_JOB_NODELIST"]),
                 "--main_process_port", str(port), "--same_network"]
     else:
         cmd += ["--main_process_port", str(c.main_process_port or 0)]  # 0: any free port

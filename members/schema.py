@@ -5,6 +5,7 @@
     members: [members/demo_s1.yaml, ...]
     ensemble: {folds: 3, ...}       # EnsembleConfig
     submission: {test_dir: ...}     # SubmissionConfig
+    cluster: {partition: gpu, ...}  # ClusterConfig (members.cluster): SLURM jobs
 
 `members.experiment`, `members.predict_all`, `ensemble` and `submission` all call `load_experiment`,
 so an unknown key at any level (member configs included) is an error in every stage, with its file and
@@ -24,6 +25,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from members.cluster import ClusterConfig
 from members.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 METHODS = ("mean", "rank_mean", "nnls", "ridge", "greedy")
@@ -107,6 +109,7 @@ class ExperimentConfig:
     members: list[str] = field(default_factory=list)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (members.slurm)
 
     def __post_init__(self) -> None:
         if not self.members:
