@@ -26,9 +26,9 @@ from sklearn.model_selection import GroupKFold
 from tqdm import tqdm
 
 from members import metrics
+from members.schema import EnsembleConfig
 
 from .calibrate import apply_calibration, check_order, fit_calibration
-from members.schema import EnsembleConfig
 from .io import EnsembleInputError, MemberData
 from .methods import Method, choose_ridge_alpha, get_method, sane_members, standardisation, standardise
 

@@ -17,12 +17,14 @@ from matplotlib.figure import Figure
 
 from members.config import to_dict
 from members.schema import Experiment
+from members.stagefiles import read_training_curves
 
 from .fit import WITHIN_CONTENT_REFS, EnsembleResult
 from .io import MemberData
 
 SCATTER_PNG = "oof_scatter.png"
 WEIGHTS_PNG = "weights.png"
+CURVES_PNG = "training_curves.png"
 ESTIMATE_WHAT = ("signed PLCC + SRCC of the chosen method's out-of-fold predictions, pooled over every validation "
                  "image of every reference as the leaderboard pools the test images; interval: 95% bootstrap "
                  "over references")
@@ -133,6 +135,10 @@ def report_markdown(exp: Experiment, data: MemberData, result: EnsembleResult) -
         "",
         f"![member weights]({WEIGHTS_PNG})",
         "",
+        "Training curves (each member's `log.csv`): mean training loss and validation main score per epoch.",
+        "",
+        f"![training curves]({CURVES_PNG})",
+        "",
     ]
     return "\n".join(lines)
 
@@ -164,7 +170,31 @@ def plots(data: MemberData, result: EnsembleResult) -> dict[str, bytes]:
     ax.set_ylabel("weight")
     ax.set_title(f"member weights ({result.chosen})")
     ax.tick_params(axis="x", labelrotation=30)
-    return {SCATTER_PNG: scatter, WEIGHTS_PNG: _png(fig)}
+    return {SCATTER_PNG: scatter, WEIGHTS_PNG: _png(fig), CURVES_PNG: training_curves(data)}
+
+
+def training_curves(data: MemberData) -> bytes:
+    """Per member: mean training loss (left) and validation main score (right) per epoch."""
+    fig = Figure(figsize=(9, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    loss_ax, main_ax = fig.subplots(1, 2)
+    missing = []
+    for name, folder in zip(data.members, data.dirs):
+        curves = read_training_curves(folder)
+        if curves is None:
+            missing.append(name)
+            continue
+        loss_ax.plot(curves["epoch"], curves["train_loss"], marker="o", label=name)
+        validated = [(e, m) for e, m in zip(curves["epoch"], curves["val_main"]) if m == m]
+        main_ax.plot([e for e, _ in validated], [m for _, m in validated], marker="o", label=name)
+    loss_ax.set(xlabel="epoch", ylabel="training loss (mean)", title="training loss")
+    main_ax.set(xlabel="epoch", ylabel="validation PLCC + SRCC", title="validation main score")
+    for ax in (loss_ax, main_ax):
+        if ax.lines:
+            ax.legend(fontsize="small")
+    if missing:
+        fig.suptitle(f"no log.csv for {', '.join(missing)}", fontsize="small")
+    return _png(fig)
 
 
 def render(exp: Experiment, data: MemberData, result: EnsembleResult) -> dict[str, str | bytes]:

@@ -1,15 +1,19 @@
 """The one way this kit writes a file that users keep: whole or not at all.
 
 Every file is written to a temporary sibling and renamed over its target, so a reader (or a run
-killed with `kill -9` half way) sees the old file or the new one, never a torn one. The temporary
-name is fixed per target (`.<name>.tmp`), so the litter of a killed write is overwritten by the next
-write of the same file, and `sweep_temps` removes what is left when a run starts. Files are created
-with the usual permissions (0666 minus the umask, i.e. 0644 under umask 022): `tempfile.mkstemp`
-would make them 0600, unreadable for the rest of a team sharing the results.
+killed with `kill -9` half way) sees the old file or the new one, never a torn one.
+
+The temporary name is fixed per target and writer: `.<name>.<host>-<pid>.tmp`. The writer in it lets
+two processes write the same file at once (every process of a DDP run writes the same split lists),
+and the name lets the next write of a target remove what a killed writer left of it; `sweep_temps`
+removes the rest when a run starts. Files are created with the usual permissions (0666 minus the
+umask, i.e. 0644 under umask 022): `tempfile.mkstemp` would make them 0600, unreadable for the rest
+of a team sharing the results.
 """
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,10 +23,50 @@ TEMP_SUFFIX = ".tmp"
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sweep_temps", "temp_path"]
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")  # no dots: the writer is the last dotted part
+
+
+def _writer() -> str:
+    return f"{_host()}-{os.getpid()}"
+
+
 def temp_path(path: str | os.PathLike) -> Path:
-    """The temporary sibling a write of `path` goes through: `.<name>.tmp` in the same folder."""
+    """The temporary sibling this process writes `path` through: `.<name>.<host>-<pid>.tmp`."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TEMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{_writer()}{TEMP_SUFFIX}")
+
+
+def _is_dead_writer(name: str) -> bool:
+    """Whether a temp file's writer is gone: a process of this host that no longer runs, or a name
+    of another shape (litter of older versions of the kit, e.g. mkstemp's random names)."""
+    writer = name[: -len(TEMP_SUFFIX)].rpartition(".")[2]
+    host, sep, pid = writer.rpartition("-")
+    if not sep or not host or not pid.isdigit():
+        return True
+    if host != _host() or int(pid) == os.getpid():
+        return False  # a writer on another machine may be alive; our own temps are ours to handle
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def _remove_dead_temps(folder: Path, prefix: str) -> list[Path]:
+    removed = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        name = entry.name
+        if name.startswith(prefix) and name.endswith(TEMP_SUFFIX) and _is_dead_writer(name) and entry.is_file():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -53,8 +97,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     and renamed over `path`; on any error (or Ctrl-C) it is removed and `path` is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(path.parent, f".{path.name}.")
     tmp = temp_path(path)
-    # A stale temp from a killed write may carry other permissions; a fresh file gets the umask's.
+    # A stale temp (a reused pid) may carry other permissions; a fresh file gets the umask's.
     tmp.unlink(missing_ok=True)
     try:
         yield tmp
@@ -86,17 +131,6 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def sweep_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files (`.*.tmp`) that killed writes left directly in `folder`.
-
-    Call it where a run starts, once it owns the folder: a write in progress by another process
-    would lose its temp file. Returns what was removed.
-    """
-    folder = Path(folder)
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for entry in folder.iterdir():
-        if entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and entry.is_file():
-            entry.unlink(missing_ok=True)
-            removed.append(entry)
-    return removed
+    """Remove the temporary files (`.*.tmp`) that dead writers left directly in `folder`; those of
+    live writers on this host, and of writers on other hosts, stay. Returns what was removed."""
+    return _remove_dead_temps(Path(folder), ".")

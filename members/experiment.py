@@ -170,6 +170,8 @@ def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | N
     except BaseException:  # Ctrl-C or a crash here: no member keeps training unwatched
         for _, _, proc, _, _ in running.values():
             stop(proc)
+        if running:
+            print(file=sys.stderr)  # end the line a child's progress bar left open
         raise
     return failed
 
@@ -184,6 +186,7 @@ def predict_shared(config: str | Path, overrides: list[str], names: list[str], g
         return proc.wait() == 0
     except KeyboardInterrupt:
         stop(proc)
+        print(file=sys.stderr)  # end the line a progress bar left open
         raise
 
 

@@ -16,29 +16,20 @@ import argparse
 import json
 import os
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from members.atomic import atomic_write_text
 from members.cli import run_main
 from members.cluster import ClusterConfig, StageJob, executor, sbatch_params
-from members.config import ConfigError, apply_overrides, from_dict, load_yaml
 
 
 def load(path: str | Path, overrides: list[str]) -> tuple[Any, ClusterConfig]:
-    """The experiment (members.schema) and its cluster section, `--set` overrides applied to both."""
-    from members.schema import ExperimentConfig, load_experiment
+    """The experiment (members.schema, `--set` applied) and its `cluster:` section."""
+    from members.schema import load_experiment
 
-    if any(f.name == "cluster" for f in fields(ExperimentConfig)):  # the schema reads the section itself
-        exp = load_experiment(path, overrides)
-        return exp, exp.config.cluster
-    mine = [o for o in overrides if o.startswith("cluster.")]  # until then: read here
-    section = apply_overrides(load_yaml(path), mine).get("cluster")
-    if section is not None and not isinstance(section, dict):
-        raise ConfigError(f"{path}: 'cluster' must be a mapping of keys to values, got {section!r}")
-    cluster = from_dict(ClusterConfig, section, prefix="cluster.")
-    return load_experiment(path, [o for o in overrides if o not in mine]), cluster
+    exp = load_experiment(path, overrides)
+    return exp, exp.config.cluster
 
 
 def _progress(cfg: Any) -> str:
@@ -92,6 +83,7 @@ def submit(args: argparse.Namespace) -> int:
         ex = executor(c, folder, mode, params)
         if mode == "dry":
             print(f"# ---- {label}: sbatch script ----\n{ex._make_submission_file_text(ex._submitit_command_str, '')}")
+            jobs[label] = argparse.Namespace(job_id=f"ID_OF_{label}")  # stands in for it in afterok
             return
         jobs[label] = handle = ex.submit(job)
         records[label] = {"job_id": handle.job_id, "folder": str(folder / "%j"), "tasks": handle.num_tasks}

@@ -224,3 +224,33 @@ def name_difference(path: Path, names: set[str], ref_path: Path, ref_names: set[
     if extra:
         parts.append(f"{len(extra)} extra name(s) (e.g. {', '.join(extra[:_SHOW])})")
     return " ".join(parts)
+
+
+def read_training_curves(member_dir: Path) -> dict[str, list[float]] | None:
+    """Per epoch of a member's `log.csv`: mean training loss and validation main score (NaN where the
+    epoch was not validated); None when there is no readable log (a member trained elsewhere)."""
+    path = Path(member_dir) / "log.csv"
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        header = lines[0].split(",")
+        col = {name: header.index(name) for name in ("epoch", "loss", "main")}
+    except (OSError, UnicodeDecodeError, IndexError, ValueError):
+        return None
+    losses: dict[int, list[float]] = {}
+    mains: dict[int, float] = {}
+    for line in lines[1:]:
+        fields = line.split(",")
+        try:
+            epoch = int(fields[col["epoch"]])
+            if fields[col["loss"]]:
+                losses.setdefault(epoch, []).append(float(fields[col["loss"]]))
+            if fields[col["main"]]:
+                mains[epoch] = float(fields[col["main"]])
+        except (IndexError, ValueError):
+            continue  # a torn last line of a killed run
+    epochs = sorted(set(losses) | set(mains))
+    if not epochs:
+        return None
+    return {"epoch": [e + 1 for e in epochs],
+            "train_loss": [sum(losses[e]) / len(losses[e]) if e in losses else math.nan for e in epochs],
+            "val_main": [mains.get(e, math.nan) for e in epochs]}

@@ -260,7 +260,8 @@ def test_cli_end_to_end(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "runs" / "demo" / "ensemble"
-    expected = {"ensemble.json", "preds_val.csv", "preds_test.csv", "report.md", "oof_scatter.png", "weights.png"}
+    expected = {"ensemble.json", "preds_val.csv", "preds_test.csv", "report.md", "oof_scatter.png", "weights.png",
+                "training_curves.png"}
     assert {p.name for p in out.iterdir()} == expected  # no temp files left
 
     record = json.loads((out / "ensemble.json").read_text())
@@ -281,8 +282,8 @@ def test_cli_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     for row in [f"| member m{j} |" for j in range(3)] + [f"| method {m} |" for m in METHODS]:
         assert row in report
-    assert "oof_scatter.png" in report and "weights.png" in report
-    for png in ("oof_scatter.png", "weights.png"):
+    assert "oof_scatter.png" in report and "weights.png" in report and "training_curves.png" in report
+    for png in ("oof_scatter.png", "weights.png", "training_curves.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -303,3 +304,15 @@ def test_cli_calibration_keeps_test_order(tmp_path):
     assert np.array_equal(np.argsort(before, kind="stable"), np.argsort(after, kind="stable"))
     assert 1200 < after.mean() < 1700  # on the MOS scale now
     assert json.loads((calibrated / "ensemble.json").read_text())["calibration"]["kind"] == "isotonic"
+
+
+def test_training_curves_from_member_logs(tmp_path):
+    from members.stagefiles import read_training_curves
+
+    log = tmp_path / "log.csv"
+    log.write_text("step,epoch,lr,loss,srcc,plcc,krcc,main\n1,0,1e-4,0.5,,,,\n2,0,1e-4,0.3,,,,\n2,0,,,0.1,0.2,0.1,0.3\n"
+                   "3,1,1e-4,0.2,,,,\n4,1,1e-4,0.1,,,,\n4,1,,,0.5,0.6,0.4,1.1\n5,2,1e-4,0.0")  # torn last line
+    curves = read_training_curves(tmp_path)
+    assert curves["epoch"] == [1, 2, 3] and curves["val_main"][:2] == [0.3, 1.1] and np.isnan(curves["val_main"][2])
+    assert np.allclose(curves["train_loss"], [0.4, 0.15, 0.0])
+    assert read_training_curves(tmp_path / "nowhere") is None

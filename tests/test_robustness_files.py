@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from members.atomic import atomic_path, atomic_write_bytes, atomic_write_text, sweep_temps
+from members.atomic import atomic_path, atomic_write_bytes, atomic_write_text, sweep_temps, temp_path
 from members.checkpoint import save_heads
 from members.cli import one_line
 from members.config import ConfigError, read_yaml_with_base
@@ -48,19 +48,46 @@ def test_checkpoints_zips_and_texts_are_0644_not_0600(tmp_path, umask_022):
         assert mode(tmp_path / name) == 0o644, name
 
 
-def test_a_stale_temp_is_replaced_and_litter_is_swept(tmp_path, umask_022):
+def test_a_killed_writers_temp_is_removed_by_the_next_write_and_litter_is_swept(tmp_path, umask_022):
     target = tmp_path / "best.pth"
-    stale = tmp_path / ".best.pth.tmp"  # a killed write of the same target
-    stale.write_bytes(b"half")
-    stale.chmod(0o600)
-    atomic_write_bytes(target, b"whole")
-    assert target.read_bytes() == b"whole" and mode(target) == 0o644 and not stale.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = temp_path(target).with_name(temp_path(target).name.replace(f"-{os.getpid()}.", f"-{dead.stdout.strip()}."))
+    killed.write_bytes(b"half of a 58 MB checkpoint")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        busy = temp_path(target).with_name(temp_path(target).name.replace(f"-{os.getpid()}.", f"-{live.pid}."))
+        busy.write_bytes(b"being written")
+        atomic_write_bytes(target, b"whole")
+        assert target.read_bytes() == b"whole" and mode(target) == 0o644
+        assert not killed.exists() and busy.exists()  # a live writer's temp is left alone
+    finally:
+        live.kill()
+        live.wait()
     old_style = tmp_path / ".last.pth.k3j2_x.tmp"  # what mkstemp left before this module
     old_style.write_bytes(b"58 MB")
     keep = tmp_path / "notes.tmp"  # not hidden: not ours
     keep.write_text("mine")
-    assert sweep_temps(tmp_path) == [old_style]
-    assert keep.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "notes.tmp"]
+    assert sorted(sweep_temps(tmp_path)) == sorted([old_style, busy])  # busy's writer is gone now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pth", "notes.tmp"]
+
+
+CONCURRENT_SCRIPT = """
+import sys
+from members.atomic import atomic_write_text
+for i in range(300):
+    atomic_write_text(sys.argv[1], "same content\\n" * 1000)
+"""
+
+
+def test_processes_writing_the_same_file_at_once_do_not_collide(tmp_path):
+    """Every DDP process writes the same split lists; one shared temp name made them fail."""
+    target = tmp_path / "train.csv"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_SCRIPT, str(target)], env=env, cwd=REPO,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert target.read_text() == "same content\n" * 1000 and os.listdir(tmp_path) == ["train.csv"]
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):

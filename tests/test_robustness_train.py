@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from members import train as train_mod
 from members.experiment import launch_command
@@ -176,3 +177,44 @@ def test_ctrl_c_is_one_line_and_exit_130(member_yaml, tmp_path):
     assert proc.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
     assert "Traceback" not in err
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace") and _alive(int(cmdline.parent.name)):
+                found.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_experiment_ctrl_c_and_kill_9_leave_no_training_behind(member_yaml, tmp_path):
+    """members.experiment runs members under `accelerate launch`: Ctrl-C is one line and exit 130, and
+    kill -9 of the experiment ends its launcher and the launcher's workers too."""
+    member = yaml.safe_load(member_yaml.read_text())
+    member["train"]["epochs"] = 200
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(member))
+    runs = tmp_path / "runs"
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({"name": "x", "runs_dir": str(runs),
+                                                       "members": [str(tmp_path / "m.yaml")]}))
+    cmd = [sys.executable, "-m", "members.experiment", "-c", str(tmp_path / "exp.yaml"), "--cpu-procs", "2"]
+    for how in (signal.SIGINT, signal.SIGKILL):
+        proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            before = _logged_steps(runs / "t")
+            _wait_for(lambda: _logged_steps(runs / "t") > before, 300, "the member to train")
+            assert len(_processes_mentioning(str(tmp_path / "m.yaml"))) >= 3  # launcher + 2 workers
+            proc.send_signal(how)
+            _, err = proc.communicate(timeout=60)
+            _wait_for(lambda: not _processes_mentioning(str(tmp_path / "m.yaml")), 30, "the training to stop")
+        finally:
+            proc.kill()
+            for pid in _processes_mentioning(str(tmp_path / "m.yaml")):
+                os.kill(pid, signal.SIGKILL)
+        if how == signal.SIGINT:
+            assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+            assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"

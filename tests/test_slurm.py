@@ -18,7 +18,7 @@ from members import demo_data
 from members.checkpoint import read_heads
 from members.cluster import (INSTALL, ClusterConfig, ClusterError, StageJob, accelerate_command, executor,
                              first_host, sbatch_params)
-from members.config import ConfigError, from_dict, load_yaml
+from members.config import ConfigError
 from members.slurm import main as slurm_main
 
 submitit = pytest.importorskip("submitit", reason="submitit missing: pip install -e .[cluster] (requirements.txt has it)")
@@ -143,16 +143,21 @@ def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
 
 
-def test_cluster_section_errors_name_the_key(tmp_path, tiny):
-    path = tmp_path / "c.yaml"
-    path.write_text("cluster:\n  partition: gpu\n  nodes: 2\n  gpus_per_member: 3\n")
-    with pytest.raises(ConfigError, match="split evenly"):
-        from_dict(ClusterConfig, load_yaml(path)["cluster"], prefix="cluster.")
-    path.write_text("cluster:\n  partition: gpu\n  gpus: 3\n")
-    with pytest.raises(ConfigError, match=r"line 3: 'cluster.gpus' unknown key"):
-        from_dict(ClusterConfig, load_yaml(path)["cluster"], prefix="cluster.")
-    with pytest.raises(ValueError, match="not an sbatch option"):
-        ClusterConfig(sbatch={"mail type": "END"})
+def test_cluster_section_of_the_experiment(tmp_path, tiny, capsys):
+    """The experiment's `cluster:` section sets the scripts, `--set` overrides it, and its errors name
+    the file and line (or the override)."""
+    exp = yaml.safe_load(tiny.read_text())
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({**exp, "cluster": {"partition": "short", "time_min": 30}}, sort_keys=False))
+    assert slurm_main(["-c", str(path), "--dry-run", "--set", "cluster.time_min=45"]) == 0
+    opts = sbatch_options(capsys.readouterr().out.split("# ---- tiny_b")[0])
+    assert (opts["partition"], opts["time"]) == ("short", "45")
+    for section, error in (({"nodes": 2, "gpus_per_member": 3}, "split evenly over cluster.nodes"),
+                           ({"partition": "gpu", "gpus": 3}, r"exp.yaml, line \d+: 'cluster.gpus' unknown key"),
+                           ({"sbatch": {"mail type": "END"}}, "not an sbatch option")):
+        path.write_text(yaml.safe_dump({**exp, "cluster": section}, sort_keys=False))
+        with pytest.raises(ConfigError, match=error):
+            slurm_main(["-c", str(path), "--dry-run"])
     with pytest.raises(ConfigError, match=r"--set cluster.partiton=gpu.*unknown key"):
         slurm_main(["-c", str(tiny), "--set", "cluster.partiton=gpu", "--dry-run"])
 
@@ -184,7 +189,6 @@ def local_run(tiny, tmp_path_factory) -> tuple[Path, str, float]:
 @pytest.mark.slow
 def test_local_executor_trains_then_predicts(local_run, tiny, capsys):
     runs, code, seconds = local_run
-    print(f"local executor, 2 members + prediction: {seconds:.0f} s")
     assert code == 0
     for name in ("tiny_a", "tiny_b"):
         for file in ("done.json", "last.pth", "preds_val.json", "preds_test.json"):
