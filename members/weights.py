@@ -11,12 +11,12 @@ files (`vit_weights: weights/<tag>.safetensors`, `init_from: weights/AHIQ_vit_p8
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
 from members.atomic import atomic_write_text
 from members.cli import run_main
+from members.stagefiles import sha256_file
 
 AUTHORS_REPO = "chaofengc/IQA-PyTorch-Weights"
 AUTHORS_FILE = "AHIQ_vit_p8_epoch33-da3ea303.pth"
@@ -34,14 +34,6 @@ def hub_backbones(member_configs: list) -> list[str]:
             if weights == "hub" and name not in tags:
                 tags.append(name)
     return tags
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _offline_hint(what: str, err: Exception) -> DownloadError:
@@ -99,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     except DownloadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    sums = "".join(f"{sha256(p)}  {p.name}\n" for p in files)
+    sums = "".join(f"{sha256_file(p)}  {p.name}\n" for p in files)
     atomic_write_text(out / "SHA256SUMS", sums)
     print(sums + f"wrote {out / 'SHA256SUMS'}; point the configs at these files to run offline")
     return 0
