@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from members.atomic import atomic_write_text
+from members.atomic import atomic_path, atomic_write_text
 from members.cli import run_main
 from members.stagefiles import sha256_file
 
@@ -54,9 +54,8 @@ def fetch_backbone(tag: str, out: Path) -> Path:
         model = timm.create_model(tag, pretrained=True)
     except Exception as err:  # the hub client raises many types; all mean "not downloadable here"
         raise _offline_hint(f"the pretrained weights of '{tag}'", err) from err
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     return path
 
 
