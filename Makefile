@@ -9,8 +9,6 @@ DEMO := configs/demo.yaml
 GPUS ?=
 GPUS_PER_MEMBER ?= 1
 CPU_PROCS ?= 2
-# shared: predict all members together after training (members.predict_all); each: one by one.
-PREDICT ?= shared
 # local: members on this machine (above); slurm: one SLURM job per member through submitit
 # (members.slurm; `pip install -e .[cluster]`), e.g. SLURM_ARGS="--wait --set cluster.partition=gpu".
 LAUNCHER ?= local
@@ -44,7 +42,7 @@ train-members: $(STAMP)  ## train every member of EXPERIMENT (resumable), then p
 ifeq ($(LAUNCHER),slurm)
 	$(PY) -m members.slurm -c $(EXPERIMENT) $(SLURM_ARGS)
 else ifeq ($(LAUNCHER),local)
-	$(PY) -m members.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS) --predict $(PREDICT)
+	$(PY) -m members.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS)
 else
 	$(error LAUNCHER=$(LAUNCHER): expected local or slurm)
 endif

@@ -24,9 +24,9 @@ from torch.utils.data import Dataset
 from members.config import atomic_write_text, to_dict
 from members.index import (DataError, Pair, check_pairs, check_unique, load_rgb, read_csv_table,
                            read_ntire_folder, read_pipal_labels)
-from members.views import AugmentConfig, ViewConfig, apply_view, count_views, make_views, random_view
+from members.views import AugmentConfig, apply_view, random_view
 
-__all__ = ["DataConfig", "DataError", "EvalPairs", "LabelStats", "Pair", "TrainPairs", "check_pairs",
+__all__ = ["DataConfig", "DataError", "LabelStats", "Pair", "TrainPairs", "check_pairs",
            "load_rgb", "prepare_splits", "read_split", "SPLITS", "VALID"]
 
 SPLITS = ("train", "val", "test")
@@ -324,27 +324,3 @@ class TrainPairs(Dataset):
         return {"index": i, "dis": apply_view(dis, view, self.crop), "ref": apply_view(ref, view, self.crop),
                 "label": label}
 
-
-class EvalPairs(Dataset):
-    """Evaluation pairs: every deterministic view of an image, stacked as (V, 3, crop, crop).
-
-    The label is the normalised MOS, or nan when the pair is unlabelled or `stats` is None.
-    """
-
-    def __init__(self, pairs: list[Pair], crop: int, views: ViewConfig, stats: LabelStats | None,
-                 upscale_small: bool = False) -> None:
-        self.pairs, self.crop, self.views, self.stats = pairs, crop, views, stats
-        self.min_size = crop if upscale_small else 0
-        self.n_views = count_views(views)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> dict:
-        pair = self.pairs[i]
-        dis, ref = load_rgb(pair.dis, self.min_size), load_rgb(pair.ref, self.min_size)
-        views = make_views(dis.shape[1], dis.shape[2], self.crop, self.views)
-        known = self.stats is not None and pair.mos is not None
-        label = torch.tensor(self.stats.normalise(pair.mos) if known else math.nan, dtype=torch.float32)
-        return {"index": i, "dis": torch.stack([apply_view(dis, v, self.crop) for v in views]),
-                "ref": torch.stack([apply_view(ref, v, self.crop) for v in views]), "label": label}

@@ -8,10 +8,9 @@ under `accelerate launch`:
 - --gpus-per-member all: one member after another, DDP over all the GPUs;
 - --gpus-per-member K: members side by side, each on its own K GPUs (logs in <member>/run.log).
 Finished members (done.json) are not retrained, interrupted ones resume, and predictions are redone
-only when missing or older than the member's best.pth. By default (--predict shared) the members that
-need predictions are predicted together once training is over (`members.predict_all`, one device:
-backbones shared, each reference's part computed once); --predict each runs `members.predict` per
-member right after its training, on the member's own processes.
+only when missing or older than the member's best.pth. The members that need predictions are
+predicted together once training is over (`members.predict_all` under `accelerate launch`, on all
+the GPUs or --cpu-procs CPU processes: backbones shared, each reference's part computed once).
 """
 from __future__ import annotations
 
@@ -68,16 +67,11 @@ def needs_prediction(cfg: MemberConfig) -> bool:
     return False
 
 
-def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
-                predict: bool = True) -> list[tuple[str, list[str]]]:
-    """The (module, args) runs this member still needs: training, then (if `predict`) prediction."""
+def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """The (module, args) runs this member still needs: its training. Prediction is not a member's job:
+    the members that `needs_prediction` are predicted together by `members.predict_all`."""
     sets = [a for o in overrides for a in ("--set", o)]
-    jobs = []
-    if needs_training(cfg):
-        jobs.append(("members.train", ["-c", member_path, *sets]))
-    if predict and needs_prediction(cfg):
-        jobs.append(("members.predict", ["-c", member_path, "--split", *prediction_splits(cfg), *sets]))
-    return jobs
+    return [("members.train", ["-c", member_path, *sets])] if needs_training(cfg) else []
 
 
 def _env(gpus: list[str], cpu_threads: int) -> dict[str, str]:
@@ -127,12 +121,11 @@ def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple
     return slots, per_member
 
 
-def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | None, cpu_procs: int,
-                predict: bool = True) -> list[str]:
-    """Run every member's jobs (with per-member prediction if `predict`); returns the failed members."""
+def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | None, cpu_procs: int) -> list[str]:
+    """Run every member's training jobs; returns the failed members."""
     slots, processes = plan_slots(gpus, per_member, cpu_procs)
     threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
-    queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides, predict),
+    queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides),
               "trained and predicted already" if not needs_prediction(m.config) else "trained already")
              for m in members]
     running: dict[int, tuple[str, Path, subprocess.Popen, list, Any]] = {}
@@ -176,12 +169,17 @@ def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | N
     return failed
 
 
-def predict_shared(config: str | Path, overrides: list[str], names: list[str], gpus: list[str]) -> bool:
-    """`members.predict_all --only names` on the first GPU (or the CPU); True if it succeeded."""
-    print(f"predicting {', '.join(names)} together on {'GPU ' + gpus[0] if gpus else 'the CPU'}", flush=True)
+def predict_shared(config: str | Path, overrides: list[str], names: list[str], gpus: list[str],
+                   cpu_procs: int) -> bool:
+    """`members.predict_all --only names` on all the GPUs (or cpu_procs CPU processes), each process
+    scoring whole references of its own; True if it succeeded."""
+    processes = len(gpus) or cpu_procs
+    where = (f"GPU{'s' if len(gpus) > 1 else ''} {','.join(gpus)}" if gpus
+             else "the CPU" if processes == 1 else f"{processes} CPU processes")
+    print(f"predicting {', '.join(names)} together on {where}", flush=True)
     sets = [a for o in overrides for a in ("--set", o)]
-    cmd = [sys.executable, "-m", "members.predict_all", "-c", str(config), *sets, "--only", *names]
-    proc = spawn(cmd, env=_env(gpus[:1], os.cpu_count() or 1))
+    cmd = launch_command("members.predict_all", ["-c", str(config), *sets, "--only", *names], processes, not gpus)
+    proc = spawn(cmd, env=_env(gpus, max(1, (os.cpu_count() or 1) // processes)))
     try:
         return proc.wait() == 0
     except KeyboardInterrupt:
@@ -198,9 +196,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-member", default=1, type=_gpus_per_member,
                         help="K GPUs per member side by side, or 'all' for DDP")
     parser.add_argument("--cpu-procs", type=int, default=2, help="processes per member without GPUs")
-    parser.add_argument("--predict", default="shared", choices=["shared", "each"],
-                        help="shared: all members that need it at once after training (members.predict_all); "
-                             "each: members.predict per member after its training")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an experiment key, dotted from the top level (e.g. --set runs_dir=runs/x)")
     args = parser.parse_args(argv)
@@ -228,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     per_member = args.gpus_per_member
     started = time.time()
     to_predict = [m.name for m in members if needs_prediction(m.config)]
-    failed = run_members(members, gpus, per_member, args.cpu_procs, predict=args.predict == "each")
+    failed = run_members(members, gpus, per_member, args.cpu_procs)
     to_predict = [name for name in to_predict if name not in failed]
-    if args.predict == "shared" and to_predict and not predict_shared(args.config, args.overrides, to_predict, gpus):
+    if to_predict and not predict_shared(args.config, args.overrides, to_predict, gpus, args.cpu_procs):
         failed += to_predict
     print(f"{exp.name}: {len(members) - len(failed)}/{len(members)} members ready in {time.time() - started:.0f} s")
     if failed:

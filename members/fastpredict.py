@@ -1,4 +1,4 @@
-"""Prediction grouped by reference image, with backbones shared by the members of an ensemble.
+"""The one prediction engine: scoring grouped by reference image, backbones shared by members.
 
 Members whose backbones see the same inputs (same timm names and weights, crop, views, data lists
 and precision: `backbone_key`) form one group. For every reference and view, the group runs the
@@ -6,9 +6,11 @@ backbones once on the reference and each member computes its `GroupedHeads.refer
 each distorted image then goes through the backbones once, and only the members' per-distorted heads
 run per member. Only the current reference's state is kept (items come reference by reference).
 
-Files are those of `members.predict` (same CSVs and meta json). A member's `seconds` is its own head
-time plus an equal share of the group's shared time (data loading, backbones), so the members'
-seconds add up to the wall time of the shared run; the split is recorded under "timing".
+Everything that scores pairs uses `SharedScorer`: the prediction files (`members.predict`,
+`members.predict_all`), training's validation (`members.train`), the Python API (`members.scorer`)
+and the bench. On several Accelerate processes each process scores whole references of its own
+(`members.refdata.process_share`) and the scores are gathered; the result does not depend on the
+number of processes.
 """
 from __future__ import annotations
 
@@ -19,19 +21,19 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
 from members.checkpoint import load_heads_into
 from members.config import to_dict
 from members.grouped import GroupedHeads, prepare_model
-from members.member import MemberConfig, prediction_splits, prepare_member_data
+from members.member import MemberConfig
 from members.model import AHIQ, build_model
-from members.predict import checkpoint_for, prediction_meta, write_predictions
-from members.refdata import RefGroupPairs
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -43,7 +45,7 @@ class FastOptions:
     precision: str = "member"  # member (its train.mixed_precision) | no | bf16 | fp16: autocast dtype
     channels_last: bool = False  # channels-last convolutions (faster on GPUs)
     compile: str = ""  # torch.compile backend for the backbones ("inductor"; "" = off)
-    batch_size: int | None = None  # distorted images per item (default: the member's predict.batch_size)
+    batch_size: int | None = None  # distorted images per reference chunk (default: predict.batch_size)
     max_crops: int = 64  # crops per heads call: bounds the deformable conv's column buffer
     num_workers: int | None = None  # DataLoader workers (default: the member's predict.num_workers)
     reuse_reference: bool = True  # False: every pair recomputes its reference (the per-pair path)
@@ -54,6 +56,8 @@ class FastOptions:
             raise ValueError(f"precision must be member, {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.max_crops < 1:
             raise ValueError(f"max_crops must be >= 1; got {self.max_crops}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch size (distorted images per reference chunk) must be >= 1; got {self.batch_size}")
 
 
 def precision_of(cfg: MemberConfig, opts: FastOptions) -> str:
@@ -132,12 +136,16 @@ class SharedScorer:
             x = AHIQ.normalise(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.fmt)
             return self.vit(x), self.cnn(x)
 
-    def score(self, loader, n: int, reuse_reference: bool = True, clock: Clock | None = None,
-              progress: bool = True) -> list[np.ndarray]:
-        """Mean view score of each of the n pairs, one array per member, in dataset order."""
+    def score(self, loader: Iterable[dict], n: int, reuse_reference: bool = True, clock: Clock | None = None,
+              progress: bool = True, processes: PartialState | None = None) -> list[np.ndarray]:
+        """Mean view score of each of the n pairs, one array per member, in dataset order.
+
+        `processes`: the Accelerate state (or Accelerator) of a run on several processes, each of which
+        passes the loader of its own references (`RefGroupPairs(..., process=, processes=)`); every
+        process then gets all n scores. Each index must come back exactly once over all processes."""
         clock = clock or Clock(self.device)
-        scores = [np.zeros(n, dtype=np.float64) for _ in self.models]
-        seen = np.zeros(n, dtype=np.int64)
+        found: list[np.ndarray] = []
+        columns: list[list[np.ndarray]] = [[] for _ in self.models]
         key, states = None, []
         batches = iter(tqdm(loader, desc="predict", leave=False, disable=not progress))
         while True:
@@ -145,7 +153,6 @@ class SharedScorer:
                 item = next(batches, None)
             if item is None:
                 break
-            index = item["index"].numpy()
             if not reuse_reference or item["ref_key"] != key:
                 states = []  # drop the previous reference first: one reference in memory at a time
                 with clock("backbone"):
@@ -163,57 +170,43 @@ class SharedScorer:
                 with clock(f"member{k}"), self.autocast():
                     s = torch.cat([heads.distorted(states[k], vit_dis[a:a + step], cnn_dis[a:a + step])
                                    for a in range(0, vit_dis.shape[0], step)])
-                    scores[k][index] = s.float().view(-1, v).mean(1).cpu().double().numpy()
-            np.add.at(seen, index, 1)
-        if not (seen == 1).all():
-            raise RuntimeError(f"prediction covered {int((seen > 0).sum())} of {n} images")
-        return scores
+                    columns[k].append(s.float().view(-1, v).mean(1).cpu().double().numpy())
+            found.append(np.asarray(item["index"], dtype=np.int64))
+        with clock("gather"):
+            local = (np.concatenate(found) if found else np.zeros(0, np.int64),
+                     np.stack([np.concatenate(c) if c else np.zeros(0) for c in columns]))
+            several = processes is not None and processes.num_processes > 1
+            parts = gather_object([local]) if several else [local]
+        return assemble(parts, n, len(self.models))
 
 
-def _device(opts: FastOptions) -> torch.device:
-    return torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+def assemble(parts: list[tuple[np.ndarray, np.ndarray]], n: int, members: int) -> list[np.ndarray]:
+    """One score array per member from the (indices, (members, len) scores) of every process;
+    every index in 0..n-1 exactly once, or an error (never a silently missing or doubled pair)."""
+    scores, seen = np.zeros((members, n), dtype=np.float64), np.zeros(n, dtype=np.int64)
+    for index, cols in parts:
+        if index.size and (index.min() < 0 or index.max() >= n):
+            raise RuntimeError(f"prediction returned pair index {int(index.max())} outside 0..{n - 1}")
+        scores[:, index] = cols
+        np.add.at(seen, index, 1)
+    if not (seen == 1).all():
+        raise RuntimeError(f"prediction covered {int((seen > 0).sum())} of {n} pairs, "
+                           f"{int((seen > 1).sum())} more than once")
+    return list(scores)
 
 
-def predict_members(cfgs: list[MemberConfig], splits_to_run: list[str] | None, opts: FastOptions | None = None,
-                    checkpoints: dict[str, str] | None = None, progress: bool = True) -> dict[str, dict]:
-    """Predict every member on `splits_to_run`, sharing backbones within groups; writes each member's
-    `preds_<split>.csv/.json` (and `labels_<split>.csv`) like `members.predict`. Returns the metas by
-    "member/split". Every member's data and heads file are checked before any prediction starts."""
-    opts, checkpoints = opts or FastOptions(), checkpoints or {}
-    device = _device(opts)
-    data = {cfg.name: prepare_member_data(cfg)[0] for cfg in cfgs}
-    ckpts = {cfg.name: checkpoint_for(cfg, checkpoints.get(cfg.name)) for cfg in cfgs}
-    metas = {}
-    for group in group_members(cfgs, opts):
-        lead = group[0]
-        scorer = SharedScorer(build_group(group, [ckpts[c.name] for c in group]), device,
-                              precision_of(lead, opts), opts.channels_last, opts.compile, opts.max_crops)
-        for split in splits_to_run or prediction_splits(lead):  # grouped members share the split dir
-            pairs = data[lead.name][split]
-            dataset = RefGroupPairs(pairs, lead.model.crop, lead.predict.views, None,
-                                    chunk=(opts.batch_size or lead.predict.batch_size) if opts.reuse_reference else 1,
-                                    upscale_small=lead.data.upscale_small)
-            workers = lead.predict.num_workers if opts.num_workers is None else opts.num_workers
-            loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
-                                pin_memory=device.type == "cuda")
-            clock = Clock(device)
-            started = time.perf_counter()
-            scores = scorer.score(loader, len(pairs), opts.reuse_reference, clock, progress)
-            wall = time.perf_counter() - started
-            own = [clock.seconds[f"member{k}"] for k in range(len(group))]
-            shared = wall - sum(own)
-            for k, cfg in enumerate(group):
-                seconds = own[k] + shared / len(group)
-                meta = prediction_meta(cfg, split, len(pairs), dataset.n_views, seconds, device.type, 1,
-                                       ckpts[cfg.name])
-                meta["timing"] = {
-                    "shared_with": [c.name for c in group], "run_seconds": round(wall, 3),
-                    "own_seconds": round(own[k], 3), "shared_seconds": round(shared, 3),
-                    "backbone_seconds": round(clock.seconds["backbone"], 3),
-                    "attribution": "own heads time + shared time (data, backbones) / members sharing it",
-                }
-                write_predictions(cfg.out, split, data[cfg.name][split], scores[k], meta)
-                metas[f"{cfg.name}/{split}"] = meta
-                print(f"{cfg.name}: wrote {cfg.out / f'preds_{split}.csv'} ({len(pairs)} images, "
-                      f"{seconds / len(pairs):.3f} s/image, backbones shared by {len(group)})")
-    return metas
+def process_state(opts: FastOptions) -> PartialState:
+    """This run's Accelerate processes (one without a launcher). CPU processes are asked for as
+    `Accelerator` asks: `accelerate launch --cpu` and the experiment driver set ACCELERATE_USE_CPU, and
+    without it PartialState would not join the CPU processes into one run."""
+    return PartialState(cpu=opts.device == "cpu" or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def device_for(opts: FastOptions, state: PartialState) -> torch.device:
+    """The explicit `opts.device` (one process only), else the process's Accelerate device."""
+    if not opts.device:
+        return state.device
+    if state.num_processes > 1 and opts.device != "cpu":
+        raise ValueError(f"--device {opts.device} names one device, but {state.num_processes} processes run; "
+                         "leave it out (each process uses its own device) or run one process")
+    return torch.device(opts.device)

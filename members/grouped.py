@@ -12,6 +12,11 @@ Two linear maps of the distorted side are also folded once per model (not per im
 of `deform_net` (`conv1.2`, no activation after it) followed by the CNN half of `down_channel` (1x1) is
 one 3x3 conv with (W_down_cnn @ W_conv1.2) weights, 512 -> 256 channels instead of 512 -> 768 -> 256.
 All of it is exact algebra: only the summation order of fp32 arithmetic differs from `AHIQ.heads`.
+
+This is the one place the heads are split into a reference and a distorted part; every score the kit
+computes goes through it (`members.fastpredict.SharedScorer`). Training keeps `AHIQ.forward` (one
+reference per pair, gradients through the unfolded weights), which is also this module's test oracle
+(tests/test_grouped.py).
 """
 from __future__ import annotations
 

@@ -70,8 +70,15 @@ class TrainConfig:
 @dataclass
 class PredictConfig:
     views: ViewConfig = field(default_factory=ViewConfig)  # validation during training and prediction
-    batch_size: int = 8  # image pairs per process; every pair brings all its views
+    # Distorted images per reference chunk: pairs are scored reference by reference, this many distorted
+    # images of one reference (each with all its views) per step, on every process. The same meaning in
+    # training's validation, `members.predict`, `members.predict_all` (--batch-size) and the bench.
+    batch_size: int = 8
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"predict.batch_size must be >= 1; got {self.batch_size}")
 
 
 @dataclass

@@ -1,59 +1,40 @@
-"""Score a member's splits with test-time views and write `preds_<split>.csv`.
+"""Predict members' splits into their stage files, through the one engine (`members.fastpredict`).
 
-    accelerate launch -m members.predict -c configs/members/x.yaml --split val test
+    python -m members.predict -c configs/members/x.yaml --split val test
+    accelerate launch --num_processes 2 -m members.predict -c configs/members/x.yaml   # 1..N processes
 
 Every image is scored on all configured views (aligned crops of dis and ref, optional flips) and the
-view scores are averaged. Results do not depend on the batch size or the number of processes:
-predictions are gathered per batch with their dataset index and every index must come back once.
+view scores are averaged. Pairs are scored reference by reference, `--batch-size` (predict.batch_size)
+distorted images of one reference at a time. On several processes each one scores whole references
+and the scores are gathered; every pair must come back exactly once. Results do not depend on the
+batch size (to ~1e-6) or the number of processes.
 
-Writes into the member's output_dir: `preds_<split>.csv` (`name,score`, sorted by name, normalised
-scale, higher = better), `labels_<split>.csv` (`name,ref,mos`) for labelled splits, and
-`preds_<split>.json` (timing, device, views), all atomically.
+Writes into the member's output_dir, through `members.stagefiles`: `preds_<split>.csv` (`name,score`,
+sorted by name, normalised scale, higher = better), `labels_<split>.csv` (`name,ref,mos`) for labelled
+splits, and `preds_<split>.json` (timing, device, views, and the manifest: split list, heads, config).
+`members.predict_all` predicts all members of an experiment at once with the same `predict_members`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from accelerate import Accelerator
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from members.backbones import WeightsError
 from members.checkpoint import CheckpointError
 from members.cli import run_main
-from members.data import EvalPairs, Pair
-from members.member import (MemberConfig, load_member_config, prediction_fingerprint, prediction_splits,
-                            prepare_member_data)
-from members.model import build_model
+from members.data import Pair
+from members.fastpredict import (Clock, FastOptions, SharedScorer, build_group, device_for, group_members,
+                                 precision_of, process_state)
+from members.member import MemberConfig, load_member_config, prediction_fingerprint, prediction_splits, prepare_member_data
+from members.refdata import RefGroupPairs
 from members.stagefiles import sha256_file, write_member_split
 from members.views import describe
-
-
-def predict_scores(model: torch.nn.Module, loader: DataLoader, accelerator: Accelerator, n: int) -> np.ndarray:
-    """Mean view score of every item of `loader`'s dataset (length n), in dataset order."""
-    net = accelerator.unwrap_model(model)  # no DDP collectives in inference
-    was_training = net.training
-    net.eval()
-    scores, seen = np.zeros(n, dtype=np.float64), np.zeros(n, dtype=np.int64)
-    for batch in tqdm(loader, desc="predict", leave=False, disable=not accelerator.is_local_main_process):
-        b, v = batch["dis"].shape[:2]
-        with torch.no_grad(), accelerator.autocast():
-            s = net(batch["dis"].flatten(0, 1), batch["ref"].flatten(0, 1)).float().view(b, v).mean(1)
-        # per batch, so that Accelerate drops the padding duplicates of the last batch
-        index, s = accelerator.gather_for_metrics((batch["index"], s))
-        index = index.cpu().numpy()
-        scores[index] = s.cpu().double().numpy()
-        np.add.at(seen, index, 1)
-    net.train(was_training)
-    if not (seen == 1).all():
-        raise RuntimeError(f"prediction covered {int((seen > 0).sum())} of {n} images, "
-                           f"{int((seen > 1).sum())} more than once")
-    return scores
 
 
 def write_predictions(out: Path, split: str, pairs: list[Pair], scores: np.ndarray, meta: dict) -> None:
@@ -92,30 +73,75 @@ def checkpoint_for(cfg: MemberConfig, checkpoint: str | None) -> str:
                             f"and model.init_from is not set (train first, or pass --checkpoint)")
 
 
+def _mean_over_processes(values: list[float], state: PartialState) -> list[float]:
+    """Per-process numbers (each process's own heads time) averaged over the processes."""
+    if state.num_processes == 1:
+        return values
+    return list(np.mean(gather_object([values]), axis=0))
+
+
+def predict_members(cfgs: list[MemberConfig], splits_to_run: list[str] | None, opts: FastOptions | None = None,
+                    checkpoints: dict[str, str] | None = None, progress: bool = True) -> dict[str, dict]:
+    """Predict every member on `splits_to_run` (None: each member's `prediction_splits`), sharing
+    backbones within groups, on this run's Accelerate processes; the main process writes each member's
+    `preds_<split>.csv/.json` (and `labels_<split>.csv`). Returns the metas by "member/split". Every
+    member's data and heads file are checked before any prediction starts.
+
+    A member's `seconds` is its own heads time (mean over processes) plus an equal share of the rest
+    of the wall time (data loading, backbones, gathering), so the seconds of the members that share
+    backbones add up to the wall time of their run; the split is recorded under "timing"."""
+    opts, checkpoints = opts or FastOptions(), checkpoints or {}
+    state = process_state(opts)
+    device = device_for(opts, state)
+    data = {cfg.name: prepare_member_data(cfg)[0] for cfg in cfgs}
+    ckpts = {cfg.name: checkpoint_for(cfg, checkpoints.get(cfg.name)) for cfg in cfgs}
+    metas = {}
+    for group in group_members(cfgs, opts):
+        lead = group[0]
+        scorer = SharedScorer(build_group(group, [ckpts[c.name] for c in group]), device,
+                              precision_of(lead, opts), opts.channels_last, opts.compile, opts.max_crops)
+        for split in splits_to_run or prediction_splits(lead):  # grouped members share the split dir
+            pairs = data[lead.name][split]
+            chunk = (opts.batch_size or lead.predict.batch_size) if opts.reuse_reference else 1
+            dataset = RefGroupPairs(pairs, lead.model.crop, lead.predict.views, None, chunk=chunk,
+                                    upscale_small=lead.data.upscale_small,
+                                    process=state.process_index, processes=state.num_processes)
+            workers = lead.predict.num_workers if opts.num_workers is None else opts.num_workers
+            loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
+                                pin_memory=device.type == "cuda")
+            clock = Clock(device)
+            state.wait_for_everyone()  # time the split, not the slowest process's start
+            started = time.perf_counter()
+            scores = scorer.score(loader, len(pairs), opts.reuse_reference, clock,
+                                  progress and state.is_local_main_process, state)
+            wall = time.perf_counter() - started
+            own = _mean_over_processes([clock.seconds[f"member{k}"] for k in range(len(group))], state)
+            shared = wall - sum(own)
+            for k, cfg in enumerate(group):
+                seconds = own[k] + shared / len(group)
+                meta = prediction_meta(cfg, split, len(pairs), dataset.n_views, seconds, device.type,
+                                       state.num_processes, ckpts[cfg.name])
+                meta["timing"] = {
+                    "shared_with": [c.name for c in group], "run_seconds": round(wall, 3),
+                    "own_seconds": round(own[k], 3), "shared_seconds": round(shared, 3),
+                    "backbone_seconds": round(clock.seconds["backbone"], 3),
+                    "attribution": "own heads time + shared time (data, backbones, gathering) / members sharing it",
+                }
+                metas[f"{cfg.name}/{split}"] = meta
+                if state.is_main_process:
+                    write_predictions(cfg.out, split, data[cfg.name][split], scores[k], meta)
+                    print(f"{cfg.name}: wrote {cfg.out / f'preds_{split}.csv'} ({len(pairs)} images, "
+                          f"{seconds / len(pairs):.3f} s/image, backbones shared by {len(group)}, "
+                          f"{state.num_processes} process{'es' if state.num_processes > 1 else ''})", flush=True)
+    state.wait_for_everyone()  # no process leaves before the files are written
+    return metas
+
+
 def predict(cfg: MemberConfig, splits_to_run: list[str] | None, checkpoint: str | None = None,
-            batch_size: int | None = None) -> None:
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-    splits, stats = prepare_member_data(cfg)
-    model_cfg = dataclasses.replace(cfg.model, init_from=checkpoint_for(cfg, checkpoint))
-    model = accelerator.prepare(build_model(model_cfg))
-    for split in splits_to_run or prediction_splits(cfg):
-        pairs = splits[split]
-        dataset = EvalPairs(pairs, cfg.model.crop, cfg.predict.views, stats, upscale_small=cfg.data.upscale_small)
-        loader = accelerator.prepare(DataLoader(
-            dataset, batch_size=batch_size or cfg.predict.batch_size, shuffle=False,
-            num_workers=cfg.predict.num_workers, pin_memory=torch.cuda.is_available()))
-        accelerator.wait_for_everyone()
-        started = time.perf_counter()
-        scores = predict_scores(model, loader, accelerator, len(dataset))
-        seconds = time.perf_counter() - started
-        meta = prediction_meta(cfg, split, len(pairs), dataset.n_views, seconds, accelerator.device.type,
-                               accelerator.num_processes, model_cfg.init_from)
-        if accelerator.is_main_process:
-            write_predictions(cfg.out, split, pairs, scores, meta)
-            accelerator.print(f"{cfg.name}: wrote {cfg.out / f'preds_{split}.csv'} "
-                              f"({len(pairs)} images, {seconds / len(pairs):.3f} s/image)")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+            batch_size: int | None = None) -> dict[str, dict]:
+    """One member's splits through `predict_members` (what `python -m members.predict` runs)."""
+    return predict_members([cfg], splits_to_run, FastOptions(batch_size=batch_size),
+                           {cfg.name: checkpoint} if checkpoint else None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                              "validation folder)")
     parser.add_argument("--checkpoint", default=None,
                         help="heads file (default: <output_dir>/best.pth, else model.init_from)")
-    parser.add_argument("--batch-size", type=int, default=None, help="pairs per batch (default: predict.batch_size)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="distorted images per reference chunk (default: predict.batch_size)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     args = parser.parse_args(argv)
     try:

@@ -1,12 +1,15 @@
 """Predict every member of an experiment at once, sharing backbones and reusing each reference.
 
     python -m members.predict_all -c configs/demo.yaml [--split val test] [--only NAME ...]
+    accelerate launch --num_processes 2 -m members.predict_all -c configs/demo.yaml   # 1..N processes
 
 Members with the same backbones (timm names, weight files), crop, views, data lists and precision share
 the backbone features of every image and view; each reference's part of the heads is computed once per
 (reference, view) and reused for all its distorted images. Writes each member's `preds_<split>.csv`,
-`labels_<split>.csv` and `preds_<split>.json` exactly like `members.predict` (one process, one device;
-a member's `seconds` = its own heads time + an equal share of the shared time, see "timing").
+`labels_<split>.csv` and `preds_<split>.json` with the same engine and writer as `members.predict`
+(`members.predict.predict_members`); on several processes each scores whole references and the
+scores are gathered. A member's `seconds` = its own heads time + an equal share of the shared time
+(see "timing").
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ from members.checkpoint import CheckpointError
 from members.cli import run_main
 from members.config import ConfigError
 from members.schema import load_experiment
-from members.fastpredict import PRECISIONS, FastOptions, predict_members
+from members.fastpredict import PRECISIONS, FastOptions
+from members.predict import predict_members
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,11 +37,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="autocast dtype (default: each member's train.mixed_precision)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last convolutions (GPU)")
     parser.add_argument("--compile", default="", metavar="BACKEND", help="torch.compile the backbones (e.g. inductor)")
-    parser.add_argument("--batch-size", type=int, default=None, help="distorted images per reference chunk")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="distorted images per reference chunk (default: each member's predict.batch_size)")
     parser.add_argument("--max-crops", type=int, default=64, help="crops per heads call (memory bound)")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: predict.num_workers)")
     parser.add_argument("--no-reuse", action="store_true", help="recompute the reference for every pair (checking)")
-    parser.add_argument("--device", default="", help="cpu | cuda | cuda:N (default: cuda when available)")
+    parser.add_argument("--device", default="", help="cpu | cuda | cuda:N, one process only (default: the "
+                        "process's Accelerate device: cuda when available)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an experiment key, dotted from the top level (e.g. --set runs_dir=runs/x)")
     args = parser.parse_args(argv)

@@ -31,19 +31,33 @@ def reference_chunks(pairs: list[Pair], chunk: int) -> list[tuple[str, list[int]
     return [(key, idx[a:a + chunk]) for key, idx in groups.items() for a in range(0, len(idx), chunk)]
 
 
+def process_share(chunks: list[tuple[str, list[int]]], process: int, processes: int) -> list[tuple[str, list[int]]]:
+    """The chunks one of `processes` processes scores: whole references (the k-th reference in order of
+    first appearance goes to process k mod processes), so that each reference's state is computed once
+    in all. The chunks themselves do not depend on the process count, and neither do the scores."""
+    if not 0 <= process < processes:
+        raise ValueError(f"process {process} is not one of {processes}")
+    order: dict[str, int] = {}
+    for key, _ in chunks:
+        order.setdefault(key, len(order))
+    return [(key, idx) for key, idx in chunks if order[key] % processes == process]
+
+
 class RefGroupPairs(Dataset):
     """Chunks of pairs sharing a reference, with every deterministic view of each image.
 
     Item: {"ref_key": str, "ref": (V, 3, crop, crop), "dis": (n, V, 3, crop, crop), "index": (n,) int64
     into `pairs`, "label": (n,) normalised MOS or nan}. Use it with `batch_size=None` (items are batches).
+    `chunk` is the one meaning of a prediction batch size: distorted images per item. With
+    `processes` > 1 the dataset holds only this `process`'s references (`process_share`).
     """
 
     def __init__(self, pairs: list[Pair], crop: int, views: ViewConfig, stats: LabelStats | None,
-                 chunk: int = 8, upscale_small: bool = False) -> None:
+                 chunk: int = 8, upscale_small: bool = False, process: int = 0, processes: int = 1) -> None:
         self.pairs, self.crop, self.views, self.stats = pairs, crop, views, stats
         self.min_size = crop if upscale_small else 0
         self.n_views = count_views(views)
-        self.chunks = reference_chunks(pairs, chunk)
+        self.chunks = process_share(reference_chunks(pairs, chunk), process, processes)
 
     def __len__(self) -> int:
         return len(self.chunks)

@@ -106,7 +106,7 @@ def submit(args: argparse.Namespace) -> int:
             print(f"{m.name}: still queued or running as job {old.job_id}, log {old.paths.stdout}")
             jobs[m.name] = old
         else:
-            [(module, margs)] = member_jobs(str(m.path), m.config, m.overrides, predict=False)
+            [(module, margs)] = member_jobs(str(m.path), m.config, m.overrides)
             send(m.name, StageJob(m.name, module, margs, c, launch=True),
                  sbatch_params(c, f"{exp.name}.{m.name}", c.nodes, c.gpus_per_member // c.nodes, c.time_min))
     names = [m.name for m in exp.members if needs_prediction(m.config)]

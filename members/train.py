@@ -38,12 +38,13 @@ from members.backbones import WeightsError
 from members.checkpoint import CheckpointError, save_heads
 from members.cli import hold_folder_lock, one_line, run_main
 from members.config import dump_yaml, to_dict
-from members.data import EvalPairs, TrainPairs
+from members.data import TrainPairs
 from members.member import (MemberConfig, check_member_folder, load_member_config, prepare_member_data,
                             write_training_record)
 from members.metrics import MetricError, evaluate
-from members.model import build_model
-from members.predict import predict_scores
+from members.fastpredict import SharedScorer
+from members.model import AHIQ, build_model
+from members.refdata import RefGroupPairs
 
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
 
@@ -172,6 +173,17 @@ def _validation_metrics(scores: np.ndarray, labels: np.ndarray, where: str, acce
         return {"srcc": 0.0, "plcc": 0.0, "krcc": 0.0, "main": 0.0}
 
 
+def _validation_scores(net: AHIQ, loader: DataLoader, n: int, accelerator: Accelerator, precision: str) -> np.ndarray:
+    """Mean view scores of the n validation pairs through the prediction engine, on the unwrapped
+    model (no DDP collectives); each process scores its own references and all get every score."""
+    was_training = net.training
+    try:  # the engine folds the heads' current weights: a new scorer after every epoch
+        scorer = SharedScorer([net], accelerator.device, precision)
+        return scorer.score(loader, n, progress=accelerator.is_local_main_process, processes=accelerator)[0]
+    finally:
+        net.train(was_training)
+
+
 def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | None:
     out, tc = cfg.out, cfg.train
     if (out / "done.json").is_file():
@@ -204,14 +216,16 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
     optimizer = torch.optim.Adam(model.head_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     train_set = TrainPairs(splits["train"], cfg.model.crop, tc.augment, stats, cfg.seed,
                            upscale_small=cfg.data.upscale_small)
-    val_set = EvalPairs(splits["val"], cfg.model.crop, cfg.predict.views, stats,
-                        upscale_small=cfg.data.upscale_small)
+    # validation as prediction does it: this process's references, predict.batch_size images per chunk
+    val_set = RefGroupPairs(splits["val"], cfg.model.crop, cfg.predict.views, None, chunk=cfg.predict.batch_size,
+                            upscale_small=cfg.data.upscale_small, process=accelerator.process_index,
+                            processes=accelerator.num_processes)
     pin = torch.cuda.is_available()
     train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
                               num_workers=tc.num_workers, pin_memory=pin)
-    val_loader = DataLoader(val_set, batch_size=cfg.predict.batch_size, shuffle=False,
-                            num_workers=cfg.predict.num_workers, pin_memory=pin)
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    val_loader = DataLoader(val_set, batch_size=None, shuffle=False, num_workers=cfg.predict.num_workers,
+                            pin_memory=pin)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     steps_per_epoch = len(train_loader) // tc.grad_accum
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.name}: {len(train_set)} training pairs make no full batch of "
@@ -277,7 +291,8 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
                 os._exit(3)  # simulate a crash (tests of resume): no cleanup, no state saved here
 
         if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
-            scores = predict_scores(model, val_loader, accelerator, len(val_set))
+            scores = _validation_scores(accelerator.unwrap_model(model), val_loader, len(splits["val"]),
+                                        accelerator, tc.mixed_precision)
             if not np.isfinite(scores).all():
                 raise NonFiniteLoss(f"{cfg.name}: validation scores are not finite after epoch {epoch}: the "
                                     f"heads diverged (lower train.lr); the last good state is kept in {states}")

@@ -13,9 +13,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from members.config import ConfigError, from_dict, load_yaml
-from members.data import (DataConfig, DataError, EvalPairs, LabelStats, Pair, TrainPairs, check_pairs, load_rgb,
+from members.data import (DataConfig, DataError, LabelStats, Pair, TrainPairs, check_pairs, load_rgb,
                           prepare_splits, read_split)
 from members.index import read_csv_table, read_pipal_labels
+from members.refdata import RefGroupPairs
 from members.views import AugmentConfig, ViewConfig, apply_view, make_views
 
 REAL = Path(__file__).resolve().parent / "fixtures" / "real"  # small real label files, see fixtures/README.md
@@ -177,8 +178,9 @@ def test_pipal_end_to_end(tmp_path, layout):
     item = TrainPairs(splits["train"], CROP, AugmentConfig(), stats, seed=1)[0]
     assert item["dis"].shape == item["ref"].shape == (3, CROP, CROP) and 0 <= item["label"] <= 1
     assert item["label"].dtype == torch.float32
-    test = EvalPairs(splits["test"], CROP, ViewConfig(kind="five", flip=True), stats)[1]
-    assert test["dis"].shape == test["ref"].shape == (10, 3, CROP, CROP) and math.isnan(test["label"])
+    test = RefGroupPairs(splits["test"], CROP, ViewConfig(kind="five", flip=True), stats, chunk=1)[1]
+    assert test["dis"].shape == (1, 10, 3, CROP, CROP) and test["ref"].shape == (10, 3, CROP, CROP)
+    assert math.isnan(test["label"][0])
 
 
 def test_pipal_ntire_valid_with_and_without_labels(tmp_path):
@@ -272,8 +274,8 @@ def test_small_images_error_or_upscale(pipal, tmp_path):
     stats = LabelStats.from_pairs(pairs, True)
     item = TrainPairs(pairs, crop, AugmentConfig(), stats, seed=0, upscale_small=True)[0]
     assert item["dis"].shape == (3, crop, crop)
-    views = EvalPairs(pairs, crop, ViewConfig(kind="nine"), stats, upscale_small=True)[0]
-    assert views["dis"].shape == (9, 3, crop, crop)
+    views = RefGroupPairs(pairs, crop, ViewConfig(kind="nine"), stats, chunk=1, upscale_small=True)[0]
+    assert views["dis"].shape == (1, 9, 3, crop, crop)
     with pytest.raises(ValueError, match="does not fit"):
         TrainPairs(pairs, crop, AugmentConfig(), stats, seed=0)[0]
     wide = tmp_path / "wide.bmp"
@@ -333,17 +335,18 @@ def test_train_pairs_vertical_flip_reproduces_the_release(pipal, tmp_path):
         assert torch.equal(vertical[i]["ref"], plain[i]["ref"].flip(-2))
 
 
-def test_eval_pairs_stack_aligned_views(pipal, tmp_path):
+def test_reference_chunks_stack_aligned_views(pipal, tmp_path):
     cfg, _ = pipal
     pairs = train_list(cfg, tmp_path)
     stats = LabelStats.from_pairs(pairs, True)
     views = ViewConfig(kind="random", n=4, seed=1, flip=True)
-    item = EvalPairs(pairs, CROP, views, stats)[2]
+    data = RefGroupPairs(pairs, CROP, views, stats, chunk=1)
+    (i, item), = [(k, it) for k, it in enumerate(data) if int(it["index"][0]) == 2]
     dis, ref = load_rgb(pairs[2].dis), load_rgb(pairs[2].ref)
     boxes = make_views(SIZE, SIZE, CROP, views)
-    assert torch.equal(item["dis"], torch.stack([apply_view(dis, v, CROP) for v in boxes]))
+    assert torch.equal(item["dis"][0], torch.stack([apply_view(dis, v, CROP) for v in boxes]))
     assert torch.equal(item["ref"], torch.stack([apply_view(ref, v, CROP) for v in boxes]))
-    assert float(item["label"]) == pytest.approx(stats.normalise(pairs[2].mos))
-    assert math.isnan(EvalPairs(pairs, CROP, views, None)[2]["label"])
+    assert float(item["label"][0]) == pytest.approx(stats.normalise(pairs[2].mos))
+    assert math.isnan(RefGroupPairs(pairs, CROP, views, None, chunk=1)[i]["label"][0])
     with pytest.raises(DataError, match="training needs labels"):
         TrainPairs([Pair("u", pairs[0].dis, pairs[0].ref, "r", None, "x.txt:1")], CROP, AugmentConfig(), stats, 0)

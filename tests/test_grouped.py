@@ -1,4 +1,5 @@
-"""Reference-grouped, backbone-sharing prediction against the release's way and against members.predict."""
+"""The one prediction engine (reference-grouped, backbones shared) against `AHIQ.forward` (its oracle)
+and the release's way; sharding over processes; the prediction files."""
 from __future__ import annotations
 
 import csv
@@ -14,11 +15,13 @@ import torch
 from bench.release import ReleaseBackbones, release_predict
 from members.checkpoint import save_heads
 from members.config import to_dict
-from members.fastpredict import FastOptions, SharedScorer, group_members, predict_members
-from members.member import load_member_config
+from members.data import load_rgb
+from members.fastpredict import FastOptions, SharedScorer, assemble, group_members
+from members.member import load_member_config, prepare_member_data
 from members.model import AHIQ, build_model
-from members.predict import predict
-from members.refdata import reference_chunks
+from members.predict import predict, predict_members
+from members.refdata import process_share, reference_chunks
+from members.views import apply_view, make_views
 
 TINY = {"vit": "vit_tiny_patch16_224", "cnn": "resnet18", "crop": 32, "vit_weights": "none", "cnn_weights": "none"}
 CPU = torch.device("cpu")
@@ -65,6 +68,60 @@ def test_shared_scores_equal_the_release_way(members, n_members, views, channels
     assert release.shape == shared.shape == (n_members, 4)
     assert np.ptp(release, axis=1).min() > 1e-4  # the pairs really get different scores
     np.testing.assert_allclose(shared, release, rtol=0, atol=1e-5 * np.abs(release).max())
+
+
+def forward_scores(models: list[AHIQ], data: list[dict]) -> np.ndarray:
+    """The oracle: `AHIQ.forward` on every (distorted, reference) view pair, mean over the views."""
+    with torch.no_grad():
+        return np.array([[float(m(dis, item["ref"]).mean()) for item in data for dis in item["dis"]]
+                         for m in models])
+
+
+def test_shared_scores_equal_the_model_forward(members):
+    data = items(refs=3, dis=3, views=2, seed=5)
+    oracle = forward_scores(members, data)
+    shared = np.array(SharedScorer(members, CPU).score(data, 9, progress=False))
+    assert np.ptp(oracle, axis=1).min() > 1e-4
+    np.testing.assert_allclose(shared, oracle, rtol=0, atol=1e-5 * np.abs(oracle).max())
+
+
+def test_process_shares_hold_whole_references_and_give_the_same_scores(members):
+    class P:  # only `ref` is read
+        def __init__(self, ref):
+            self.ref = Path(ref)
+
+    chunks = reference_chunks([P(r) for r in "abacbaaad"], 2)
+    for processes in (1, 2, 3, 5):
+        shares = [process_share(chunks, k, processes) for k in range(processes)]
+        assert sorted(c for share in shares for c in share) == sorted(chunks)  # every chunk exactly once
+        owners = [{key for key, _ in share} for share in shares]
+        assert sum(len(o) for o in owners) == 4  # a reference never spans two processes
+    with pytest.raises(ValueError):
+        process_share(chunks, 2, 2)
+    data = items(refs=3, dis=2, views=2, seed=6)
+    scorer = SharedScorer(members[:2], CPU)
+    whole = np.array(scorer.score(data, 6, progress=False))
+    keys = [(it["ref_key"], it["index"].tolist()) for it in data]
+    parts = []
+    for k in range(2):  # what each of two processes scores (its own pairs numbered 0..m-1), then gathered
+        mine = {key for key, _ in process_share(keys, k, 2)}
+        part = [it for it in data if it["ref_key"] in mine]
+        index = torch.cat([it["index"] for it in part])
+        local = [{**it, "index": torch.arange(a, a + len(it["index"]))}
+                 for a, it in zip(np.cumsum([0] + [len(it["index"]) for it in part]), part)]
+        parts.append((index.numpy(), np.array(scorer.score(local, len(index), progress=False))))
+    assert {len(i) for i, _ in parts} == {2, 4}
+    np.testing.assert_array_equal(np.array(assemble(parts, 6, 2)), whole)
+
+
+def test_assemble_refuses_missing_doubled_or_foreign_pairs():
+    ones = np.ones((1, 2))
+    with pytest.raises(RuntimeError, match="covered 2 of 3 pairs, 0 more than once"):
+        assemble([(np.array([0, 1]), ones)], 3, 1)
+    with pytest.raises(RuntimeError, match="covered 2 of 2 pairs, 1 more than once"):
+        assemble([(np.array([0, 1]), ones), (np.array([1]), np.ones((1, 1)))], 2, 1)
+    with pytest.raises(RuntimeError, match="outside 0..1"):
+        assemble([(np.array([0, 2]), ones)], 2, 1)
 
 
 def test_reuse_of_the_reference_changes_nothing(members):
@@ -124,6 +181,19 @@ def member_cfgs(member_yaml: Path, root: Path, variant: str) -> list:
     return cfgs
 
 
+def forward_file_scores(cfg) -> dict[str, float]:
+    """The oracle for a member's val file: `AHIQ.forward` on each pair's views, pair after pair."""
+    model = build_model(cfg.model).eval()  # model.init_from: the member's heads
+    out = {}
+    with torch.no_grad():
+        for pair in prepare_member_data(cfg)[0]["val"]:
+            dis, ref = load_rgb(pair.dis), load_rgb(pair.ref)
+            views = make_views(dis.shape[1], dis.shape[2], cfg.model.crop, cfg.predict.views)
+            crops = [torch.stack([apply_view(img, v, cfg.model.crop) for v in views]) for img in (dis, ref)]
+            out[pair.name] = float(model(*crops).mean())
+    return out
+
+
 def test_shared_prediction_files_equal_per_member_predictions(member_yaml, tmp_path):
     shared = member_cfgs(member_yaml, tmp_path, "shared")
     assert [[c.name for c in g] for g in group_members(shared, FastOptions())] == [["a", "b"], ["c"]]
@@ -139,6 +209,8 @@ def test_shared_prediction_files_equal_per_member_predictions(member_yaml, tmp_p
             want = read_scores(tmp_path / "single" / name / f"preds_{split}.csv")
             assert list(got) == list(want) and len(got) > 3
             assert max(abs(got[k] - want[k]) for k in got) <= 1e-5
+            oracle = forward_file_scores(shared["abc".index(name)])
+            assert sorted(oracle) == list(got) and max(abs(got[k] - oracle[k]) for k in got) <= 1e-5
             assert len(set(got.values())) > 1
             for file in (f"labels_{split}.csv",):
                 assert ((tmp_path / "shared" / name / file).read_text()
@@ -148,7 +220,9 @@ def test_shared_prediction_files_equal_per_member_predictions(member_yaml, tmp_p
             assert set(reference) <= set(meta)
             assert {k: meta[k] for k in ("member", "split", "n_images", "n_views", "views", "model")} == \
                    {k: reference[k] for k in ("member", "split", "n_images", "n_views", "views", "model")}
-            assert meta == metas[f"{name}/{split}"]
+            # the file is the returned meta plus the writer's manifest of its files
+            assert {k: v for k, v in meta.items() if k != "files"} == metas[f"{name}/{split}"]
+            assert meta["processes"] == 1 and set(meta["files"]) == {f"preds_{split}.csv", f"labels_{split}.csv"}
         cached = read_scores(tmp_path / "shared" / name / "preds_val.csv")
         recomputed = read_scores(tmp_path / "uncached" / name / "preds_val.csv")
         assert max(abs(cached[k] - recomputed[k]) for k in cached) <= 1e-6 + 1e-9  # %.6f rounding

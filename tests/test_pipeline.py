@@ -33,6 +33,9 @@ def test_experiment_ensemble_and_submission(member_yaml, tmp_path, capsys):
     for name in ("tiny_a", "tiny_b"):
         for file in ("done.json", "best.pth", "preds_val.csv", "labels_val.csv", "preds_test.csv", "preds_test.json"):
             assert (runs / name / file).is_file(), (name, file)
+        # predicted by members.predict_all after training (the only way), both members in one run
+        meta = json.loads((runs / name / "preds_test.json").read_text())
+        assert meta["timing"]["shared_with"] == ["tiny_a", "tiny_b"] and meta["processes"] == 1
     assert experiment_main(["-c", str(exp_path), "--cpu-procs", "1"]) == 0  # nothing left to do
     assert capsys.readouterr().out.count("trained and predicted already") == 2
 

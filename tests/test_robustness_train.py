@@ -200,14 +200,14 @@ def test_experiment_ctrl_c_and_kill_9_leave_no_training_behind(member_yaml, tmp_
     runs = tmp_path / "runs"
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump({"name": "x", "runs_dir": str(runs),
                                                        "members": [str(tmp_path / "m.yaml")]}))
-    cmd = [sys.executable, "-m", "members.experiment", "-c", str(tmp_path / "exp.yaml"), "--cpu-procs", "2"]
+    cmd = [sys.executable, "-m", "members.experiment", "-c", str(tmp_path / "exp.yaml"), "--cpu-procs", "1"]
     for how in (signal.SIGINT, signal.SIGKILL):
         proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
         try:
             before = _logged_steps(runs / "t")
-            _wait_for(lambda: _logged_steps(runs / "t") > before, 300, "the member to train")
-            assert len(_processes_mentioning(str(tmp_path / "m.yaml"))) >= 3  # launcher + 2 workers
+            _wait_for(lambda: _logged_steps(runs / "t") > before, 600, "the member to train")
+            assert len(_processes_mentioning(str(tmp_path / "m.yaml"))) >= 2  # launcher + worker
             proc.send_signal(how)
             _, err = proc.communicate(timeout=60)
             _wait_for(lambda: not _processes_mentioning(str(tmp_path / "m.yaml")), 30, "the training to stop")

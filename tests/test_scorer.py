@@ -19,7 +19,7 @@ from members import Scorer
 from members.checkpoint import save_heads
 from members.config import dump_yaml, to_dict
 from members.data import read_split
-from members.fastpredict import predict_members
+from members.predict import predict_members
 from members.member import prepare_member_data
 from members.metrics import plcc
 from members.model import build_model

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,9 +16,11 @@ import yaml
 from members.checkpoint import read_heads
 from members.config import ConfigError
 from members.config import to_dict
+from members.data import LabelStats
 from members.experiment import launch_command
 from members.experiment import main as experiment_main
 from members.member import load_member_config
+from members.metrics import evaluate
 from members.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,15 +85,25 @@ def test_two_process_training_and_prediction_match_one_process(uninterrupted, me
     args = ["-c", str(member_yaml), "--set", f"output_dir={out}"]
     trained = run("members.train", args, processes=2)
     assert "epoch 1:" in trained.stdout
-    run("members.predict", [*args, "--split", "val"], processes=2)
-    two = read_preds(out / "preds_val.csv")
-    val_names = [r["name"] for r in csv.DictReader(open(out / "splits/val.csv"))]
-    assert sorted(two) == sorted(val_names)  # every image exactly once
+    run("members.predict", [*args, "--split", "val", "test"], processes=2)
     single = tmp_path / "single"
-    run("members.predict", ["-c", str(member_yaml), "--split", "val", "--set", f"output_dir={single}",
+    run("members.predict", ["-c", str(member_yaml), "--split", "val", "test", "--set", f"output_dir={single}",
                             "--checkpoint", str(out / "best.pth")])
-    one = read_preds(single / "preds_val.csv")
-    assert max(abs(one[n] - two[n]) for n in one) <= 1e-5
+    for split in ("val", "test"):
+        two, one = read_preds(out / f"preds_{split}.csv"), read_preds(single / f"preds_{split}.csv")
+        names = [r["name"] for r in csv.DictReader(open(out / f"splits/{split}.csv"))]
+        assert sorted(two) == sorted(one) == sorted(names)  # every image exactly once
+        assert len(set(one.values())) > 1 and max(abs(one[n] - two[n]) for n in one) <= 1e-5
+        metas = [json.loads((d / f"preds_{split}.json").read_text()) for d in (single, out)]
+        assert [m["processes"] for m in metas] == [1, 2]
+    assert (out / "labels_val.csv").read_text() == (single / "labels_val.csv").read_text()
+    # training's validation (engine on 2 processes) chose best.pth by the metrics of these very scores
+    _, info = read_heads(out / "best.pth")
+    stats = LabelStats.load(out / "splits/label_stats.json")
+    mos = {r["name"]: stats.normalise(float(r["mos"])) for r in csv.DictReader(open(single / "labels_val.csv"))}
+    scores = read_preds(single / "preds_val.csv")
+    recomputed = evaluate(np.array([scores[n] for n in mos]), np.array(list(mos.values())))
+    assert abs(recomputed["main"] - info["metrics"]["main"]) <= 1e-4
 
 
 def test_predictions_do_not_depend_on_batch_size(uninterrupted, member_yaml, tmp_path):
@@ -145,12 +159,12 @@ def test_member_jobs_follow_done_marker_and_prediction_age(member_yaml, tmp_path
     from members.experiment import member_jobs, needs_prediction
 
     cfg = load_member_config(member_yaml, [f"output_dir={tmp_path / 'm'}"])
-    modules = lambda predict: [m for m, _ in member_jobs(str(member_yaml), cfg, [], predict)]  # noqa: E731
-    assert modules(True) == ["members.train", "members.predict"] and modules(False) == ["members.train"]
+    modules = lambda: [m for m, _ in member_jobs(str(member_yaml), cfg, [])]  # noqa: E731
+    assert modules() == ["members.train"]  # prediction is never a member's job: predict_all does it
     cfg.out.mkdir(parents=True)
     (cfg.out / "done.json").write_text("{}")
     (cfg.out / "best.pth").write_bytes(b"")
-    assert needs_prediction(cfg) and modules(True) == ["members.predict"] and modules(False) == []
+    assert needs_prediction(cfg) and modules() == []
     from members.member import prediction_fingerprint
     from members.stagefiles import sha256_file, write_member_split
 
@@ -163,9 +177,9 @@ def test_member_jobs_follow_done_marker_and_prediction_age(member_yaml, tmp_path
     (cfg.out / "preds_val.json").write_text("{}")  # no manifest: not a usable prediction
     assert needs_prediction(cfg)
     predicted()
-    assert not needs_prediction(cfg) and modules(True) == []
+    assert not needs_prediction(cfg) and modules() == []
     (cfg.out / "best.pth").write_bytes(b"retrained")  # other heads than the predictions were made with
-    assert needs_prediction(cfg) and modules(True) == ["members.predict"]
+    assert needs_prediction(cfg) and modules() == []
     predicted()
     (cfg.out / "preds_test.csv").write_text("name,score\na.bmp,0.7\n")  # edited or torn by a kill
     assert needs_prediction(cfg)
