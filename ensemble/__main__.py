@@ -8,7 +8,10 @@ written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from members.cli import run_main
 
@@ -37,10 +40,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_writable(folder: Path) -> None:
+    """Fail now, not after the fit, when `folder` cannot be made and written; creates nothing."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"output folder {folder}: {probe} is a file, not a folder; set ensemble.out_dir elsewhere")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=probe))
+    except OSError as err:
+        raise ValueError(f"output folder {folder}: cannot write in {probe} ({err.strerror}); "
+                         "set ensemble.out_dir elsewhere") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         exp = load_experiment(args.config, args.overrides)
+        check_writable(exp.out_dir)
         data = load_members(exp)
         result = run_ensemble(data, exp.ensemble, progress=True)
         files = render(exp, data, result)

@@ -4,6 +4,7 @@ them into arrays.
 Everything is checked before any fitting, and every problem of a kind is listed at once:
 - each member's `preds_<split>.json` vouches for its CSVs (content hashes): no file of an interrupted
   or another prediction run is read;
+- the split lists are still what the data says (a fixed label makes them, and the members, stale);
 - each member predicted the experiment's current split list, with its current heads and config;
 - every member covers the same image names per split, with identical labels; scores are finite and
   not constant; all members agree on the MOS direction.
@@ -17,8 +18,8 @@ import numpy as np
 
 from members.member import prediction_fingerprint
 from members.schema import Experiment
-from members.stagefiles import (REBUILD_MEMBERS, StageFileError, name_difference, read_labels, read_member_meta,
-                                read_preds, sha256_file)
+from members.stagefiles import (REBUILD_MEMBERS, StageFileError, check_split_lists, name_difference, read_labels,
+                                read_member_meta, read_preds, sha256_file)
 
 SPLITS = ("val", "test")
 VALID = "valid"  # predicted too when the experiment's split lists include the NTIRE validation folder
@@ -97,6 +98,10 @@ def _check_constant(scores: np.ndarray, path: Path) -> None:
 def load_members(exp: Experiment) -> MemberData:
     """Read, verify and cross-check the files of the experiment's members."""
     dirs = [m.out for m in exp.members]
+    try:  # first: member files that match stale lists would still be stale
+        check_split_lists(exp.split_dir, exp.members[0].config.data)
+    except StageFileError as err:
+        raise EnsembleInputError(str(err)) from None
     splits = SPLITS + ((VALID,) if (exp.split_dir / f"{VALID}.csv").is_file() else ())
     metas, problems = {}, []
     for m in exp.members:

@@ -258,14 +258,20 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
                             f"or delete {split_dir}")
     splits = build_splits(cfg)
     content = content_fingerprint(splits)
-    if (saved.get("content") == content and "training_content" in saved
-            and all((split_dir / f"{s}.csv").is_file() for s in splits)):
+    texts = {split: _split_csv(pairs) for split, pairs in splits.items()}
+    # A list edited by hand would be hashed into the members' manifests as if they had predicted it,
+    # while they predict (and train on) what the data says: the files must say the same.
+    edited = [s for s, text in texts.items() if _read_text(split_dir / f"{s}.csv") != text]
+    if saved.get("content") == content and "training_content" in saved and not edited:
         return splits
-    if saved:
+    if saved.get("content") == content and edited:
+        print(f"{split_dir}: {', '.join(f'{s}.csv' for s in edited)} differ(s) from the data (edited by hand, "
+              "or missing); rewriting from the data", flush=True)
+    elif saved:
         print(f"{split_dir}: the data changed since these split lists were written; rewriting them", flush=True)
     marker.unlink(missing_ok=True)  # the lists below and the marker never disagree, even if killed
-    for split, pairs in splits.items():
-        atomic_write_text(split_dir / f"{split}.csv", _split_csv(pairs))
+    for split, text in texts.items():
+        atomic_write_text(split_dir / f"{split}.csv", text)
     if VALID not in splits:
         (split_dir / f"{VALID}.csv").unlink(missing_ok=True)  # the folder is gone: so is its list
     LabelStats.from_pairs(splits["train"], cfg.higher_is_better).save(split_dir / "label_stats.json")
@@ -276,6 +282,14 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
                                           "training_content": training, "data": data, "counts": counts},
                                          indent=2) + "\n")
     return splits
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's exact text (no newline translation: the manifests hash its bytes), or None."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def splits_content(split_dir: Path, key: str = "content") -> str | None:

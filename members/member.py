@@ -72,7 +72,7 @@ class PredictConfig:
     views: ViewConfig = field(default_factory=ViewConfig)  # validation during training and prediction
     # Distorted images per reference chunk: pairs are scored reference by reference, this many distorted
     # images of one reference (each with all its views) per step, on every process. The same meaning in
-    # training's validation, `members.predict`, `members.predict_all` (--batch-size) and the bench.
+    # training's validation, `members.predict`, `members.predict_all` (--batch-size) and `Scorer.score_pairs`.
     batch_size: int = 8
     num_workers: int = 2
 
@@ -186,6 +186,15 @@ def check_member_folder(cfg: MemberConfig) -> None:
     its heads (and states) would silently stand for a different member."""
     path = cfg.out / RECORD
     if not path.is_file():
+        # Training writes the record before its first step, so heads or states without one were
+        # copied in from elsewhere (another run, an older kit): nothing says what they were trained from.
+        trained = [n for n in ("done.json", "best.pth", "last.pth") if (cfg.out / n).exists()]
+        states = cfg.out / "states"
+        trained += ["states/"] if states.is_dir() and any(states.iterdir()) else []
+        if trained:
+            raise StaleMemberError(f"{cfg.out}: holds training ({', '.join(trained)}) but no {RECORD}, so nothing "
+                                   f"shows it was trained from member {cfg.name}'s config and split lists (copied "
+                                   f"from another run?); move {cfg.out} away (or delete it) to retrain {cfg.name}")
         return  # nothing trained here yet
     try:
         record = json.loads(path.read_text(encoding="utf-8"))

@@ -24,6 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from members.cluster import ClusterConfig
 from members.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
@@ -31,6 +32,7 @@ from members.config import ConfigError, apply_overrides, from_dict, load_yaml, t
 METHODS = ("mean", "rank_mean", "nnls", "ridge", "greedy")
 CALIBRATIONS = ("none", "logistic", "isotonic")
 PHASES = ("test", "valid")
+T = TypeVar("T")
 
 
 @dataclass
@@ -73,6 +75,8 @@ class EnsembleConfig:
             raise ValueError(f"ridge_alpha must be > 0 (or null for inner CV), got {self.ridge_alpha}")
         if self.greedy_rounds < 1:
             raise ValueError(f"greedy_rounds must be >= 1, got {self.greedy_rounds}")
+        if self.seed < 0:  # numpy's generators take no negative seed; say so here, not after the fit
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if "mean" not in self.methods:
             self.methods = ["mean", *self.methods]
 
@@ -100,6 +104,9 @@ class SubmissionConfig:
             raise ValueError("give 'test_dir' or 'names_file', not both")
         if self.description is not None and (not self.description.strip() or "\n" in self.description):
             raise ValueError("'description' must be one non-empty line (the readme is one field per line)")
+        if self.out is not None and not self.out.lower().endswith(".zip"):
+            # the zip replaces whatever is at `out`: a typo must not overwrite a config or a stage file
+            raise ValueError(f"'out' must be the path of a .zip file (NTIRE takes a zip), got {self.out!r}")
 
 
 @dataclass
@@ -207,19 +214,42 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     from members.member import load_member_config
 
     path = Path(path)
-    data = apply_overrides(load_yaml(path), list(overrides))
+    data = apply_overrides(_utf8(load_yaml, path), list(overrides))
     cfg = from_dict(ExperimentConfig, data)
-    where = f"{path}, line {getattr(data, 'lines', {}).get('members', '?')}"
+    line = getattr(data, "lines", {}).get("members", "?")
+    where = f"{path}, line {line}" if isinstance(line, int) else f"{path} ({line})"
     members: list[MemberEntry] = []
     seen: dict[str, Path] = {}
+    exp = Experiment(path, cfg, members)
+    stage_dirs = {_same(exp.split_dir): "the split lists' folder", _same(exp.out_dir): "the ensemble's folder"}
     for raw in cfg.members:
         member_path = _member_path(raw, path, where)
-        name = load_member_config(member_path).name
+        name = _utf8(load_member_config, member_path, " (or a file its 'base:' names)").name
         if not name or "/" in name or name in (".", ".."):
             raise ConfigError(f"{member_path}: 'name' must be a plain folder name, got {name!r}")
         if name in seen:
             raise ConfigError(f"{where}: members {seen[name]} and {member_path} share the name {name!r}")
+        out = Path(cfg.runs_dir) / name
+        if _same(out) in stage_dirs:  # the two stages would write over each other's files
+            raise ConfigError(f"{member_path}: member name {name!r} makes its folder {out} {stage_dirs[_same(out)]}; "
+                              "rename the member (or set ensemble.out_dir elsewhere)")
         seen[name] = member_path
-        sets = [f"output_dir={Path(cfg.runs_dir) / name}", f"split_dir={Path(cfg.runs_dir) / 'splits'}"]
+        sets = [f"output_dir={out}", f"split_dir={Path(cfg.runs_dir) / 'splits'}"]
         members.append(MemberEntry(member_path, load_member_config(member_path, sets), sets))
-    return Experiment(path, cfg, members)
+    if _same(exp.out_dir) == _same(exp.split_dir):
+        raise ConfigError(f"{path}: ensemble.out_dir {exp.out_dir} is the split lists' folder; choose another folder")
+    return exp
+
+
+def _same(path: Path) -> Path:
+    """`path` made absolute and normalised, to tell whether two configured folders are one."""
+    return Path(os.path.abspath(path))
+
+
+def _utf8(load: Callable[[Path], T], path: Path, also: str = "") -> T:
+    """`load(path)`, with a config file that is not UTF-8 named in one line (not a codec's message)."""
+    try:
+        return load(path)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}{also}: not UTF-8 text ({err.reason} at byte {err.start}); "
+                          "save it as UTF-8") from None

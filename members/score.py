@@ -12,6 +12,7 @@ better; an ensemble's scores are on its `preds_test.csv` scale) to `--out`, or p
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -36,11 +37,13 @@ def read_pairs_csv(path: Path) -> list[tuple[Path, Path]]:
         raise PairsError(f"{path}: not UTF-8 text") from None
     pairs = []
     for number, line in enumerate(lines, start=1):
-        fields = [f.strip() for f in line.split(",")]
+        # CSV quoting ("a,b.png",ref.png) as spreadsheets write it; a bad quote is a bad line
+        fields = [f.strip() for f in next(csv.reader([line]), [])]
         if not line.strip() or (number == 1 and fields == ["dis", "ref"]):
             continue
         if len(fields) != 2 or not all(fields):
-            raise PairsError(f"{path}, line {number}: expected 'dis,ref', got {line!r}")
+            raise PairsError(f"{path}, line {number}: expected 'dis,ref' (quote a path that holds a comma), "
+                             f"got {line!r}")
         pairs.append((Path(fields[0]), Path(fields[1])))
     if not pairs:
         raise PairsError(f"{path}: no pairs")
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of: DIS REF, --pairs CSV, or --dis-dir DIR --ref-dir DIR")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
+    if args.out and Path(args.out).is_dir():  # found now, not after every pair was scored
+        parser.error(f"--out {args.out}: is a folder; give the path of the CSV file to write")
     try:
         if args.images:
             pairs = [(Path(args.images[0]), Path(args.images[1]))]

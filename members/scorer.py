@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 
 from members.config import ConfigError, from_dict, load_yaml
-from members.data import DataError, Pair, load_rgb
+from members.data import DataError, Pair
 from members.fastpredict import FastOptions, SharedScorer, build_group, group_members, precision_of
-from members.index import as_rgb
-from members.member import MemberConfig, load_member_config
+from members.index import as_rgb, check_pairs
+from members.member import MemberConfig, load_member_config, prediction_fingerprint
 from members.refdata import RefGroupPairs
 from members.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json, read_stage_outputs,
                                 sha256_file)
@@ -45,11 +45,8 @@ def _image(x: ImageLike, min_size: int, crop: int, what: str) -> torch.Tensor:
     if isinstance(x, (str, Path)):
         if not Path(x).is_file():
             raise ScorerError(f"{what}: {x} not found")
-        try:
-            img = load_rgb(Path(x), min_size)
-        except DataError as err:
-            raise ScorerError(str(err)) from None
-    elif isinstance(x, Image.Image):
+        x, what = _open(Path(x), what), f"{what} ({x})"  # then as any PIL image
+    if isinstance(x, Image.Image):
         try:
             rgb = as_rgb(x, Path(what))
         except DataError as err:
@@ -71,6 +68,32 @@ def _image(x: ImageLike, min_size: int, crop: int, what: str) -> torch.Tensor:
         raise ScorerError(f"{what}: {tuple(img.shape[1:])} is smaller than the member's {crop}px crop; use larger "
                           "images, or a member trained with data.upscale_small: true")
     return img
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    """A decoded image file, or a ScorerError saying why it cannot be read (load_rgb's message would
+    speak of a check at the start of a run, which the scorer never made)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except Exception as err:  # PIL raises many types for corrupt files; all mean "cannot use it"
+        raise ScorerError(f"{what}: cannot read {path} as an image ({type(err).__name__}: {err})") from None
+
+
+def _device(text: str) -> torch.device:
+    """The device to score on, checked now: a typo or a missing GPU is one line, not a traceback
+    from deep inside torch after the models were built."""
+    try:
+        device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, ValueError):
+        raise ScorerError(f"device {text!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ScorerError(f"device {text!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ScorerError(f"device {text!r}: no such CUDA GPU is visible here "
+                          f"({torch.cuda.device_count()} visible); use --device cpu")
+    return device
 
 
 def upscale(img: torch.Tensor, min_size: int) -> torch.Tensor:
@@ -98,8 +121,8 @@ class Scorer:
         self.configs = [cfg for cfg, _ in members]
         self.checkpoints = {cfg.name: str(ckpt) for cfg, ckpt in members}
         self.ensemble = ensemble
+        self.device = _device(device)
         self.opts = FastOptions(precision=precision, device=device)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.groups = []
         for group in group_members(self.configs, self.opts):
             models = build_group(group, [self.checkpoints[c.name] for c in group])
@@ -129,7 +152,8 @@ class Scorer:
         """A fitted ensemble: its folder (with `ensemble.json`) or the experiment's runs dir. The
         ensemble's files and the members' heads are checked against the ensemble's manifest."""
         path = Path(path)
-        folder = path if (path / "ensemble.json").is_file() else path / "ensemble"
+        # the ensemble's folder itself, or a runs dir that holds one (named in the message when neither)
+        folder = path if (path / "ensemble.json").is_file() or not (path / "ensemble").is_dir() else path / "ensemble"
         try:
             record = read_stage_outputs(folder, "ensemble.json", [], REBUILD_ENSEMBLE)
         except StageFileError as err:
@@ -148,7 +172,7 @@ class Scorer:
             if not best.is_file() or sha256_file(best) != meta.get("checkpoint_sha256"):
                 raise ScorerError(f"{best}: not the heads the ensemble's predictions were made with; "
                                   "rerun make train-members and make ensemble")
-            members.append((_member_config(member_dir), str(best)))
+            members.append((_prediction_config(member_dir, meta, record["manifest"].get("experiment")), str(best)))
         return cls(members, ensemble=record, **kwargs)
 
     # ------------------------------------------------------------------------------------ scoring
@@ -171,13 +195,16 @@ class Scorer:
         """Scores of (distorted path, reference path) pairs, grouped by reference so that each
         reference's work is done once; `batch_size` distorted images per step."""
         pairs = [Pair(Path(d).name, Path(d), Path(r), str(r), None, f"pair {i + 1}") for i, (d, r) in enumerate(pairs)]
+        # Every file decodes, sizes match and fit the crops, all checked before any scoring (names may
+        # repeat here: the pairs are scored by position).
+        crop = max((c.model.crop for c in self.configs if not c.data.upscale_small), default=0)
+        try:
+            check_pairs([dataclasses.replace(p, name=str(i)) for i, p in enumerate(pairs)], crop, False, "pairs")
+        except DataError as err:
+            raise ScorerError(str(err)) from None
         columns = np.zeros((len(pairs), len(self.configs)))
         for group, scorer in self.groups:
             lead = group[0]
-            for p in pairs:
-                for path in (p.dis, p.ref):
-                    if not path.is_file():
-                        raise ScorerError(f"{p.source}: {path} not found")
             data = RefGroupPairs(pairs, lead.model.crop, lead.predict.views, None, chunk=batch_size,
                                  upscale_small=lead.data.upscale_small)
             loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers)
@@ -221,6 +248,30 @@ class Scorer:
             raise ScorerError("a rank_mean ensemble ranks scores within the scored set: score several pairs at once")
         combined = get_method(record["method"]).combine((x - mean) / std, weights)
         return apply_calibration(record["calibration"], combined)
+
+
+def _prediction_config(member_dir: Path, meta: dict, experiment: str | None) -> MemberConfig:
+    """The member config its predictions were made with (same `prediction_fingerprint`): its folder's
+    `config.yaml` (written when training started), else the experiment's current entry (views may have
+    changed since training, and the member was predicted again). Another config (other views, crop,
+    upscaling) would give other scores than the ensemble's files, silently."""
+    wanted = meta.get("prediction_fingerprint")
+    cfg = _member_config(member_dir)
+    if prediction_fingerprint(cfg) == wanted:
+        return cfg
+    if experiment and Path(experiment).is_file():
+        from members.schema import load_experiment
+
+        try:
+            entry = next((m for m in load_experiment(experiment).members if m.name == cfg.name), None)
+        except ConfigError:
+            entry = None
+        if entry is not None and prediction_fingerprint(entry.config) == wanted:
+            return entry.config
+    raise ScorerError(f"{member_dir / 'config.yaml'}: not the config {member_dir / 'preds_test.json'} was predicted "
+                      f"with (config hash {prediction_fingerprint(cfg)}, predictions {wanted}), and the experiment "
+                      f"{experiment or '(unknown)'} does not give it either; restore the member config, or rerun "
+                      "make train-members and make ensemble")
 
 
 def _member_config(member_dir: Path) -> MemberConfig:

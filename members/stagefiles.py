@@ -9,6 +9,9 @@ A member writes, per predicted split, into its folder:
 The ensemble writes `ensemble.json` LAST into its folder; its `manifest` holds the hashes of every
 member file it read, of the split lists, of the experiment's ensemble settings and of its own outputs.
 
+Each json also records the hash of its own content (`self_sha256`), so a hand edit of the json itself
+(a weight in `ensemble.json`, a member's measured seconds) is refused like an edit of the files it lists.
+
 A stage checks the manifest of the stage before it against the files on disk and the current
 experiment, so files from an interrupted run, another run or an older config are refused, with the
 command that rebuilds them.
@@ -26,6 +29,7 @@ _SHOW = 5  # names shown per difference; more would drown the message
 SCORE_DECIMALS = 6  # scores are written with %.6f; the ensemble fits on the written values
 REBUILD_MEMBERS = "make train-members (or make predict-all)"
 REBUILD_ENSEMBLE = "make ensemble"
+SELF_HASH = "self_sha256"  # a manifest's hash of its own content
 
 
 class StageFileError(ValueError):
@@ -125,6 +129,30 @@ def read_labels(path: Path) -> dict[str, tuple[str, float]]:
     return out
 
 
+def _record_digest(record: dict) -> str:
+    """sha256 of a manifest's content without its own `self_sha256` (key order does not matter)."""
+    body = {k: v for k, v in record.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _sealed(record: dict) -> str:
+    """A manifest as JSON text, with the hash of its own content."""
+    plain = json.loads(json.dumps(record))  # hashed as a reader will see it (int keys become strings)
+    return json.dumps({**plain, SELF_HASH: _record_digest(plain)}, indent=2) + "\n"
+
+
+def _check_seal(record: dict, path: Path, rebuild: str, required: bool) -> None:
+    """Refuse a manifest edited by hand. Member jsons of an older kit have no seal (`required` False:
+    their files are still checked); re-predicting them only to add it would cost hours of GPU."""
+    if SELF_HASH not in record:
+        if required:
+            raise StageFileError(f"{path}: no '{SELF_HASH}' (written by an older kit, or by hand); run {rebuild}")
+        return
+    if record[SELF_HASH] != _record_digest(record):
+        raise StageFileError(f"{path}: edited since it was written (its content no longer matches its "
+                             f"'{SELF_HASH}'); do not edit stage files by hand: run {rebuild}")
+
+
 def read_json(path: Path, rebuild: str) -> dict:
     if not path.is_file():
         raise StageFileError(f"{path}: not found; run {rebuild}")
@@ -155,7 +183,7 @@ def write_member_split(out: Path, split: str, rows: list[tuple[str, float]],
     for name, text in files.items():
         atomic_write_text(out / name, text)
     manifest = {**meta, "split": split, "files": {n: hashlib.sha256(t.encode()).hexdigest() for n, t in files.items()}}
-    atomic_write_text(out / f"preds_{split}.json", json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out / f"preds_{split}.json", _sealed(manifest))
 
 
 def read_member_meta(member_dir: Path, split: str) -> dict:
@@ -168,6 +196,7 @@ def read_member_meta(member_dir: Path, split: str) -> dict:
                              f"run {REBUILD_MEMBERS}")
     if not isinstance(meta.get("higher_is_better"), bool):
         raise StageFileError(f"{path}: expected a boolean 'higher_is_better'; run {REBUILD_MEMBERS}")
+    _check_seal(meta, path, REBUILD_MEMBERS, required=False)  # after the checks that say more
     for name, digest in files.items():
         file = path.parent / name
         if not file.is_file():
@@ -176,6 +205,33 @@ def read_member_meta(member_dir: Path, split: str) -> dict:
             raise StageFileError(f"{file}: changed since {path.name} was written (edited, or a prediction run "
                                  f"was interrupted); run {REBUILD_MEMBERS}")
     return meta
+
+
+def check_split_lists(split_dir: Path, data_cfg: object) -> None:
+    """Refuse split lists that the data has moved away from: a score fixed in a label file, images
+    added or removed. The members' manifests only prove that they predicted these lists; the lists
+    must also still be what the data says, or the ensemble would fit (and the zip come from) stale MOS.
+
+    The lists are rebuilt in memory from the label files and folders (no image is opened) and
+    compared with the content fingerprint `prepare_splits` recorded. Skipped when the lists carry no
+    record (written by hand) or the data is not on this machine (the ensemble needs no images).
+    """
+    from members.data import DataError, build_splits, content_fingerprint, splits_content
+
+    recorded = splits_content(Path(split_dir))
+    source = Path(data_cfg.csv if data_cfg.format == "csv" else data_cfg.root or ".")
+    if recorded is None or not source.exists():
+        return
+    try:
+        current = content_fingerprint(build_splits(data_cfg))
+    except DataError as err:
+        raise StageFileError(f"{split_dir}: cannot compare the split lists with the data they were made from: "
+                             f"{err}; fix the data, then run {REBUILD_MEMBERS}") from None
+    if current != recorded:
+        raise StageFileError(f"{split_dir}: the data in {source} changed since these split lists were written "
+                             f"(a label edited, images added, removed or replaced; data fingerprint {recorded} -> "
+                             f"{current}); run {REBUILD_MEMBERS} to rebuild the lists and the members made from "
+                             "them, then this stage again")
 
 
 # ---------------------------------------------------------------------------------- ensemble outputs
@@ -191,7 +247,7 @@ def write_stage_outputs(out_dir: Path, files: dict[str, str | bytes], manifest_n
         atomic_write_bytes(out_dir / name, data)
         digests[name] = hashlib.sha256(data).hexdigest()
     manifest = {**manifest, "manifest": {**manifest.get("manifest", {}), "outputs": digests}}
-    atomic_write_text(out_dir / manifest_name, json.dumps(manifest, indent=2) + "\n")
+    atomic_write_text(out_dir / manifest_name, _sealed(manifest))
 
 
 def read_stage_outputs(out_dir: Path, manifest_name: str, needed: list[str], rebuild: str) -> dict:
@@ -199,6 +255,7 @@ def read_stage_outputs(out_dir: Path, manifest_name: str, needed: list[str], reb
     on disk with the content it recorded."""
     path = Path(out_dir) / manifest_name
     data = read_json(path, rebuild)
+    _check_seal(data, path, rebuild, required=True)  # the weights and metadata it holds are used as they are
     outputs = data.get("manifest", {}).get("outputs") if isinstance(data.get("manifest"), dict) else None
     if not isinstance(outputs, dict):
         raise StageFileError(f"{path}: no manifest of its outputs (written by an older kit); run {rebuild}")

@@ -24,8 +24,8 @@ from members.atomic import atomic_path
 from members.data import read_split
 from members.member import prediction_fingerprint
 from members.schema import PHASES, Experiment
-from members.stagefiles import (REBUILD_ENSEMBLE, REBUILD_MEMBERS, StageFileError, read_json, read_preds,
-                                read_stage_outputs, sha256_file)
+from members.stagefiles import (REBUILD_ENSEMBLE, REBUILD_MEMBERS, StageFileError, check_split_lists, read_json,
+                                read_preds, read_stage_outputs, sha256_file)
 from submission.check import OUTPUT, README, Report, check_zip, names_in_dir, read_names_file
 from submission.readme import ReadmeInfo, format_readme
 
@@ -168,6 +168,10 @@ def verify_ensemble(exp: Experiment, needed: list[str]) -> dict:
             problems.append(f"{current} changed since the ensemble was fitted")
     if problems:
         raise SubmissionInputError(f"{path} is stale; rerun {REBUILD_ENSEMBLE}:\n  " + "\n  ".join(problems))
+    try:  # lists unchanged on disk, but the data moved on (a fixed label): the zip would be stale
+        check_split_lists(exp.split_dir, exp.members[0].config.data)
+    except StageFileError as err:
+        raise SubmissionInputError(str(err)) from None
     return record
 
 
@@ -242,6 +246,8 @@ def write_submission(exp: Experiment, phase: str = "test") -> tuple[Path, Report
     files = {OUTPUT: format_output(rows), README: format_readme(readme_info(ensemble, config.description))}
 
     out = exp.zip_path(phase)
+    if out.is_dir():
+        raise SubmissionInputError(f"{out}: is a folder; submission.out must be the path of a .zip file")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:  # removed, and `out` untouched, if anything below fails
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:

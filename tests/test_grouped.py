@@ -220,8 +220,9 @@ def test_shared_prediction_files_equal_per_member_predictions(member_yaml, tmp_p
             assert set(reference) <= set(meta)
             assert {k: meta[k] for k in ("member", "split", "n_images", "n_views", "views", "model")} == \
                    {k: reference[k] for k in ("member", "split", "n_images", "n_views", "views", "model")}
-            # the file is the returned meta plus the writer's manifest of its files
-            assert {k: v for k, v in meta.items() if k != "files"} == metas[f"{name}/{split}"]
+            # the file is the returned meta plus what the writer adds (its manifest of the files)
+            returned = metas[f"{name}/{split}"]
+            assert {k: meta[k] for k in returned} == returned
             assert meta["processes"] == 1 and set(meta["files"]) == {f"preds_{split}.csv", f"labels_{split}.csv"}
         cached = read_scores(tmp_path / "shared" / name / "preds_val.csv")
         recomputed = read_scores(tmp_path / "uncached" / name / "preds_val.csv")
