@@ -39,8 +39,15 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LinedDict:
+    seen: dict[str, int] = {}
+    for key, _ in node.value:  # YAML lets a repeated key silently replace the first: refuse it
+        line = key.start_mark.line + 1
+        if str(key.value) in seen:
+            raise ConfigError(f"{loader.name}, line {line}: key '{key.value}' repeats line {seen[str(key.value)]}; "
+                              "keep one of them")
+        seen[str(key.value)] = line
     mapping = _LinedDict(loader.construct_mapping(node, deep=True))
-    mapping.lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+    mapping.lines = dict(seen)
     mapping.source = str(loader.name)
     return mapping
 
@@ -184,7 +191,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in parents:
             if part not in node:  # a new section: errors inside it point at the override
                 node[part] = _LinedDict()
-                node[part].lines, node[part].source = {}, f"--set {item}"
+                node[part].lines, node[part].source = {}, getattr(node, "source", "config")
                 _mark(node, part, item)
             node = node[part]
             if not isinstance(node, dict):

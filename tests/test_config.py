@@ -65,3 +65,15 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
     atomic_write_text(target, "two\n")
     assert target.read_text() == "two\n"
     assert [p.name for p in target.parent.iterdir()] == ["f.txt"]
+
+
+def test_a_repeated_key_is_an_error_not_a_silent_override(tmp_path):
+    from members.config import load_yaml
+
+    path = tmp_path / "exp.yaml"
+    path.write_text("name: a\nensemble:\n  folds: 3\nruns_dir: r\nensemble:\n  folds: 5\n")
+    with pytest.raises(ConfigError, match=r"exp.yaml, line 5: key 'ensemble' repeats line 2"):
+        load_yaml(path)
+    path.write_text("model:\n  crop: 64\n  crop: 32\n")
+    with pytest.raises(ConfigError, match="line 3: key 'crop' repeats line 2"):
+        load_yaml(path)
