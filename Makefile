@@ -59,7 +59,8 @@ submit: $(STAMP)  ## write and check EXPERIMENT's submission zip (PHASE=valid: t
 demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 	$(MAKE) --no-print-directory demo-data
 	$(MAKE) --no-print-directory train-members ensemble submit EXPERIMENT=$(DEMO)
-	@echo "report: runs/demo/ensemble/report.md  submission: runs/demo/submission.zip"
+	$(MAKE) --no-print-directory submit EXPERIMENT=$(DEMO) PHASE=valid
+	@echo "report: runs/demo/ensemble/report.md  test-phase zip: runs/demo/submission.zip  development-phase zip: runs/demo/submission_valid.zip"
 
 score: $(STAMP)  ## score your own pairs: make score ARGS="--ensemble runs/demo DIS.png REF.png" (--help lists all)
 	$(PY) -m members.score $(if $(ARGS),$(ARGS),--help)
