@@ -6,6 +6,10 @@ def _num(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
 def markdown(results: dict) -> str:
     """Markdown for the dict `bench.run` writes to bench.json."""
     opts = results["options"]
@@ -20,15 +24,17 @@ def markdown(results: dict) -> str:
         "and view (shared by the members) and the reference's part once per (reference, view). "
         "`max |a-b|`: largest score difference over the pairs both ways scored; `range (b)`: max - min of "
         "(b)'s scores (smallest over the members), to read it against: random heads score in a narrow range. "
-        "Peak: memory added during the run.", "",
+        "b/a (CPU s): the same ratio in CPU seconds of the process, which other jobs on a shared machine "
+        "do not stretch (on a GPU it counts the host's work only). Peak: memory added during the run; (b) "
+        "runs its backbone groups one after the other.", "",
     ]
     flops = any("a_tflops" in r for r in results["predict"])
-    head = "| config | members | pairs x views | (a) pairs | (a) pairs/s | (b) pairs/s | b/a | max abs(a-b) | range (b) | peak MiB (a) | peak MiB (b) |"
+    head = "| config | members | pairs x views | (a) pairs | (a) pairs/s | (b) pairs/s | b/a | b/a (CPU s) | max abs(a-b) | range (b) | peak MiB (a) | peak MiB (b) |"
     head += " TFLOP/s (a) | TFLOP/s (b) |" if flops else ""
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results["predict"]:
         cells = [r["config"], str(r["members"]), f"{r['pairs']} x {r['views']}", str(r["release_pairs"]),
-                 f"{r['a_pairs_per_s']:.4g}", f"{r['b_pairs_per_s']:.4g}", f"{r['ratio']:.2f}x",
+                 f"{r['a_pairs_per_s']:.4g}", f"{r['b_pairs_per_s']:.4g}", f"{r['ratio']:.2f}x", _ratio(r.get("cpu_ratio")),
                  f"{r['max_abs_diff']:.2e}", f"{r['score_range']:.2e}", _num(r["a_peak_mib"], ".0f"), _num(r["b_peak_mib"], ".0f")]
         if flops:
             cells += [_num(r.get("a_tflops"), ".3g"), _num(r.get("b_tflops"), ".3g")]

@@ -30,50 +30,79 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench.measure import counted_flops, timed
+from bench.measure import counted_flops, timed, timed_cpu
 from bench.release import ReleaseBackbones, kit_train_step, release_predict, release_train_step
 from bench.report import markdown
 from members.config import atomic_write_text
-from members.fastpredict import SharedScorer
+from members.fastpredict import MAX_CROPS, SharedScorer
 from members.model import AHIQ, build_model
 from members.views import ViewConfig, apply_view, make_views
 
 
 @dataclass
-class BenchConfig:
-    name: str
+class BenchGroup:
+    """Members that share backbones: timm names, crop and test-time views (`members.fastpredict.backbone_key`)."""
+
     vit: str
     cnn: str
     crop: int
+    views: ViewConfig
+    members: int = 1
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    groups: list[BenchGroup]
     image: int  # side of the synthetic images the views are cut from
     refs: int = 1
     dis: int = 8  # distorted images per reference
-    views: int = 5  # 1 (centre) or 5 (corners + centre)
-    members: tuple[int, ...] = (1, 3)
-    release_pairs: int = 1  # pairs the release's way is timed on
+    members: tuple[int, ...] = (1, 3)  # rows: the first group with this many members (one-group configs)
+    release_pairs: int = 1  # pairs the release's way is timed on, per member
     train_batch: int = 4
     warmup: bool = False  # one untimed call of each way first (cheap on tiny configs only)
 
+    @property
+    def train_group(self) -> BenchGroup:
+        return self.groups[0]
 
+
+FIVE = ViewConfig(kind="five")
 CONFIGS = {
-    "tiny": BenchConfig("tiny", "vit_tiny_patch16_224", "resnet18", 64, 80, refs=2, dis=4, views=5,
+    "tiny": BenchConfig("tiny", [BenchGroup("vit_tiny_patch16_224", "resnet18", 64, FIVE)], 80, refs=2, dis=4,
                         release_pairs=4, warmup=True),
-    "real": BenchConfig("real", "vit_base_patch8_224", "resnet50", 224, 288, refs=1, dis=8, views=5),
+    "real": BenchConfig("real", [BenchGroup("vit_base_patch8_224", "resnet50", 224, FIVE)], 288, refs=1, dis=8),
 }
+AHIQ_C = "configs/ahiq_c.yaml"
 
 
-def synthetic_items(cfg: BenchConfig, seed: int = 0) -> list[dict]:
+def experiment_config(path: str, name: str) -> BenchConfig:
+    """The members of an experiment file as bench groups (their backbones, crops and views; random
+    weights), on 288 px images as PIPAL's: one row with every member."""
+    from members.schema import load_experiment
+
+    groups: dict[str, BenchGroup] = {}
+    for m in load_experiment(path).members:
+        model, views = m.config.model, m.config.predict.views
+        key = json.dumps([model.vit, model.cnn, model.crop, dataclasses.asdict(views)])
+        group = groups.setdefault(key, BenchGroup(model.vit.split(".")[0], model.cnn.split(".")[0], model.crop, views, 0))
+        group.members += 1
+    total = sum(g.members for g in groups.values())
+    return BenchConfig(name, list(groups.values()), 288, refs=1, dis=8, members=(total,))
+
+
+def synthetic_items(group: BenchGroup, cfg: BenchConfig, seed: int = 0) -> list[dict]:
     """Reference-grouped items (the `members.refdata` layout): smooth random references, and distorted
     copies with noise of growing strength."""
     gen = torch.Generator().manual_seed(seed)
-    views = make_views(cfg.image, cfg.image, cfg.crop, ViewConfig(kind="five" if cfg.views == 5 else "center"))
+    views = make_views(cfg.image, cfg.image, group.crop, group.views)
     items = []
     for r in range(cfg.refs):
         low = torch.rand(1, 3, cfg.image // 16, cfg.image // 16, generator=gen)
         ref = F.interpolate(low, size=(cfg.image, cfg.image), mode="bilinear", align_corners=False)[0]
         dis = [(ref + (d + 1) * 0.04 * torch.randn(ref.shape, generator=gen)).clamp(0, 1) for d in range(cfg.dis)]
-        items.append({"ref_key": f"ref{r}", "ref": torch.stack([apply_view(ref, v, cfg.crop) for v in views]),
-                      "dis": torch.stack([torch.stack([apply_view(x, v, cfg.crop) for v in views]) for x in dis]),
+        items.append({"ref_key": f"ref{r}", "ref": torch.stack([apply_view(ref, v, group.crop) for v in views]),
+                      "dis": torch.stack([torch.stack([apply_view(x, v, group.crop) for v in views]) for x in dis]),
                       "index": torch.arange(r * cfg.dis, (r + 1) * cfg.dis)})
     return items
 
@@ -89,45 +118,67 @@ def subset(items: list[dict], pairs: int) -> list[dict]:
     return out
 
 
-def build_members(cfg: BenchConfig, n: int, device: torch.device) -> list[AHIQ]:
+def build_members(group: BenchGroup, n: int, device: torch.device) -> list[AHIQ]:
     """n members sharing one set of random backbones, each with its own seeded random heads."""
-    first = build_model({"vit": cfg.vit, "cnn": cfg.cnn, "crop": cfg.crop, "vit_weights": "none",
+    first = build_model({"vit": group.vit, "cnn": group.cnn, "crop": group.crop, "vit_weights": "none",
                          "cnn_weights": "none"})
     models = [first]
     for k in range(1, n):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(k)
-            models.append(AHIQ(first.vit, first.cnn, crop=cfg.crop))
+            models.append(AHIQ(first.vit, first.cnn, crop=group.crop))
     return [m.to(device).eval() for m in models]
 
 
-def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespace) -> list[dict]:
-    items = synthetic_items(cfg)
+def bench_group(group: BenchGroup, members: int, cfg: BenchConfig, device: torch.device,
+                opts: argparse.Namespace) -> dict:
+    """Both ways on one backbone group of `members` members: the release per member and pair, the
+    kit's engine once for the group."""
+    items = synthetic_items(group, cfg)
     n_pairs = cfg.refs * cfg.dis
-    models = build_members(cfg, max(cfg.members), device)
+    models = build_members(group, members, device)
     part = subset(items, cfg.release_pairs)
-    backbones = ReleaseBackbones(models[0], cfg.vit, cfg.cnn, cfg.crop).to(device)
+    backbones = ReleaseBackbones(models[0], group.vit, group.cnn, group.crop).to(device)
     if cfg.warmup:
         release_predict(models[:1], [backbones], subset(part, 1), device)
-    release = [timed(lambda m=m: release_predict([m], [backbones], part, device), device) for m in models]
+    release = [timed_cpu(lambda m=m: release_predict([m], [backbones], part, device), device) for m in models]
+    scorer = SharedScorer(models, device, opts.precision, opts.channels_last, opts.compile, opts.max_crops)
+    if cfg.warmup:
+        scorer.score(items[:1], cfg.dis, progress=False)
+    seconds, cpu, peak, scores = timed_cpu(lambda: scorer.score(items, n_pairs, progress=False), device)
+    scale = n_pairs / cfg.release_pairs
+    out = {"a_seconds": sum(r[0] for r in release) * scale, "b_seconds": seconds,
+           "a_cpu": sum(r[1] for r in release) * scale, "b_cpu": cpu,
+           "a_peak": None if any(r[2] is None for r in release) else max(r[2] for r in release), "b_peak": peak,
+           "diff": max(abs(scores[k][i] - release[k][3][0][i]) for k in range(members) for i in range(cfg.release_pairs)),
+           "range": min(float(s.max() - s.min()) for s in scores), "views": items[0]["dis"].shape[1]}
+    if opts.flops:
+        out["a_flops"] = members * counted_flops(lambda: release_predict(models[:1], [backbones], subset(part, 1),
+                                                                         device)) * n_pairs
+        out["b_flops"] = counted_flops(lambda: scorer.score(items, n_pairs, progress=False))
+    return out
+
+
+def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespace) -> list[dict]:
+    """One row per entry of `cfg.members`; a row's times and FLOPs add over its groups, its peaks are
+    the largest of any group (groups run one after the other)."""
     rows = []
     for m in cfg.members:
-        scorer = SharedScorer(models[:m], device, opts.precision, opts.channels_last, opts.compile, opts.max_crops)
-        if cfg.warmup:
-            scorer.score(items[:1], cfg.dis, progress=False)
-        seconds, peak, scores = timed(lambda: scorer.score(items, n_pairs, progress=False), device)
-        a_seconds = sum(r[0] for r in release[:m]) / cfg.release_pairs
-        peaks = [r[1] for r in release[:m]]
-        diff = max(abs(scores[k][i] - release[k][2][0][i]) for k in range(m) for i in range(cfg.release_pairs))
-        row = {"config": cfg.name, "members": m, "pairs": n_pairs, "views": cfg.views, "release_pairs": cfg.release_pairs,
-               "a_pairs_per_s": 1 / a_seconds, "b_pairs_per_s": n_pairs / seconds,
-               "ratio": a_seconds * n_pairs / seconds, "max_abs_diff": diff,
-               "score_range": min(float(s.max() - s.min()) for s in scores[:m]),
-               "a_peak_mib": None if None in peaks else max(peaks), "b_peak_mib": peak}
+        groups = cfg.groups if len(cfg.groups) > 1 else [dataclasses.replace(cfg.groups[0], members=m)]
+        parts = [bench_group(g, g.members, cfg, device, opts) for g in groups]
+        n_pairs = cfg.refs * cfg.dis
+        a_s, b_s = sum(p["a_seconds"] for p in parts), sum(p["b_seconds"] for p in parts)
+        a_peaks = [p["a_peak"] for p in parts]
+        row = {"config": cfg.name, "members": m, "pairs": n_pairs,
+               "views": "/".join(str(p["views"]) for p in parts), "release_pairs": cfg.release_pairs,
+               "a_pairs_per_s": n_pairs / a_s, "b_pairs_per_s": n_pairs / b_s, "ratio": a_s / b_s,
+               "cpu_ratio": sum(p["a_cpu"] for p in parts) / sum(p["b_cpu"] for p in parts),
+               "max_abs_diff": max(p["diff"] for p in parts), "score_range": min(p["range"] for p in parts),
+               "a_peak_mib": None if None in a_peaks else max(a_peaks),
+               "b_peak_mib": None if any(p["b_peak"] is None for p in parts) else max(p["b_peak"] for p in parts)}
         if opts.flops:
-            a_flops = m * counted_flops(lambda: release_predict(models[:1], [backbones], subset(part, 1), device))
-            b_flops = counted_flops(lambda: scorer.score(items, n_pairs, progress=False)) / n_pairs
-            row.update(a_tflops=a_flops * row["a_pairs_per_s"] / 1e12, b_tflops=b_flops * row["b_pairs_per_s"] / 1e12)
+            row.update(a_tflops=sum(p["a_flops"] for p in parts) / a_s / 1e12,
+                       b_tflops=sum(p["b_flops"] for p in parts) / b_s / 1e12)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -141,13 +192,13 @@ def train_step_seconds(cfg: BenchConfig, way: str, device: str, threads: int) ->
     warnings.filterwarnings("ignore", message=".*uses random weights.*")
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(1)
-    b = cfg.train_batch
-    dis, ref = (torch.rand(b, 3, cfg.crop, cfg.crop, generator=gen).to(dev) for _ in range(2))
+    b, group = cfg.train_batch, cfg.train_group
+    dis, ref = (torch.rand(b, 3, group.crop, group.crop, generator=gen).to(dev) for _ in range(2))
     label = torch.rand(b, generator=gen).to(dev)
-    model = build_members(cfg, 1, dev)[0]
+    model = build_members(group, 1, dev)[0]
     optimizer = torch.optim.Adam(model.head_parameters(), lr=1e-4, weight_decay=1e-5)
     if way == "release":
-        backbones = ReleaseBackbones(model, cfg.vit, cfg.cnn, cfg.crop, grad=True).to(dev)
+        backbones = ReleaseBackbones(model, group.vit, group.cnn, group.crop, grad=True).to(dev)
         step = lambda: release_train_step(model, backbones, optimizer, dis, ref, label)  # noqa: E731
     else:
         step = lambda: kit_train_step(model, optimizer, dis, ref, label)  # noqa: E731
@@ -177,7 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="folder for bench.md and bench.json")
-    parser.add_argument("--configs", nargs="+", default=["tiny", "real"], choices=sorted(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=["tiny", "real", "ahiq_c"], choices=[*CONFIGS, "ahiq_c"],
+                        help=f"tiny, real (one ViT-B/8 group), ahiq_c (the members of {AHIQ_C})")
     parser.add_argument("--dis", type=int, default=None, help="distorted images per reference (all configs)")
     parser.add_argument("--refs", type=int, default=None, help="references (all configs)")
     parser.add_argument("--release-pairs", type=int, default=None, help="pairs the release's way is timed on")
@@ -187,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast of way (b)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last convolutions in way (b)")
     parser.add_argument("--compile", default="", help="torch.compile backend for (b)'s backbones")
-    parser.add_argument("--max-crops", type=int, default=64, help="crops per heads call in (b)")
+    parser.add_argument("--max-crops", type=int, default=MAX_CROPS, help="crops per backbone and heads call in (b)")
     parser.add_argument("--flops", action="store_true", help="count FLOPs and report TFLOP/s (default on GPU)")
     opts = parser.parse_args(argv)
     if opts.threads:
@@ -195,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opts.flops = opts.flops or device.type == "cuda"
     warnings.filterwarnings("ignore", message=".*uses random weights.*")
-    configs = [dataclasses.replace(CONFIGS[c], **{k: v for k, v in (("dis", opts.dis), ("refs", opts.refs),
+    configs = [dataclasses.replace(experiment_config(AHIQ_C, c) if c == "ahiq_c" else CONFIGS[c], **{k: v for k, v in (("dis", opts.dis), ("refs", opts.refs),
                                                                      ("release_pairs", opts.release_pairs)) if v})
                for c in opts.configs]
     for cfg in configs:
@@ -207,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         "options": {"precision": opts.precision, "channels_last": opts.channels_last, "compile": opts.compile},
         "configs": [dataclasses.asdict(c) for c in configs],
         "predict": [row for cfg in configs for row in bench_predict(cfg, device, opts)],
-        "train": [] if opts.no_train else [bench_train(cfg, device) for cfg in configs],
+        "train": [] if opts.no_train else [bench_train(cfg, device) for cfg in configs if len(cfg.groups) == 1],
     }
     atomic_write_text(f"{opts.out}/bench.json", json.dumps(results, indent=2) + "\n")
     atomic_write_text(f"{opts.out}/bench.md", markdown(results))

@@ -36,6 +36,10 @@ from members.member import MemberConfig
 from members.model import AHIQ, build_model
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Crops per backbone and heads call (always at least one image's views). The release runs one pair
+# (its V distorted and V reference crops) at a time; one distorted image per call keeps this engine's
+# peak memory below that (`make bench`), and larger values rarely pay on the CPU.
+MAX_CROPS = 8
 
 
 @dataclass
@@ -46,7 +50,7 @@ class FastOptions:
     channels_last: bool = False  # channels-last convolutions (faster on GPUs)
     compile: str = ""  # torch.compile backend for the backbones ("inductor"; "" = off)
     batch_size: int | None = None  # distorted images per reference chunk (default: predict.batch_size)
-    max_crops: int = 64  # crops per heads call: bounds the deformable conv's column buffer
+    max_crops: int = MAX_CROPS  # crops per backbone and heads call: bounds features and deform columns
     num_workers: int | None = None  # DataLoader workers (default: the member's predict.num_workers)
     reuse_reference: bool = True  # False: every pair recomputes its reference (the per-pair path)
     device: str = ""  # "" = cuda when available, else cpu
@@ -115,7 +119,7 @@ class SharedScorer:
     """Scores of several members (one backbone group) on reference-grouped items (`RefGroupPairs`)."""
 
     def __init__(self, models: list[AHIQ], device: torch.device, precision: str = "no",
-                 channels_last: bool = False, compile_backend: str = "", max_crops: int = 64) -> None:
+                 channels_last: bool = False, compile_backend: str = "", max_crops: int = MAX_CROPS) -> None:
         self.device, self.max_crops = device, max_crops
         self.dtype = PRECISIONS[precision]
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -163,14 +167,17 @@ class SharedScorer:
                 key = item["ref_key"]
             dis = item["dis"]
             v = dis.shape[1]
-            with clock("backbone"):
-                vit_dis, cnn_dis = self.features(dis.flatten(0, 1))
-            step = max(1, self.max_crops // v) * v
-            for k, heads in enumerate(self.heads):
-                with clock(f"member{k}"), self.autocast():
-                    s = torch.cat([heads.distorted(states[k], vit_dis[a:a + step], cnn_dis[a:a + step])
-                                   for a in range(0, vit_dis.shape[0], step)])
-                    columns[k].append(s.float().view(-1, v).mean(1).cpu().double().numpy())
+            # Backbones and heads run on slices of whole images, at most max_crops crops each (at least
+            # one image): features and the deformable conv's columns exist for one slice at a time.
+            step = max(1, self.max_crops // v)
+            for a in range(0, dis.shape[0], step):
+                with clock("backbone"):
+                    vit_dis, cnn_dis = self.features(dis[a:a + step].flatten(0, 1))
+                for k, heads in enumerate(self.heads):
+                    with clock(f"member{k}"), self.autocast():
+                        s = heads.distorted(states[k], vit_dis, cnn_dis)
+                        columns[k].append(s.float().view(-1, v).mean(1).cpu().double().numpy())
+                del vit_dis, cnn_dis
             found.append(np.asarray(item["index"], dtype=np.int64))
         with clock("gather"):
             local = (np.concatenate(found) if found else np.zeros(0, np.int64),

@@ -21,7 +21,7 @@ from members.checkpoint import CheckpointError
 from members.cli import run_main
 from members.config import ConfigError
 from members.schema import load_experiment
-from members.fastpredict import PRECISIONS, FastOptions
+from members.fastpredict import MAX_CROPS, PRECISIONS, FastOptions
 from members.predict import predict_members
 
 
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", default="", metavar="BACKEND", help="torch.compile the backbones (e.g. inductor)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="distorted images per reference chunk (default: each member's predict.batch_size)")
-    parser.add_argument("--max-crops", type=int, default=64, help="crops per heads call (memory bound)")
+    parser.add_argument("--max-crops", type=int, default=MAX_CROPS,
+                        help=f"crops per backbone and heads call, at least one image's views (memory bound; default {MAX_CROPS})")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: predict.num_workers)")
     parser.add_argument("--no-reuse", action="store_true", help="recompute the reference for every pair (checking)")
     parser.add_argument("--device", default="", help="cpu | cuda | cuda:N, one process only (default: the "

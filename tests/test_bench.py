@@ -33,3 +33,14 @@ def test_predict_all_names_unknown_members(tmp_path, capsys, member_yaml):
     exp.write_text(f"name: e\nruns_dir: {tmp_path / 'runs'}\nmembers: [{member_yaml}]\n")
     assert predict_all_main(["-c", str(exp), "--only", "nobody"]) == 2
     assert "no member named nobody" in capsys.readouterr().err
+
+
+def test_ahiq_c_bench_groups_the_experiments_members():
+    from bench.run import AHIQ_C, experiment_config
+    from members.views import count_views
+
+    cfg = experiment_config(AHIQ_C, "ahiq_c")
+    got = sorted((g.vit, g.crop, count_views(g.views), g.members) for g in cfg.groups)
+    assert got == [("vit_base_patch16_224", 224, 20, 2), ("vit_base_patch8_224", 224, 20, 3),
+                   ("vit_base_patch8_224", 256, 18, 1)]
+    assert cfg.members == (6,) and cfg.image == 288
