@@ -60,6 +60,8 @@ demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 	$(MAKE) --no-print-directory demo-data
 	$(MAKE) --no-print-directory train-members ensemble submit EXPERIMENT=$(DEMO)
 	$(MAKE) --no-print-directory submit EXPERIMENT=$(DEMO) PHASE=valid
+	@echo "demo scores (SRCC/PLCC against the synthetic proxy labels; test = hidden labels of other photos, README \"The demo\"):"
+	@$(PY) -m ensemble.hidden -c $(DEMO) --labels data/demo/demo_test_labels
 	@echo "report: runs/demo/ensemble/report.md  test-phase zip: runs/demo/submission.zip  development-phase zip: runs/demo/submission_valid.zip"
 
 score: $(STAMP)  ## score your own pairs: make score ARGS="--ensemble runs/demo DIS.png REF.png" (--help lists all)

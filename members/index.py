@@ -113,11 +113,21 @@ def read_pipal_labels(label_dir: Path, dis_dirs: list[Path], ref_dir: Path, root
     line) and skips blank lines. The distorted file is looked up in whichever of `dis_dirs` has it;
     a file found nowhere is listed under the first folder so that `check_pairs` reports it.
     """
+    where_dis = _names_in(dis_dirs)
+    pairs = []
+    for name, ref_id, score, where in read_label_rows(label_dir, root):
+        folders = where_dis.get(name, [dis_dirs[0]])
+        dis = (_pick_folder(name, folders, where) if len(folders) > 1 else folders[0]) / name
+        pairs.append(Pair(name, dis, ref_dir / f"{ref_id}.bmp", ref_id, score, where))
+    return pairs
+
+
+def read_label_rows(label_dir: Path, root: Path) -> list[tuple[str, str, float, str]]:
+    """(name, reference id, score, file:line) of every line of the PIPAL label files in `label_dir`."""
     files = sorted(label_dir.glob("*.txt"))
     if not files:
         raise DataError(f"{label_dir}: no label files (*.txt) found")
-    where_dis = _names_in(dis_dirs)
-    pairs = []
+    rows = []
     for file in files:
         text = _label_text(file)
         for number, line in enumerate(text.splitlines(), start=1):
@@ -127,12 +137,8 @@ def read_pipal_labels(label_dir: Path, dis_dirs: list[Path], ref_dir: Path, root
             parts = [p.strip() for p in line.split(",")]
             if len(parts) != 2 or not parts[0]:
                 raise DataError(f"{where}: malformed label line {line!r}; expected 'name,score'")
-            name = parts[0]
-            ref_id = pipal_ref_id(name, where)
-            folders = where_dis.get(name, [dis_dirs[0]])
-            dis = (_pick_folder(name, folders, where) if len(folders) > 1 else folders[0]) / name
-            pairs.append(Pair(name, dis, ref_dir / f"{ref_id}.bmp", ref_id, _parse_score(parts[1], where), where))
-    return pairs
+            rows.append((parts[0], pipal_ref_id(parts[0], where), _parse_score(parts[1], where), where))
+    return rows
 
 
 def read_ntire_folder(dis_dir: Path, ref_dir: Path, root: Path) -> list[Pair]:

@@ -19,6 +19,7 @@ from members.views import AugmentConfig, ViewConfig
 
 SCHEDULES = ("cosine_step", "cosine_epoch", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
+HEADS = ("all", "readout")
 
 
 @dataclass
@@ -43,8 +44,14 @@ class TrainConfig:
     keep_states: int = 2
     log_with: str | None = None  # "tensorboard" when installed
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # all: every head layer trains from PyTorch's default init (the release). readout: for a few
+    # training references (the demo): the heads score feature differences only and just their two
+    # 1x1 output convs train (members.model.start_readout says why).
+    heads: str = "all"
 
     def __post_init__(self) -> None:
+        if self.heads not in HEADS:
+            raise ValueError(f"train.heads must be one of {', '.join(HEADS)}; got {self.heads!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         if self.mixed_precision not in PRECISIONS:
@@ -93,6 +100,9 @@ class MemberConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
 
     def __post_init__(self) -> None:
+        if self.train.heads == "readout" and self.model.init_from:
+            raise ValueError("train.heads: readout starts the heads itself; remove model.init_from "
+                             "or use train.heads: all")
         self.output_dir = self.output_dir or f"runs/{self.name}"
         self.split_dir = self.split_dir or str(Path(self.output_dir) / "splits")
 

@@ -168,3 +168,29 @@ def build_model(cfg: dict | ModelConfig) -> AHIQ:
     if cfg.init_from:
         load_heads_into(model, cfg.init_from, cfg)
     return model
+
+
+def start_readout(model: AHIQ, mean_label: float) -> list[nn.Parameter]:
+    """Set up fresh heads for `train.heads: readout` and return the only parameters that then train.
+
+    Why (measured on the demo, README "demo"): with few training references the release recipe
+    learns the references' content, not their difference. The regressor's first conv reads
+    cat(e_dis - e_ref, e_dis, e_ref), and the content halves are about five times larger than the
+    difference, so every hidden unit follows the content; zeroing their weights leaves hidden units
+    of the difference alone, from which a linear readout generalises to unseen photos. Training
+    those layers brings content back within ten Adam steps, so they keep their seeded random init,
+    and only the two 1x1 output convs (score f, weight w) train. The score conv starts with zero
+    weights and the mean label as bias: fitting that offset through the positive ReLU features
+    would otherwise rank distorted images above clean ones. Architecture and checkpoints unchanged.
+    """
+    reg = model.regressor
+    embed = reg.down_channel.out_channels
+    with torch.no_grad():
+        reg.feat_smoothing[0].weight[:, embed:].zero_()  # the e_dis and e_ref input slices
+        reg.conv[0].weight.zero_()
+        reg.conv[0].bias.fill_(mean_label)
+    trainable = [*reg.conv.parameters(), *reg.conv_attent.parameters()]
+    keep = {id(p) for p in trainable}
+    for p in model.head_parameters():
+        p.requires_grad_(id(p) in keep)  # no autograd graph through the frozen head layers: faster
+    return trainable

@@ -43,7 +43,7 @@ from members.member import (MemberConfig, check_member_folder, load_member_confi
                             write_training_record)
 from members.metrics import MetricError, evaluate
 from members.fastpredict import SharedScorer
-from members.model import AHIQ, build_model
+from members.model import AHIQ, build_model, start_readout
 from members.refdata import RefGroupPairs
 
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
@@ -213,7 +213,10 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
         write_training_record(cfg)
 
     model = build_model(cfg.model)
-    optimizer = torch.optim.Adam(model.head_parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    params = model.head_parameters()
+    if tc.heads == "readout":  # before prepare(): DDP registers the parameters that need gradients
+        params = start_readout(model, float(np.mean(stats.normalise(np.array([p.mos for p in splits["train"]])))))
+    optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     train_set = TrainPairs(splits["train"], cfg.model.crop, tc.augment, stats, cfg.seed,
                            upscale_small=cfg.data.upscale_small)
     # validation as prediction does it: this process's references, predict.batch_size images per chunk

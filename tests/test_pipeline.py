@@ -5,9 +5,13 @@ import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
+import pytest
 import yaml
+from scipy.stats import pearsonr, spearmanr
 
 from ensemble.__main__ import main as ensemble_main
+from ensemble.hidden import main as hidden_main
 from members.experiment import main as experiment_main
 from submission.__main__ import main as submission_main
 from submission.check import main as check_main
@@ -50,3 +54,23 @@ def test_experiment_ensemble_and_submission(member_yaml, tmp_path, capsys):
         lines = zf.read("output.txt").decode().splitlines()
     assert len(lines) == len(list(test_dir.glob("*.bmp")))
     assert check_main([str(runs / "submission.zip"), "--test-dir", str(test_dir)]) == 0
+
+    # the members' and the ensemble's scores against the hidden test labels (what make demo prints)
+    labels = Path(base["data"]["root"]) / "demo_test_labels"
+    truth = dict(line.split(",") for f in sorted(labels.glob("*.txt")) for line in f.read_text().split())
+    capsys.readouterr()
+    assert hidden_main(["-c", str(exp_path), "--labels", str(labels)]) == 0
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert list(rows) == ["tiny_a", "tiny_b", "ensemble"]
+    for name in rows:
+        preds = dict(line.split(",") for line in (runs / name / "preds_test.csv").read_text().split()[1:])
+        y, p = np.array([float(truth[n]) for n in sorted(preds)]), np.array([float(preds[n]) for n in sorted(preds)])
+        assert float(rows[name][2]) == pytest.approx(spearmanr(p, y)[0], abs=6e-4)
+        assert float(rows[name][3]) == pytest.approx(pearsonr(p, y)[0], abs=6e-4)
+    # labels of other images, or of too few, are refused with the folder named
+    wrong = tmp_path / "wrong_labels"
+    wrong.mkdir()
+    first = sorted(labels.glob("*.txt"))[0]
+    (wrong / first.name).write_text(first.read_text())
+    assert hidden_main(["-c", str(exp_path), "--labels", str(wrong)]) == 2
+    assert "does not match the test split" in capsys.readouterr().err
