@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from members.cli import run_main
+from members.cli import INTERRUPTED_RERUN, run_main
 
 from members.atomic import sweep_temps
 from members.config import ConfigError
@@ -76,4 +76,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, INTERRUPTED_RERUN)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from members import metrics
-from members.cli import run_main
+from members.cli import INTERRUPTED_RERUN, run_main
 from members.config import ConfigError
 from members.index import read_label_rows
 from members.schema import load_experiment
@@ -96,4 +96,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, INTERRUPTED_RERUN)

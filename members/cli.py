@@ -1,7 +1,7 @@
 """What every command line of the kit shares: one line per failure, and processes that die together.
 
 - `run_main(main)` runs a CLI's `main`: Ctrl-C prints "interrupted; rerun the same command to
-  resume" and exits 130; the kit's known error types (bad configs, bad data, file problems such as a
+  resume" (or, for commands that recompute everything, that nothing half-written was kept) and exits 130; the kit's known error types (bad configs, bad data, file problems such as a
   full disk or a missing folder) print one `error:` line and exit 2, never a traceback.
 - `die_with_parent()` makes a worker die when the process that launched it dies, even by `kill -9`:
   torch's elastic launcher starts its workers in new sessions, so they would go on training as
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 INTERRUPTED = "interrupted; rerun the same command to resume"
+# for commands with nothing to resume (they recompute everything; their files are replaced whole)
+INTERRUPTED_RERUN = "interrupted; nothing half-written was kept; rerun the same command"
 PR_SET_PDEATHSIG = 1
 # Parents whose children should follow them: the accelerate / torch.distributed launchers and our shim.
 LAUNCHERS = ("accelerate", "torch.distributed.run", "torchrun", "members.cli")
@@ -77,14 +79,15 @@ def _close_progress_bars() -> None:
             pass
 
 
-def run_main(main: Callable[[], int | None]) -> NoReturn:
-    """Run a CLI's `main` and exit with its status; see the module docstring for failures."""
+def run_main(main: Callable[[], int | None], interrupted: str = INTERRUPTED) -> NoReturn:
+    """Run a CLI's `main` and exit with its status; see the module docstring for failures.
+    `interrupted`: what Ctrl-C prints (INTERRUPTED_RERUN for commands that cannot resume)."""
     die_with_parent()  # a no-op unless started by a launcher (accelerate launch, members.experiment)
     try:
         code = main()
     except KeyboardInterrupt:
         _close_progress_bars()
-        print(INTERRUPTED, file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
     except BrokenPipeError:  # `... | head`: the reader left; nothing to report
         sys.exit(1)

@@ -295,6 +295,8 @@ def build(out: Path, size: int = 80, seed: int = 0, progress: bool = False) -> b
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DemoDataError(f"{out}: exists and is not a demo dataset (no {MARKER}); refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for litter in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        shutil.rmtree(litter, ignore_errors=True)  # of a killed run (the data is regenerated anyway)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     tmp.chmod(0o755)  # mkdtemp makes it private; the dataset should be as readable as any folder
     try:

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from members.atomic import atomic_write_text
-from members.cli import run_main
+from members.cli import INTERRUPTED_RERUN, run_main
 from members.scorer import Scorer, ScorerError
 from members.stagefiles import StageFileError, check_name
 
@@ -132,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, INTERRUPTED_RERUN)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from members.cli import run_main
+from members.cli import INTERRUPTED_RERUN, run_main
 from members.config import ConfigError
 from submission.check import NamesError, print_report
 from members.schema import load_experiment
@@ -50,4 +50,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, INTERRUPTED_RERUN)

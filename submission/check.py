@@ -19,7 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from members.cli import run_main
+from members.cli import INTERRUPTED_RERUN, run_main
 from submission.readme import parse_readme
 
 OUTPUT, README = "output.txt", "readme.txt"
@@ -280,4 +280,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, INTERRUPTED_RERUN)

@@ -214,6 +214,15 @@ def test_failure_leaves_no_half_dataset(tmp_path: Path, monkeypatch: pytest.Monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
+def test_litter_of_a_killed_build_is_swept(tmp_path: Path) -> None:
+    # kill -9 skips build's cleanup: its temporary dataset (or the set-aside old one) stays beside out
+    for litter in (".demo.tmp-k1lled", ".demo.old-k1lled"):
+        (tmp_path / litter / "NTIRE2022_FR_Testing_Dis").mkdir(parents=True)
+    (tmp_path / ".other.tmp-keep").mkdir()  # not ours
+    assert build(tmp_path / "demo", size=24) is True
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-keep", "demo"]
+
+
 def test_refuses_to_replace_a_foreign_folder(tmp_path: Path) -> None:
     out = tmp_path / "mine"
     out.mkdir()

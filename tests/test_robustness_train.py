@@ -218,3 +218,21 @@ def test_experiment_ctrl_c_and_kill_9_leave_no_training_behind(member_yaml, tmp_
         if how == signal.SIGINT:
             assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
             assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
+
+
+@pytest.mark.parametrize("module", ["ensemble", "submission", "ensemble.hidden"])
+def test_ctrl_c_where_nothing_resumes_says_so(module, monkeypatch, capsys):
+    import runpy
+
+    import members.schema
+    from members.cli import INTERRUPTED_RERUN
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(members.schema, "load_experiment", interrupt)
+    monkeypatch.setattr(sys, "argv", [module, "-c", "x.yaml", "--labels", "y"][: 5 if "hidden" in module else 3])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err.strip() == INTERRUPTED_RERUN
