@@ -98,7 +98,7 @@ def cross_validate(method: Method, x: np.ndarray, y: np.ndarray, groups: np.ndar
     scores = []
     for train, test in GroupKFold(n_splits=folds).split(x, y, groups):
         weights = method.fit(x[train], y[train], groups[train])
-        oof[test] = method.combine(x[test], weights)
+        oof[test] = method.combine(x[test], weights, x[train])
         scores.append(metrics.signed_main(oof[test], y[test]))
     return oof, scores
 
@@ -111,7 +111,7 @@ def evaluate_method(method: Method, x: np.ndarray, y: np.ndarray, groups: np.nda
     return MethodResult(
         name=method.name, fold_scores=scores, oof=oof, oof_metrics=quality(oof, y),
         ci=metrics.bootstrap_ci(metrics.signed_main, oof, y, groups, n_boot=cfg.n_boot, seed=cfg.seed),
-        weights=weights, in_sample=metrics.signed_main(method.combine(x, weights), y),
+        weights=weights, in_sample=metrics.signed_main(method.combine(x, weights, x), y),
     )
 
 
@@ -188,14 +188,14 @@ def run_ensemble(data: MemberData, cfg: EnsembleConfig, progress: bool = False) 
 
     method = get_method(chosen)
     weights = results[chosen].weights
-    val_pred = method.combine(x_val, weights)
-    test_pred = method.combine(x_test, weights)
+    val_pred = method.combine(x_val, weights, x_val)
+    test_pred = method.combine(x_test, weights, x_val)
     calibration = fit_calibration(cfg.calibration, val_pred, data.mos)
     test_out = apply_calibration(calibration, test_pred)
     check_order(test_pred, test_out, "test")
     valid_out = None
     if data.x_valid is not None:
-        valid_pred = method.combine(standardise(data.x_valid, mean, std), weights)
+        valid_pred = method.combine(standardise(data.x_valid, mean, std), weights, x_val)
         valid_out = apply_calibration(calibration, valid_pred)
         check_order(valid_pred, valid_out, "valid")
     oof_out = apply_calibration(calibration, results[chosen].oof)

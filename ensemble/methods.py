@@ -1,9 +1,11 @@
-"""Combination methods behind one interface: `fit(x, y, groups) -> weights`, `combine(x, weights)`.
+"""Combination methods behind one interface: `fit(x, y, groups) -> weights`, `combine(x, weights, fitted)`.
 
 `x` holds one z-scored column per member, `y` is the MOS oriented so that higher is better, `groups`
 the reference id of each row. Weights are non-negative and sum to 1, so every method's output lives on
 the same z-scale: out-of-fold predictions from different folds can be pooled, and weights compared.
-Correlation metrics do not care about the overall scale that this normalisation drops.
+Correlation metrics do not care about the overall scale that this normalisation drops. `fitted` are
+the rows the weights were fitted on; only rank_mean reads them (a score's place among them), so that
+a row's ensemble score never depends on which other rows are scored with it.
 
 Every method first drops the members that rank the rows it is fitted on backwards (`sane_members`):
 member scores are higher-is-better by contract, so a negative correlation means a wrong direction or
@@ -31,7 +33,7 @@ class Method:
 
     name: str
     fit: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
-    combine: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    combine: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]  # (x, weights, fitted rows)
 
 
 def standardisation(x_val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,16 +87,33 @@ def _equal(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return np.full(x.shape[1], 1.0 / x.shape[1])
 
 
-def combine_linear(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+def combine_linear(x: np.ndarray, weights: np.ndarray, fitted: np.ndarray | None = None) -> np.ndarray:
     """Weighted sum of the member columns."""
     return x @ weights
 
 
-def combine_ranks(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Weighted sum of per-member ranks scaled to [0, 1] within `x` (ranks are taken inside the split
-    being predicted, e.g. within the test split)."""
-    ranks = (stats.rankdata(x, axis=0) - 1) / (len(x) - 1)
-    return ranks @ weights
+def quantiles(x: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """Each column of `x` as its place among the same column of `fitted`: the mid-rank empirical CDF
+    ((rank - 0.5) / n, ties averaged) at the fitted values, linear between them and continued past
+    both ends with the mean slope, so that order is kept everywhere. On `fitted` itself this is the
+    rank transform; any other rows are placed on that same scale, one at a time."""
+    out = np.empty(x.shape, dtype=np.float64)
+    for j in range(x.shape[1]):
+        ref = np.sort(fitted[:, j])
+        values, first, counts = np.unique(ref, return_index=True, return_counts=True)
+        q = (first + counts / 2) / len(ref)
+        col = np.interp(x[:, j], values, q)
+        slope = (q[-1] - q[0]) / (values[-1] - values[0]) if len(values) > 1 else 0.0
+        below, above = x[:, j] < values[0], x[:, j] > values[-1]
+        col[below] = q[0] + (x[below, j] - values[0]) * slope
+        col[above] = q[-1] + (x[above, j] - values[-1]) * slope
+        out[:, j] = col
+    return out
+
+
+def combine_ranks(x: np.ndarray, weights: np.ndarray, fitted: np.ndarray) -> np.ndarray:
+    """Weighted sum of each member's quantile among the fitted rows (`quantiles`)."""
+    return quantiles(x, fitted) @ weights
 
 
 def fit_nnls(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:

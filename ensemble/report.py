@@ -21,6 +21,7 @@ from members.stagefiles import read_training_curves
 
 from .fit import WITHIN_CONTENT_REFS, EnsembleResult
 from .io import MemberData
+from .methods import standardise
 
 SCATTER_PNG = "oof_scatter.png"
 WEIGHTS_PNG = "weights.png"
@@ -65,6 +66,10 @@ def ensemble_json(exp: Experiment, data: MemberData, result: EnsembleResult) -> 
                for name, r in result.methods.items()},
         "member_metrics": [{**m, "ci": list(m["ci"])} for m in result.member_metrics],
         "config": {"experiment": str(exp.path), "ensemble": to_dict(exp.ensemble)},
+        # rank_mean places new scores among the standardised validation scores it was fitted on
+        "rank_reference": ({n: sorted(col.tolist()) for n, col in
+                            zip(data.members, standardise(data.x_val, result.mean, result.std).T)}
+                           if result.chosen == "rank_mean" else None),
     }
 
 

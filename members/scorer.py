@@ -244,9 +244,13 @@ class Scorer:
         mean = np.array([record["standardisation"][n]["mean"] for n in names])
         std = np.array([record["standardisation"][n]["std"] for n in names])
         weights = np.array([record["weights"][n] for n in names])
-        if record["method"] == "rank_mean" and len(x) < 2:
-            raise ScorerError("a rank_mean ensemble ranks scores within the scored set: score several pairs at once")
-        combined = get_method(record["method"]).combine((x - mean) / std, weights)
+        fitted = None
+        if record["method"] == "rank_mean":  # scores are placed among the validation scores it was fitted on
+            if not isinstance(record.get("rank_reference"), dict):
+                raise ScorerError("ensemble.json: a rank_mean ensemble without its rank_reference "
+                                  "(written by an older kit); run make ensemble")
+            fitted = np.array([record["rank_reference"][n] for n in names], dtype=np.float64).T
+        combined = get_method(record["method"]).combine((x - mean) / std, weights, fitted)
         return apply_calibration(record["calibration"], combined)
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 import pytest
 
 from ensemble.calibrate import CalibrationError, apply_calibration, check_order, fit_calibration
 from members.schema import EnsembleConfig
 from ensemble.fit import MethodResult, choose, evaluate_method, run_ensemble
 from ensemble.io import EnsembleInputError, MemberData
-from ensemble.methods import (combine_linear, combine_ranks, fit_greedy, fit_nnls, fit_ridge, get_method,
+from ensemble.methods import (combine_linear, combine_ranks, quantiles, fit_greedy, fit_nnls, fit_ridge, get_method,
                               ridge_toward_equal, standardisation, standardise)
 from members import metrics
 
@@ -72,17 +73,39 @@ def test_equal_weight_methods(name):
     assert get_method(name).fit(x, y, data.refs).tolist() == pytest.approx([1 / 3] * 3)
 
 
-def test_rank_mean_ranks_within_the_predicted_split():
+def test_rank_mean_places_each_row_among_the_fitted_rows():
     data = synthetic([0.3, 0.7])
     w = np.array([0.5, 0.5])
-    test = combine_ranks(data.x_test, w)
-    warped = data.x_test.copy()
-    warped[:, 1] = np.exp(warped[:, 1])  # monotone: ranks unchanged
-    assert np.allclose(combine_ranks(warped, w), test)
-    assert test.min() >= 0 and test.max() <= 1
-    # Independent of the validation split: ranks of the test rows alone.
-    first = (np.argsort(np.argsort(data.x_test[:, 0])) / (len(test) - 1))
-    assert np.allclose(combine_ranks(data.x_test, np.array([1.0, 0.0])), first)
+    fitted = data.x_val
+    # on the fitted rows: the rank transform, (rank - 0.5) / n, ties averaged
+    expected = (stats.rankdata(fitted, axis=0) - 0.5) / len(fitted)
+    assert np.allclose(quantiles(fitted, fitted), expected)
+    test = combine_ranks(data.x_test, w, fitted)
+    # a row's score does not depend on the rows scored with it (the API scores one pair at a time)
+    one_by_one = np.array([combine_ranks(data.x_test[i:i + 1], w, fitted)[0] for i in range(len(test))])
+    assert np.allclose(one_by_one, test)
+    # monotone in every member, also past the ends of the fitted range
+    far = np.array([[fitted[:, 0].min() - 5, 0.0], [fitted[:, 0].min() - 1, 0.0], [fitted[:, 0].max() + 1, 0.0],
+                    [fitted[:, 0].max() + 5, 0.0]])
+    assert np.all(np.diff(quantiles(far, fitted)[:, 0]) > 0)
+    # a monotone warp of a member, applied to fitted and scored rows alike, changes nothing
+    warp = lambda a: np.column_stack([a[:, 0], np.exp(a[:, 1])])  # noqa: E731
+    inside = data.x_test[(data.x_test >= fitted.min(0)).all(1) & (data.x_test <= fitted.max(0)).all(1)]
+    assert np.allclose(combine_ranks(warp(inside), w, warp(fitted)), combine_ranks(inside, w, fitted), atol=0.02)
+
+
+def test_rank_mean_out_of_fold_rows_use_the_training_folds_only():
+    # the pooled out-of-fold score must see each fold on one scale: a fold's scores are placed
+    # among the other folds' rows, not ranked within the fold (which would stretch every fold to [0, 1])
+    from ensemble.fit import cross_validate
+
+    data = synthetic([0.3, 0.7])
+    x, y = zscored(data)
+    oof, _ = cross_validate(get_method("rank_mean"), x, y, data.refs, 3)
+    from sklearn.model_selection import GroupKFold
+
+    for train, test in GroupKFold(n_splits=3).split(x, y, data.refs):
+        assert np.allclose(oof[test], quantiles(x[test], x[train]).mean(1))
 
 
 def test_ridge_matches_closed_form_when_unconstrained():

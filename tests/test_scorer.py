@@ -161,3 +161,29 @@ def test_validation_phase_zip(fitted):
     assert [r.split(",")[0] for r in rows] == sorted(names)
     manifest = json.loads((exp.out_dir / "ensemble.json").read_text())["manifest"]
     assert "valid" in manifest["inputs"]["splits"] and "preds_valid.csv" in manifest["outputs"]
+
+
+def test_rank_mean_ensemble_scores_one_pair_as_the_whole_set(fitted):
+    # rank_mean places each score among the validation scores it was fitted on, so one pair scored
+    # alone gets the score it has in the whole test set (no "rank within the scored set")
+    from ensemble.methods import combine_ranks
+
+    exp = load_experiment(fitted)
+    base = Scorer.from_ensemble(exp.runs_dir)
+    names = [m.name for m in exp.members]
+    mean = np.array([base.ensemble["standardisation"][n]["mean"] for n in names])
+    std = np.array([base.ensemble["standardisation"][n]["std"] for n in names])
+    val = [read_preds(m.out / "preds_val.csv") for m in exp.members]
+    z_val = (np.array([[v[k] for v in val] for k in sorted(val[0])]) - mean) / std
+    record = {**base.ensemble, "method": "rank_mean", "weights": {n: 0.5 for n in names},
+              "calibration": {"kind": "none"},
+              "rank_reference": {n: sorted(z_val[:, j].tolist()) for j, n in enumerate(names)}}
+    members = [(cfg, base.checkpoints[cfg.name]) for cfg in base.configs]
+    scorer = Scorer(members, ensemble=record)
+    pairs = read_split(exp.split_dir / "test.csv")
+    test = [read_preds(m.out / "preds_test.csv") for m in exp.members]
+    want = combine_ranks((np.array([[t[p.name] for t in test] for p in pairs]) - mean) / std, np.array([0.5, 0.5]), z_val)
+    got = np.array([scorer.score_pairs([(p.dis, p.ref)])[0] for p in pairs[:3]])
+    assert np.abs(got - want[:3]).max() <= TOL and np.ptp(want) > 100 * TOL
+    with pytest.raises(ScorerError, match="rank_reference"):
+        Scorer(members, ensemble={**record, "rank_reference": None}).score_pairs([(pairs[0].dis, pairs[0].ref)])
