@@ -67,7 +67,7 @@ demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 score: $(STAMP)  ## score your own pairs: make score ARGS="--ensemble runs/demo DIS.png REF.png" (--help lists all)
 	$(PY) -m members.score $(if $(ARGS),$(ARGS),--help)
 
-bench: $(STAMP)  ## speed/memory benchmark of the kit vs the release's way (writes bench/results/)
+bench: $(STAMP)  ## speed/memory of the kit vs the release's way: tiny, ViT-B/8, AHIQ-C (writes bench/results/; ~1 h on 2 CPU cores)
 	$(PY) -m bench.run --out bench/results
 
 clean-demo:  ## remove the demo data and runs

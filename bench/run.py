@@ -1,7 +1,8 @@
 """`make bench`: AHIQ prediction and training, the release's way (a) against this kit's way (b).
 
-    python -m bench.run --out bench/results                 # tiny + real size (ViT-B/8 at 224), a few minutes on a CPU
+    python -m bench.run --out bench/results                 # tiny, real (ViT-B/8 at 224), ahiq_c; about an hour on 2 CPU cores
     python -m bench.run --out /tmp/b --configs tiny --no-train
+    python -m bench.run --out /tmp/b --configs ahiq_c       # the six members of configs/ahiq_c.yaml, their own views
 
 Backbones and heads have random weights (no downloads); every member shares the backbones and has
 its own heads, as an ensemble of seeds does. Inputs are synthetic images, already cropped into views
