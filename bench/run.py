@@ -131,55 +131,79 @@ def build_members(group: BenchGroup, n: int, device: torch.device) -> list[AHIQ]
     return [m.to(device).eval() for m in models]
 
 
-def bench_group(group: BenchGroup, members: int, cfg: BenchConfig, device: torch.device,
-                opts: argparse.Namespace) -> dict:
-    """Both ways on one backbone group of `members` members: the release per member and pair, the
-    kit's engine once for the group."""
+@dataclass
+class ReleaseRun:
+    """One backbone group's inputs and members, and the release's way measured on each member once
+    (rows of 1 and 3 members reuse it: the models and their release scores stay the same)."""
+
+    items: list[dict]
+    models: list[AHIQ]
+    release: list[tuple]  # per member: timed_cpu's (seconds, CPU seconds, peak MiB, scores)
+    release_flops: int | None  # one member, one pair
+
+
+def release_run(group: BenchGroup, members: int, cfg: BenchConfig, device: torch.device, flops: bool) -> ReleaseRun:
     items = synthetic_items(group, cfg)
-    n_pairs = cfg.refs * cfg.dis
     models = build_members(group, members, device)
     part = subset(items, cfg.release_pairs)
     backbones = ReleaseBackbones(models[0], group.vit, group.cnn, group.crop).to(device)
+    one = lambda: release_predict(models[:1], [backbones], subset(part, 1), device)  # noqa: E731
     if cfg.warmup:
-        release_predict(models[:1], [backbones], subset(part, 1), device)
+        one()
     release = [timed_cpu(lambda m=m: release_predict([m], [backbones], part, device), device) for m in models]
-    scorer = SharedScorer(models, device, opts.precision, opts.channels_last, opts.compile, opts.max_crops)
+    return ReleaseRun(items, models, release, counted_flops(one) if flops else None)
+
+
+def bench_group(run: ReleaseRun, members: int, cfg: BenchConfig, device: torch.device,
+                opts: argparse.Namespace) -> dict:
+    """Both ways on the first `members` members of a group: the release's, measured per member and
+    pair, and the kit's engine once for them all."""
+    items, release = run.items, run.release[:members]
+    n_pairs = cfg.refs * cfg.dis
+    scorer = SharedScorer(run.models[:members], device, opts.precision, opts.channels_last, opts.compile,
+                          opts.max_crops)
     if cfg.warmup:
         scorer.score(items[:1], cfg.dis, progress=False)
     seconds, cpu, peak, scores = timed_cpu(lambda: scorer.score(items, n_pairs, progress=False), device)
     scale = n_pairs / cfg.release_pairs
     out = {"a_seconds": sum(r[0] for r in release) * scale, "b_seconds": seconds,
            "a_cpu": sum(r[1] for r in release) * scale, "b_cpu": cpu,
-           "a_peak": None if any(r[2] is None for r in release) else max(r[2] for r in release), "b_peak": peak,
+           "a_peak": _largest([r[2] for r in release]), "b_peak": peak,
            "diff": max(abs(scores[k][i] - release[k][3][0][i]) for k in range(members) for i in range(cfg.release_pairs)),
            "range": min(float(s.max() - s.min()) for s in scores), "views": items[0]["dis"].shape[1]}
     if opts.flops:
-        out["a_flops"] = members * counted_flops(lambda: release_predict(models[:1], [backbones], subset(part, 1),
-                                                                         device)) * n_pairs
+        out["a_flops"] = members * run.release_flops * n_pairs
         out["b_flops"] = counted_flops(lambda: scorer.score(items, n_pairs, progress=False))
     return out
 
 
+def _largest(peaks: list[float | None]) -> float | None:
+    return None if None in peaks else max(peaks)
+
+
 def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespace) -> list[dict]:
     """One row per entry of `cfg.members`; a row's times and FLOPs add over its groups, its peaks are
-    the largest of any group (groups run one after the other)."""
+    the largest of any group. Groups run one after the other, each prepared once for all rows."""
+    several = len(cfg.groups) > 1  # an experiment's groups: one row with all of their members
+    parts: dict[int, list[dict]] = {m: [] for m in cfg.members}
+    for group in cfg.groups:
+        run = release_run(group, group.members if several else max(cfg.members), cfg, device, opts.flops)
+        for m in cfg.members:
+            parts[m].append(bench_group(run, group.members if several else m, cfg, device, opts))
+        del run
     rows = []
-    for m in cfg.members:
-        groups = cfg.groups if len(cfg.groups) > 1 else [dataclasses.replace(cfg.groups[0], members=m)]
-        parts = [bench_group(g, g.members, cfg, device, opts) for g in groups]
-        n_pairs = cfg.refs * cfg.dis
-        a_s, b_s = sum(p["a_seconds"] for p in parts), sum(p["b_seconds"] for p in parts)
-        a_peaks = [p["a_peak"] for p in parts]
+    n_pairs = cfg.refs * cfg.dis
+    for m, got in parts.items():
+        a_s, b_s = sum(p["a_seconds"] for p in got), sum(p["b_seconds"] for p in got)
         row = {"config": cfg.name, "members": m, "pairs": n_pairs,
-               "views": "/".join(str(p["views"]) for p in parts), "release_pairs": cfg.release_pairs,
+               "views": "/".join(str(p["views"]) for p in got), "release_pairs": cfg.release_pairs,
                "a_pairs_per_s": n_pairs / a_s, "b_pairs_per_s": n_pairs / b_s, "ratio": a_s / b_s,
-               "cpu_ratio": sum(p["a_cpu"] for p in parts) / sum(p["b_cpu"] for p in parts),
-               "max_abs_diff": max(p["diff"] for p in parts), "score_range": min(p["range"] for p in parts),
-               "a_peak_mib": None if None in a_peaks else max(a_peaks),
-               "b_peak_mib": None if any(p["b_peak"] is None for p in parts) else max(p["b_peak"] for p in parts)}
+               "cpu_ratio": sum(p["a_cpu"] for p in got) / sum(p["b_cpu"] for p in got),
+               "max_abs_diff": max(p["diff"] for p in got), "score_range": min(p["range"] for p in got),
+               "a_peak_mib": _largest([p["a_peak"] for p in got]), "b_peak_mib": _largest([p["b_peak"] for p in got])}
         if opts.flops:
-            row.update(a_tflops=sum(p["a_flops"] for p in parts) / a_s / 1e12,
-                       b_tflops=sum(p["b_flops"] for p in parts) / b_s / 1e12)
+            row.update(a_tflops=sum(p["a_flops"] for p in got) / a_s / 1e12,
+                       b_tflops=sum(p["b_flops"] for p in got) / b_s / 1e12)
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
