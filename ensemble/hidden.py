@@ -20,16 +20,14 @@ from members.cli import INTERRUPTED_RERUN, run_main
 from members.config import ConfigError
 from members.index import read_label_rows
 from members.schema import load_experiment
-from members.stagefiles import REBUILD_ENSEMBLE, read_preds, read_stage_outputs
+from members.stagefiles import REBUILD_ENSEMBLE, name_difference, read_preds, read_stage_outputs
 
 from .io import MemberData, load_members
 
-_SHOW = 5
 
-
-def hidden_labels(label_dir: Path, names: list[str], split: str) -> np.ndarray:
-    """The labels of `names`, in that order, from the label files in `label_dir`; the files must
-    name exactly those images, once each."""
+def hidden_labels(label_dir: Path, names: list[str], split_list: Path) -> np.ndarray:
+    """The labels of `names` (the images of `split_list`), in that order, from the label files in
+    `label_dir`; the files must name exactly those images, once each."""
     if not label_dir.is_dir():
         raise ValueError(f"--labels {label_dir}: not a folder of label files (A####.txt)")
     labels: dict[str, float] = {}
@@ -37,11 +35,10 @@ def hidden_labels(label_dir: Path, names: list[str], split: str) -> np.ndarray:
         if name in labels:
             raise ValueError(f"{where}: {name} is labelled twice")
         labels[name] = score
-    missing, extra = sorted(set(names) - set(labels)), sorted(set(labels) - set(names))
-    if missing or extra:
-        raise ValueError(f"--labels {label_dir}: does not match the {split} split ({len(missing)} of its images "
-                         f"unlabelled, e.g. {missing[:_SHOW]}; {len(extra)} labels of other images, e.g. "
-                         f"{extra[:_SHOW]}); pass the labels of the {split} images")
+    differ = name_difference(label_dir, set(labels), split_list, set(names))
+    if differ:
+        raise ValueError(f"--labels {label_dir}: does not match the {split_list.stem} split ({differ}); "
+                         f"pass the labels of the {split_list.stem} images")
     return np.array([labels[n] for n in names])
 
 
@@ -54,9 +51,8 @@ def member_scores(data: MemberData, split: str) -> tuple[list[str], np.ndarray]:
                      "the data has an NTIRE validation folder)")
 
 
-def table(data: MemberData, split: str, y: np.ndarray, ensemble: np.ndarray) -> str:
+def table(data: MemberData, split: str, x: np.ndarray, y: np.ndarray, ensemble: np.ndarray) -> str:
     """Markdown table of validation and hidden-label correlations (signed: negative = backwards)."""
-    _, x = member_scores(data, split)
     lines = [f"| scores | val SRCC | val PLCC | {split} SRCC | {split} PLCC |", "|---|---|---|---|---|"]
     for j, name in enumerate(data.members):
         lines.append(f"| {name} | {metrics.srcc(data.x_val[:, j], data.mos):.3f} | "
@@ -78,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = load_experiment(args.config, args.overrides)
         data = load_members(exp)
-        names, _ = member_scores(data, args.split)
+        names, x = member_scores(data, args.split)
         record = read_stage_outputs(exp.out_dir, "ensemble.json", [f"preds_{args.split}.csv"], REBUILD_ENSEMBLE)
         if record["manifest"].get("inputs") != data.inputs:
             raise ValueError(f"{exp.out_dir / 'ensemble.json'}: fitted on other member files than the ones now "
@@ -87,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         if sorted(ens) != names:
             raise ValueError(f"{exp.out_dir / f'preds_{args.split}.csv'}: other images than the members'; "
                              f"run {REBUILD_ENSEMBLE}")
-        y = hidden_labels(args.labels, names, args.split)
-        print(table(data, args.split, y, np.array([ens[n] for n in names])))
+        y = hidden_labels(args.labels, names, exp.split_dir / f"{args.split}.csv")
+        print(table(data, args.split, x, y, np.array([ens[n] for n in names])))
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
