@@ -18,7 +18,7 @@ from functools import partial
 from typing import Callable
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize
 from sklearn.model_selection import GroupKFold
 
 from members import metrics
@@ -99,9 +99,8 @@ def quantiles(x: np.ndarray, fitted: np.ndarray) -> np.ndarray:
     rank transform; any other rows are placed on that same scale, one at a time."""
     out = np.empty(x.shape, dtype=np.float64)
     for j in range(x.shape[1]):
-        ref = np.sort(fitted[:, j])
-        values, first, counts = np.unique(ref, return_index=True, return_counts=True)
-        q = (first + counts / 2) / len(ref)
+        values, counts = np.unique(fitted[:, j], return_counts=True)  # sorted
+        q = (np.cumsum(counts) - counts / 2) / len(fitted)  # (rows below + half the ties) / n
         col = np.interp(x[:, j], values, q)
         slope = (q[-1] - q[0]) / (values[-1] - values[0]) if len(values) > 1 else 0.0
         below, above = x[:, j] < values[0], x[:, j] > values[-1]

@@ -1,8 +1,9 @@
 """What every command line of the kit shares: one line per failure, and processes that die together.
 
 - `run_main(main)` runs a CLI's `main`: Ctrl-C prints "interrupted; rerun the same command to
-  resume" (or, for commands that recompute everything, that nothing half-written was kept) and exits 130; the kit's known error types (bad configs, bad data, file problems such as a
-  full disk or a missing folder) print one `error:` line and exit 2, never a traceback.
+  resume" (or, for commands that recompute everything, that nothing half-written was kept) and exits
+  130; the kit's known error types (bad configs, bad data, file problems such as a full disk or a
+  missing folder) print one `error:` line and exit 2, never a traceback.
 - `die_with_parent()` makes a worker die when the process that launched it dies, even by `kill -9`:
   torch's elastic launcher starts its workers in new sessions, so they would go on training as
   orphans. Linux's PR_SET_PDEATHSIG does it; elsewhere it is a no-op.
