@@ -9,7 +9,9 @@ SRCC, on every labelled split of a member's data, of three training-free full-re
 
 All are oriented higher-is-better against the labels (`data.higher_is_better`). A member that ranks
 worse than these on its own validation split has not learned what the features already hold.
-Reads the data only; writes nothing.
+Reads the data only; writes nothing. The demo's test labels are hidden from the pipeline (no
+`data.test_labels` in its configs); to score its test split too, ask for them:
+`--set data.test_labels=demo_test_labels`.
 """
 from __future__ import annotations
 

@@ -14,16 +14,21 @@ import hashlib
 import io
 import json
 import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from members.config import atomic_write_text, to_dict
 from members.index import (DataError, Pair, check_pairs, check_unique, load_rgb, read_csv_table,
-                           read_ntire_folder, read_pipal_labels)
+                           read_ntire_folder, read_pipal_labels, read_ref_groups)
+from members.stagefiles import sha256_file
 from members.views import AugmentConfig, apply_view, random_view
 
 __all__ = ["DataConfig", "DataError", "LabelStats", "Pair", "TrainPairs", "check_pairs",
@@ -35,6 +40,16 @@ VALID = "valid"
 SPLIT_COLUMNS = ["name", "dis", "ref", "ref_id", "mos", "source"]
 # Fields that do not change which images land in which split; changing them keeps the split dir valid.
 NOT_FINGERPRINTED = ("upscale_small",)
+# Fields added after split folders were in use: fingerprinted only when set, so those folders stay valid.
+FINGERPRINTED_WHEN_SET = ("ref_groups",)
+# sha256 of every image, keyed by its path and stat, beside the split lists: it only saves re-reading
+# unchanged images (a 23k-image PIPAL tree is ~6 GB); the fingerprints never depend on it.
+CONTENT_CACHE = "content_cache.json"
+# A file written this close to its hashing may later be rewritten with an equal time stamp (coarse
+# file-system clocks): its hash is used once but not cached.
+RACY_SECONDS = 2.0
+PROGRESS_MIN = 200  # images to hash above which a progress bar is shown
+HASHES = "lists+image sha256"  # what `splits.json`'s fingerprints hash (older kits: lists + image sizes)
 
 
 @dataclass
@@ -46,6 +61,11 @@ class DataConfig:
     (labelled from `valid_labels` when given); test = the NTIRE testing folders (labelled from
     `test_labels` when given). format "csv": one `dis_img_path,dis_type,ref_img_path,score` table
     (`csv`, path as given; image paths in it relative to `root`) split train/val/test by `fractions`.
+
+    `ref_groups` (relative to `root`): `ref_id,group` lines naming the source photo of each reference
+    (ids as in the split lists: PIPAL `A0001`, csv the reference path). The seeded holdout (and the
+    csv split) then shuffles and cuts whole groups, so crops of one photo never land in two splits.
+    Empty: every reference is its own photo, as in PIPAL.
     """
 
     format: str = "pipal"
@@ -60,6 +80,7 @@ class DataConfig:
     test_ref: str = "NTIRE2022_FR_Testing_Ref"
     test_dis: str = "NTIRE2022_FR_Testing_Dis"
     test_labels: str = ""
+    ref_groups: str = ""
     val_source: str = "holdout"
     val_fraction: float = 0.2
     csv: str = ""
@@ -136,11 +157,16 @@ def _labelled_or_folder(root: Path, labels: str, dis: str, ref: str, what: str) 
     return read_ntire_folder(dis_dir, ref_dir, root)
 
 
-def _pick_refs(ref_ids: list[str], bounds: list[float], seed: int) -> list[set[str]]:
-    """Shuffle the sorted reference ids with `seed` and cut them at the cumulative fractions `bounds`."""
-    order = np.random.default_rng(seed).permutation(sorted(set(ref_ids))).tolist()
+def _pick_refs(ref_ids: list[str], bounds: list[float], seed: int, cfg: DataConfig) -> list[set[str]]:
+    """Shuffle the sorted reference ids (or, with `cfg.ref_groups`, the sorted groups) with `seed`
+    and cut them at the cumulative fractions `bounds`."""
+    ids = set(ref_ids)
+    group = (read_ref_groups(Path(cfg.root) / cfg.ref_groups, ids) if cfg.ref_groups
+             else {r: r for r in ids})
+    order = np.random.default_rng(seed).permutation(sorted({group[r] for r in ids})).tolist()
     cuts = [0] + [int(math.floor(b * len(order) + 0.5)) for b in bounds] + [len(order)]
-    return [set(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    parts = [set(order[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    return [{r for r in ids if group[r] in part} for part in parts]
 
 
 def build_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
@@ -150,7 +176,7 @@ def build_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
         pairs = read_csv_table(Path(cfg.csv), root)
         check_unique(pairs, cfg.csv)
         f = cfg.fractions
-        groups = _pick_refs([p.ref_id for p in pairs], [f[0], f[0] + f[1]], cfg.split_seed)
+        groups = _pick_refs([p.ref_id for p in pairs], [f[0], f[0] + f[1]], cfg.split_seed, cfg)
         splits = {s: [p for p in pairs if p.ref_id in g] for s, g in zip(SPLITS, groups)}
     else:
         dis_dirs = [root / d for d in cfg.train_dis]
@@ -159,7 +185,7 @@ def build_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
         train = read_pipal_labels(_folder(root, cfg.train_labels, "train label"), dis_dirs,
                                   _folder(root, cfg.train_ref, "train reference"), root)
         if cfg.val_source == "holdout":
-            val_refs, _ = _pick_refs([p.ref_id for p in train], [cfg.val_fraction], cfg.split_seed)
+            val_refs, _ = _pick_refs([p.ref_id for p in train], [cfg.val_fraction], cfg.split_seed, cfg)
             val = [p for p in train if p.ref_id in val_refs]
             train = [p for p in train if p.ref_id not in val_refs]
         else:
@@ -177,7 +203,8 @@ def build_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
 
 
 def _fingerprinted(cfg: DataConfig) -> dict:
-    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_FINGERPRINTED}
+    return {k: v for k, v in to_dict(cfg).items()
+            if k not in NOT_FINGERPRINTED and (v or k not in FINGERPRINTED_WHEN_SET)}
 
 
 def _fingerprint(data: dict) -> str:
@@ -220,17 +247,77 @@ def read_split(path: Path) -> list[Pair]:
 TRAINING_SPLITS = ("train", "val")  # what training reads; test and valid only feed predictions
 
 
-def content_fingerprint(splits: dict[str, list[Pair]]) -> str:
-    """Hash of the data the splits were built from: every list (names, paths, MOS) and the size of
-    every image, so an edited score or a fixed image file changes it (mtimes are left out: copying a
-    dataset to another machine changes nothing)."""
-    sizes = {}
-    for pairs in splits.values():
-        for p in pairs:
-            for path in (p.dis, p.ref):
-                if str(path) not in sizes:
-                    sizes[str(path)] = path.stat().st_size if path.is_file() else -1
-    return _fingerprint({"lists": {s: _split_csv(p) for s, p in sorted(splits.items())}, "sizes": sizes})
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What must be unchanged for a cached hash to be reused. Not the mtime alone: `cp -p` keeps it,
+    and images of one size have one byte count; a write changes the ctime, which no tool sets back."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_cache(path: Path) -> dict[str, list]:
+    """{absolute path: stat key + [sha256]}; a missing, torn or foreign cache is an empty one."""
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        return {k: v for k, v in files.items()
+                if isinstance(v, list) and len(v) == 5 and all(isinstance(x, int) for x in v[:4])
+                and isinstance(v[4], str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def _sha256_or_none(path: Path) -> str | None:
+    try:
+        return sha256_file(path)
+    except OSError:
+        return None  # unreadable: `check_pairs` says so; the fingerprint just records it
+
+
+def image_hashes(paths: list[Path], cache_dir: Path | None) -> dict[str, str | None]:
+    """sha256 of each file (None when missing or unreadable), reusing `cache_dir/content_cache.json`
+    for files whose stat is unchanged, and adding the new ones to it. Processes writing the cache
+    at once are fine (atomic writes, the last one wins; a lost entry is only re-hashed)."""
+    cache_file = Path(cache_dir) / CONTENT_CACHE if cache_dir is not None else None
+    cache = _read_cache(cache_file) if cache_file else {}
+    hashes: dict[str, str | None] = {}
+    todo: list[tuple[Path, str, list[int]]] = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            hashes[str(path)] = None
+            continue
+        key, entry = os.path.abspath(path), _stat_key(st)
+        if cache.get(key, [])[:4] == entry:
+            hashes[str(path)] = cache[key][4]
+        else:
+            todo.append((path, key, entry))
+    if not todo:
+        return hashes
+    started = time.time_ns()
+    # hashlib releases the GIL on large buffers: threads overlap reading and hashing
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(tqdm(pool.map(_sha256_or_none, [p for p, _, _ in todo]), total=len(todo),
+                            desc="hashing images", unit="img", disable=len(todo) < PROGRESS_MIN))
+    fresh = started - int(RACY_SECONDS * 1e9)
+    for (path, key, entry), digest in zip(todo, digests):
+        hashes[str(path)] = digest
+        if digest is not None and max(entry[1], entry[2]) < fresh:
+            cache[key] = [*entry, digest]
+    if cache_file is not None:
+        try:
+            atomic_write_text(cache_file, json.dumps({"version": 1, "files": cache}) + "\n")
+        except OSError:
+            pass  # a read-only split folder: the next check hashes again, nothing else changes
+    return hashes
+
+
+def content_fingerprint(splits: dict[str, list[Pair]], cache_dir: Path | None = None) -> str:
+    """Hash of the data the splits were built from: every list (names, paths, MOS) and the sha256 of
+    every image, so an edited score or an image replaced, even by one of the same size, changes it.
+    Time stamps only decide whether a hash cached in `cache_dir` can be reused: copying a dataset to
+    another machine changes nothing."""
+    paths = sorted({path for pairs in splits.values() for p in pairs for path in (p.dis, p.ref)}, key=str)
+    return _fingerprint({"lists": {s: _split_csv(p) for s, p in sorted(splits.items())},
+                         "images": image_hashes(paths, cache_dir)})
 
 
 def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
@@ -257,7 +344,7 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
                             f"({'; '.join(diff) or 'unknown difference'}); use another split directory "
                             f"or delete {split_dir}")
     splits = build_splits(cfg)
-    content = content_fingerprint(splits)
+    content = content_fingerprint(splits, split_dir)
     texts = {split: _split_csv(pairs) for split, pairs in splits.items()}
     # A list edited by hand would be hashed into the members' manifests as if they had predicted it,
     # while they predict (and train on) what the data says: the files must say the same.
@@ -267,6 +354,9 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
     if saved.get("content") == content and edited:
         print(f"{split_dir}: {', '.join(f'{s}.csv' for s in edited)} differ(s) from the data (edited by hand, "
               "or missing); rewriting from the data", flush=True)
+    elif saved and saved.get("hashes") != HASHES:
+        print(f"{split_dir}: these split lists were fingerprinted by an older kit (image sizes, not contents); "
+              "recording their new fingerprint", flush=True)
     elif saved:
         print(f"{split_dir}: the data changed since these split lists were written; rewriting them", flush=True)
     marker.unlink(missing_ok=True)  # the lists below and the marker never disagree, even if killed
@@ -277,8 +367,9 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
     LabelStats.from_pairs(splits["train"], cfg.higher_is_better).save(split_dir / "label_stats.json")
     counts = {s: {"images": len(p), "references": len({x.ref_id for x in p}),
                   "labelled": all(x.mos is not None for x in p)} for s, p in splits.items()}
-    training = content_fingerprint({s: splits[s] for s in TRAINING_SPLITS})
-    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "content": content,
+    training = content_fingerprint({s: splits[s] for s in TRAINING_SPLITS}, split_dir)
+    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "hashes": HASHES,
+                                          "content": content,
                                           "training_content": training, "data": data, "counts": counts},
                                          indent=2) + "\n")
     return splits

@@ -9,17 +9,20 @@ always gets a lower label; the noise (sd 10) is small next to the gap between th
 
 References are square, non-overlapping crops of photos that ship inside the scikit-image wheel
 (no download), resized to `size` px. Train, validation and test references come from different
-photos. Seven distortion types (train group = type), each with four increasing levels: train uses
-levels 1 and 3 (k = 00, 01); the unlabelled validation and test splits use levels 2 and 4
-(k = 2 * type + 0 or 1), so the same k is the same method for every reference, as in NTIRE.
+photos; `demo_ref_groups.csv` names each reference's photo, so that the members' holdout
+(data.ref_groups) keeps all crops of a training photo on one side of the train/val split. Seven
+distortion types (train group = type), each with four increasing levels: train uses levels 1 and 3
+(k = 00, 01); the unlabelled validation and test splits use levels 2 and 4 (k = 2 * type + 0 or 1),
+so the same k is the same method for every reference, as in NTIRE.
 
-Layout written under `--out` (as PIPAL ships it, plus two demo-only items):
+Layout written under `--out` (as PIPAL ships it, plus three demo-only items):
     Train_Ref/A0001.bmp                  Distortion_1..4/A0001_00_00.bmp (blocks of references)
     Train_Label/A0001.txt                lines `A0001_00_00.bmp,1520.0648`
     NTIRE2022_FR_Valid_Ref/A0020.bmp     NTIRE2022_FR_Valid_Dis/A0020_10_00.bmp  (development phase)
     NTIRE2022_FR_Testing_Ref/A0015.bmp   NTIRE2022_FR_Testing_Dis/A0015_10_00.bmp
     demo_valid_labels/A0020.txt          NOT part of the real layout: hidden proxy labels of the
     demo_test_labels/A0015.txt           validation and test images (NTIRE never released them)
+    demo_ref_groups.csv                  lines `A0001,astronaut`: the photo of every reference
     README.txt, demo_data.json           description; parameters, written last as completion marker
 
 Usage: python -m members.demo_data --out data/demo [--size 80] [--seed 0]
@@ -46,8 +49,9 @@ from tqdm import tqdm
 from members.atomic import atomic_write_text
 from members.cli import run_main
 
-FORMAT_VERSION = 2  # 2: adds the validation folder
+FORMAT_VERSION = 3  # 2: adds the validation folder; 3: adds the reference group file
 MARKER = "demo_data.json"
+REF_GROUPS = "demo_ref_groups.csv"  # for data.ref_groups: crops of one photo must not span two splits
 TEST_GROUP = 10
 TRAIN_LEVELS = (0, 2)  # indices into Distortion.levels; test uses the in-between and the extreme
 TEST_LEVELS = (1, 3)  # also the validation levels: NTIRE uses one method list for both
@@ -215,10 +219,12 @@ def generate(root: Path, size: int, seed: int, progress: bool = False) -> dict[s
     dirs = [d for _, ref_dir, dis_dir, _ in SPLITS.values() for d in (ref_dir, dis_dir) if d]
     dirs += [f"Distortion_{i}" for i in range(1, N_DISTORTION_FOLDERS + 1)]
     refs: list[tuple[int, str, np.ndarray]] = []
+    groups = []
     for split, (photos, *_) in SPLITS.items():
         for photo, n in photos:
             for crop in photo_crops(_load_photo(photo), n, size):
                 refs.append((len(refs) + 1, split, crop))
+                groups.append(f"A{len(refs):04d},{photo}\n")
     n_train = sum(split == "train" for _, split, _ in refs)
     for d in dirs:
         (root / d).mkdir()
@@ -238,6 +244,7 @@ def generate(root: Path, size: int, seed: int, progress: bool = False) -> dict[s
         counts[f"{split}_images"] += len(rows)
     for split, (*_, label_dir) in SPLITS.items():
         _write_labels(root / label_dir, labels[split])
+    (root / REF_GROUPS).write_text("".join(groups), encoding="utf-8", newline="\n")
     (root / "README.txt").write_text(_readme(size, seed, counts), encoding="utf-8", newline="\n")
     return counts
 
@@ -259,7 +266,9 @@ A model trained on them learns to imitate SSIM/PSNR, not human perception. Use t
 demonstrate and test the pipeline.
 
 References: square crops of photos bundled with scikit-image; train, validation and test use
-different photos. Distortion_1..4 mirror PIPAL's four folders; here each holds a contiguous block of
+different photos. {REF_GROUPS} names the photo of every reference: a holdout of training
+references for validation must take whole photos (data.ref_groups), or it validates on crops of
+training photos. Distortion_1..4 mirror PIPAL's four folders; here each holds a contiguous block of
 train references. NTIRE2022_FR_Valid_* is the development-phase folder (its leaderboard scored it),
 NTIRE2022_FR_Testing_* the test-phase folder; both are unlabelled, as in NTIRE. Distortion levels by
 name suffix (train group = type; validation and test group 10, where the same k is the same method

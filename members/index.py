@@ -183,6 +183,29 @@ def read_csv_table(csv_path: Path, root: Path) -> list[Pair]:
     return pairs
 
 
+def read_ref_groups(path: Path, ref_ids: set[str]) -> dict[str, str]:
+    """Read `ref_id,group` lines (e.g. `A0001,astronaut`): the source photo of each reference, so that
+    crops of one photo are split together. Every id in `ref_ids` must be listed; others may be."""
+    if not path.is_file():
+        raise DataError(f"{path}: reference group file (data.ref_groups) not found")
+    groups: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for number, line in enumerate(_label_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise DataError(f"{path}:{number}: expected 'ref_id,group', got {line!r}")
+        if parts[0] in groups:
+            raise DataError(f"{path}:{number}: {parts[0]} is listed twice (line {lines[parts[0]]})")
+        groups[parts[0]], lines[parts[0]] = parts[1], number
+    missing = sorted(ref_ids - set(groups))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{path}: does not list reference {missing[0]}{more}; give every reference its group")
+    return groups
+
+
 def _report(problems: list[str], what: str) -> None:
     if problems:
         more = len(problems) - MAX_REPORTED

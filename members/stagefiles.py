@@ -212,9 +212,10 @@ def check_split_lists(split_dir: Path, data_cfg: object) -> None:
     added or removed. The members' manifests only prove that they predicted these lists; the lists
     must also still be what the data says, or the ensemble would fit (and the zip come from) stale MOS.
 
-    The lists are rebuilt in memory from the label files and folders (no image is opened) and
-    compared with the content fingerprint `prepare_splits` recorded. Skipped when the lists carry no
-    record (written by hand) or the data is not on this machine (the ensemble needs no images).
+    The lists are rebuilt in memory from the label files and folders and compared with the content
+    fingerprint `prepare_splits` recorded, images hashed as there (through the split folder's cache,
+    so an image replaced by one of the same size is seen). Skipped when the lists carry no record
+    (written by hand) or the data is not on this machine (the ensemble needs no images).
     """
     from members.data import DataError, build_splits, content_fingerprint, splits_content
 
@@ -223,7 +224,7 @@ def check_split_lists(split_dir: Path, data_cfg: object) -> None:
     if recorded is None or not source.exists():
         return
     try:
-        current = content_fingerprint(build_splits(data_cfg))
+        current = content_fingerprint(build_splits(data_cfg), Path(split_dir))
     except DataError as err:
         raise StageFileError(f"{split_dir}: cannot compare the split lists with the data they were made from: "
                              f"{err}; fix the data, then run {REBUILD_MEMBERS}") from None

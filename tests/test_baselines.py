@@ -11,19 +11,26 @@ from members.baselines import _unit_distance, main
 from members.data import build_splits
 from members.member import load_member_config
 
+HIDDEN = "demo_test_labels"  # the demo's hidden test labels, passed explicitly as the docstring says
+
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return 10 * np.log10(255.0 ** 2 / mse)
 
 
-def test_table_matches_an_independent_psnr(member_yaml, capsys):
+def test_hidden_test_labels_are_read_only_when_asked(member_yaml, capsys):
     assert main(["-c", str(member_yaml)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "| measure | train SRCC | val SRCC |"  # test: unlabelled
+
+
+def test_table_matches_an_independent_psnr(member_yaml, capsys):
+    assert main(["-c", str(member_yaml), "--set", f"data.test_labels={HIDDEN}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "| measure | train SRCC | val SRCC | test SRCC |"
     rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]] for line in lines[2:]}
     assert list(rows) == ["PSNR", "SSIM", "feature distance"]
-    splits = build_splits(load_member_config(member_yaml).data)
+    splits = build_splits(load_member_config(member_yaml, [f"data.test_labels={HIDDEN}"]).data)
     for k, split in enumerate(("train", "val", "test")):
         pairs = splits[split]
         psnr = [_psnr(np.asarray(Image.open(p.dis).convert("RGB")), np.asarray(Image.open(p.ref).convert("RGB")))
