@@ -3,7 +3,7 @@
 A calibration must never reorder (or tie) test scores: SRCC on the test set would change. The
 logistic is strictly increasing when its slope is positive; isotonic regression is a step function
 (it ties whole blocks), so we keep its fitted levels but interpolate linearly between block centres and
-add bounded tails beyond the end centres (`_tail`), which gives a strictly increasing map that stays
+add bounded tails beyond the end centres (`combine._tail`), which gives a strictly increasing map that stays
 on the MOS scale. `check_order` verifies the result at the precision the scores are written with.
 """
 from __future__ import annotations
@@ -12,6 +12,9 @@ import numpy as np
 from sklearn.isotonic import IsotonicRegression
 
 from members import metrics
+
+# How a calibration is applied lives in combine.py, shared with the Scorer and submission.
+from .combine import apply_calibration  # noqa: F401
 
 DECIMALS = 6  # scores are written with %.6f
 # Beyond the end block centres the isotonic map rises at most this share of the validation MOS range
@@ -45,40 +48,6 @@ def fit_calibration(kind: str, pred: np.ndarray, mos: np.ndarray) -> dict:
                 "tail_margin": float(TAIL_MARGIN * np.ptp(mos)),
                 "tail_scale": float(np.ptp(pred))}  # > 0: at least two blocks
     raise CalibrationError(f"unknown calibration {kind!r}")
-
-
-def apply_calibration(params: dict, pred: np.ndarray) -> np.ndarray:
-    """Map scores through a calibration from `fit_calibration`."""
-    kind = params["kind"]
-    if kind == "none":
-        return np.asarray(pred, dtype=np.float64)
-    if kind == "logistic":
-        return metrics.logistic4(pred, *params["params"])
-    x, y = np.asarray(params["x"]), np.asarray(params["y"])
-    pred = np.asarray(pred, dtype=np.float64)
-    out = np.interp(pred, x, y)
-    # np.interp clamps outside [x0, xn], which would tie every score beyond the ends; bounded tails instead.
-    low, high = pred < x[0], pred > x[-1]
-    margin, scale = params["tail_margin"], params["tail_scale"]
-    out[low] = y[0] - _tail(x[0] - pred[low], margin, scale)
-    out[high] = y[-1] + _tail(pred[high] - x[-1], margin, scale)
-    return out
-
-
-def _tail(distance: np.ndarray, margin: float, scale: float) -> np.ndarray:
-    """Rise beyond an end centre: margin * L / (1 + L) with L = log(1 + d / scale); strictly increasing
-    in the distance d and below `margin`.
-
-    Validation says nothing about the MOS beyond its outermost blocks. Extending the end segments
-    (the earlier rule) extrapolates without bound (5008 on a 1135-1653 scale); clipping to the end
-    levels ties every score out there, which changes the test SRCC and fails `check_order`. This
-    tail starts with slope margin / scale (scale = the range of the validation scores, so about 1% of
-    the mean slope of the fitted map) and its slope decays like 1 / (d log^2 d): much slower than a
-    tanh's (exponential) or d / (d + scale)'s (1 / d^2), so scores far out still differ at 6 decimals
-    (where they do not, check_order refuses the map).
-    """
-    spread = np.log1p(distance / scale)
-    return margin * spread / (1.0 + spread)
 
 
 def check_order(raw: np.ndarray, calibrated: np.ndarray, what: str) -> None:

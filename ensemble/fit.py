@@ -28,6 +28,7 @@ from tqdm import tqdm
 from members import metrics
 from members.schema import EnsembleConfig
 
+from . import combine
 from .calibrate import apply_calibration, check_order, fit_calibration
 from .io import EnsembleInputError, MemberData
 from .methods import Method, choose_ridge_alpha, get_method, sane_members, standardisation, standardise
@@ -153,6 +154,15 @@ def _check_members_direction(data: MemberData, signed: list[float]) -> list[str]
             for n, d, s in zip(data.members, data.dirs, signed) if s <= 0]
 
 
+def _apply(record: dict, members: list[str], x: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """(combined, calibrated) scores of the member columns `x`, after checking that the calibration
+    keeps their order as written."""
+    columns = dict(zip(members, x.T))
+    raw, out = combine.combined_scores(record, columns), combine.ensemble_scores(record, columns)
+    check_order(raw, out, what)
+    return raw, out
+
+
 def run_ensemble(data: MemberData, cfg: EnsembleConfig, progress: bool = False) -> EnsembleResult:
     """Standardise, compare methods by grouped CV, choose, refit, predict the test split, calibrate."""
     n_refs = len(np.unique(data.refs))
@@ -166,7 +176,7 @@ def run_ensemble(data: MemberData, cfg: EnsembleConfig, progress: bool = False) 
     signed = [metrics.signed_main(data.x_val[:, j], y) for j in range(len(data.members))]
     warnings = _check_members_direction(data, signed)  # before any fitting: it may refuse the run
     mean, std = standardisation(data.x_val)
-    x_val, x_test = standardise(data.x_val, mean, std), standardise(data.x_test, mean, std)
+    x_val = standardise(data.x_val, mean, std)
 
     member_metrics = []
     for j, name in enumerate(data.members):
@@ -186,18 +196,19 @@ def run_ensemble(data: MemberData, cfg: EnsembleConfig, progress: bool = False) 
                                  f"written. {_direction_hint(data)}: check the members' 'higher_is_better' "
                                  "and labels_val.csv")
 
-    method = get_method(chosen)
     weights = results[chosen].weights
-    val_pred = method.combine(x_val, weights, x_val)
-    test_pred = method.combine(x_test, weights, x_val)
-    calibration = fit_calibration(cfg.calibration, val_pred, data.mos)
-    test_out = apply_calibration(calibration, test_pred)
-    check_order(test_pred, test_out, "test")
+    calibration = fit_calibration(cfg.calibration, get_method(chosen).combine(x_val, weights, x_val), data.mos)
+    # The test (and valid) files are made from the fit as ensemble.json records it, by the function that
+    # submission and the Scorer apply to that record: what they recompute is what was written.
+    record = {"method": chosen, "weights": {n: float(w) for n, w in zip(data.members, weights)},
+              "standardisation": {n: {"mean": float(m), "std": float(s)} for n, m, s in zip(data.members, mean, std)},
+              "calibration": calibration,
+              "rank_reference": ({n: col.tolist() for n, col in zip(data.members, x_val.T)}
+                                 if chosen == "rank_mean" else None)}
+    _, test_out = _apply(record, data.members, data.x_test, "test")
     valid_out = None
     if data.x_valid is not None:
-        valid_pred = method.combine(standardise(data.x_valid, mean, std), weights, x_val)
-        valid_out = apply_calibration(calibration, valid_pred)
-        check_order(valid_pred, valid_out, "valid")
+        _, valid_out = _apply(record, data.members, data.x_valid, "valid")
     oof_out = apply_calibration(calibration, results[chosen].oof)
     check_order(results[chosen].oof, oof_out, "out-of-fold validation")
     ridge_alpha = None

@@ -23,6 +23,9 @@ from sklearn.model_selection import GroupKFold
 
 from members import metrics
 
+# How a fit is applied lives in combine.py, shared with the Scorer and submission; re-exported here.
+from .combine import COMBINE, combine_linear, combine_ranks, quantiles  # noqa: F401
+
 RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0)  # in units of the number of training images
 INNER_FOLDS = 3
 
@@ -85,34 +88,6 @@ def _normalised(w: np.ndarray) -> np.ndarray:
 
 def _equal(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return np.full(x.shape[1], 1.0 / x.shape[1])
-
-
-def combine_linear(x: np.ndarray, weights: np.ndarray, fitted: np.ndarray | None = None) -> np.ndarray:
-    """Weighted sum of the member columns."""
-    return x @ weights
-
-
-def quantiles(x: np.ndarray, fitted: np.ndarray) -> np.ndarray:
-    """Each column of `x` as its place among the same column of `fitted`: the mid-rank empirical CDF
-    ((rank - 0.5) / n, ties averaged) at the fitted values, linear between them and continued past
-    both ends with the mean slope, so that order is kept everywhere. On `fitted` itself this is the
-    rank transform; any other rows are placed on that same scale, one at a time."""
-    out = np.empty(x.shape, dtype=np.float64)
-    for j in range(x.shape[1]):
-        values, counts = np.unique(fitted[:, j], return_counts=True)  # sorted
-        q = (np.cumsum(counts) - counts / 2) / len(fitted)  # (rows below + half the ties) / n
-        col = np.interp(x[:, j], values, q)
-        slope = (q[-1] - q[0]) / (values[-1] - values[0]) if len(values) > 1 else 0.0
-        below, above = x[:, j] < values[0], x[:, j] > values[-1]
-        col[below] = q[0] + (x[below, j] - values[0]) * slope
-        col[above] = q[-1] + (x[above, j] - values[-1]) * slope
-        out[:, j] = col
-    return out
-
-
-def combine_ranks(x: np.ndarray, weights: np.ndarray, fitted: np.ndarray) -> np.ndarray:
-    """Weighted sum of each member's quantile among the fitted rows (`quantiles`)."""
-    return quantiles(x, fitted) @ weights
 
 
 def fit_nnls(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -178,14 +153,13 @@ def fit_greedy(x: np.ndarray, y: np.ndarray, groups: np.ndarray, rounds: int = 2
 
 def get_method(name: str, ridge_alpha: float | None = None, greedy_rounds: int = 25) -> Method:
     """The method called `name` (one of ensemble.config.METHODS)."""
-    table = {
-        "mean": (_equal, combine_linear),
-        "rank_mean": (_equal, combine_ranks),
-        "nnls": (fit_nnls, combine_linear),
-        "ridge": (partial(fit_ridge, alpha=ridge_alpha), combine_linear),
-        "greedy": (partial(fit_greedy, rounds=greedy_rounds), combine_linear),
+    fits = {
+        "mean": _equal,
+        "rank_mean": _equal,
+        "nnls": fit_nnls,
+        "ridge": partial(fit_ridge, alpha=ridge_alpha),
+        "greedy": partial(fit_greedy, rounds=greedy_rounds),
     }
-    if name not in table:
-        raise ValueError(f"unknown method {name!r}; choose from {', '.join(table)}")
-    fit, combine = table[name]
-    return Method(name, on_sane_members(fit), combine)
+    if name not in fits:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(fits)}")
+    return Method(name, on_sane_members(fits[name]), COMBINE[name])  # applied as the Scorer applies it

@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ensemble", metavar="DIR", help="a fitted ensemble: its folder or the experiment's runs dir")
     source.add_argument("--member", metavar="DIR", help="a trained member folder (config.yaml + best.pth)")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="with --member: score a member whose training has not finished (no done.json), "
+                             "with a warning")
     parser.add_argument("images", nargs="*", metavar="DIS REF", help="one distorted image and its reference")
     parser.add_argument("--pairs", metavar="CSV", help="a dis,ref CSV of pairs")
     parser.add_argument("--dis-dir", metavar="DIR", help="a folder of distorted images (with --ref-dir)")
@@ -101,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     given = [bool(args.images), bool(args.pairs), bool(args.dis_dir or args.ref_dir)]
     if sum(given) != 1 or (args.images and len(args.images) != 2) or (given[2] and not (args.dis_dir and args.ref_dir)):
         parser.error("give exactly one of: DIS REF, --pairs CSV, or --dis-dir DIR --ref-dir DIR")
+    if args.allow_unfinished and not args.member:
+        parser.error("--allow-unfinished goes with --member (an ensemble's members are checked by make ensemble)")
     if args.batch_size < 1:
         parser.error("--batch-size must be >= 1")
     if args.out and Path(args.out).is_dir():  # found now, not after every pair was scored
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if missing:  # before any model is built
             raise PairsError(f"{len(missing)} image(s) not found (e.g. {', '.join(missing[:3])})")
         scorer = (Scorer.from_ensemble(args.ensemble, device=args.device) if args.ensemble
-                  else Scorer.from_member(args.member, device=args.device))
+                  else Scorer.from_member(args.member, allow_unfinished=args.allow_unfinished, device=args.device))
         scores = scorer.score_pairs(pairs, batch_size=args.batch_size, progress=len(pairs) > 1)
     except (PairsError, ScorerError, StageFileError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -16,6 +16,7 @@ an image smaller than the crop is an error unless the member was trained with `d
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
@@ -29,8 +30,8 @@ from members.fastpredict import FastOptions, SharedScorer, build_group, group_me
 from members.index import as_rgb, check_pairs
 from members.member import MemberConfig, load_member_config, prediction_fingerprint
 from members.refdata import RefGroupPairs
-from members.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json, read_stage_outputs,
-                                sha256_file)
+from members.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json, read_member_meta, read_preds,
+                                read_stage_outputs, sha256_file)
 from members.views import apply_view, make_views
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
@@ -57,6 +58,9 @@ def _image(x: ImageLike, min_size: int, crop: int, what: str) -> torch.Tensor:
     elif isinstance(x, torch.Tensor):
         if x.ndim != 3 or x.shape[0] != 3 or not x.is_floating_point():
             raise ScorerError(f"{what}: expected a float tensor (3, H, W) in [0, 1], got {tuple(x.shape)} {x.dtype}")
+        if not bool(torch.isfinite(x).all()):  # NaN compares false with both bounds below
+            bad = int((~torch.isfinite(x)).sum())
+            raise ScorerError(f"{what}: {bad} value(s) are NaN or infinite; values must be finite, in [0, 1]")
         if float(x.min()) < 0 or float(x.max()) > 1:
             raise ScorerError(f"{what}: values must be in [0, 1] (got {float(x.min()):.3g}..{float(x.max()):.3g})")
         img = x.detach().float().cpu()
@@ -138,13 +142,23 @@ class Scorer:
         return cls([(cfg, str(checkpoint))], **kwargs)
 
     @classmethod
-    def from_member(cls, member_dir: str | Path, **kwargs) -> Scorer:
-        """A trained member folder (its resolved `config.yaml` and `best.pth`)."""
+    def from_member(cls, member_dir: str | Path, allow_unfinished: bool = False, **kwargs) -> Scorer:
+        """A trained member folder (its resolved `config.yaml` and `best.pth`). A folder whose training
+        has not finished (no `done.json`) is refused, unless `allow_unfinished`: then its best heads so
+        far are scored, with a warning on stderr."""
         member_dir = Path(member_dir)
         config, best = member_dir / "config.yaml", member_dir / "best.pth"
         for path in (config, best):
             if not path.is_file():
                 raise ScorerError(f"{path}: not found; is {member_dir} a trained member folder (make train-members)?")
+        if not (member_dir / "done.json").is_file():
+            # best.pth is written from the first validated epoch on: it is a member, just not the one trained
+            unfinished = (f"{member_dir}: the member has not finished training (no done.json), so best.pth "
+                          "holds the best heads of the epochs run so far")
+            if not allow_unfinished:
+                raise ScorerError(f"{unfinished}; finish it with make train-members EXPERIMENT=<config> (training "
+                                  "resumes), or score it as it is with --allow-unfinished (allow_unfinished=True)")
+            print(f"warning: {unfinished}; scoring them anyway (--allow-unfinished)", file=sys.stderr)
         return cls([(_member_config(member_dir), str(best))], **kwargs)
 
     @classmethod
@@ -155,11 +169,11 @@ class Scorer:
         # the ensemble's folder itself, or a runs dir that holds one (named in the message when neither)
         folder = path if (path / "ensemble.json").is_file() or not (path / "ensemble").is_dir() else path / "ensemble"
         try:
-            record = read_stage_outputs(folder, "ensemble.json", [], REBUILD_ENSEMBLE)
+            record = read_stage_outputs(folder, "ensemble.json", ["preds_test.csv"], REBUILD_ENSEMBLE)
         except StageFileError as err:
             raise ScorerError(str(err)) from None
         inputs = record["manifest"].get("inputs", {}).get("members", {})
-        members = []
+        dirs, metas = {}, {}
         for entry in record["members"]:
             name = entry["name"]
             member_dir = folder.parent / name if (folder.parent / name).is_dir() else Path(entry["dir"])
@@ -167,7 +181,11 @@ class Scorer:
             meta_path = member_dir / "preds_test.json"
             if not meta_path.is_file() or (recorded and sha256_file(meta_path) != recorded):
                 raise ScorerError(f"{meta_path}: not the member files the ensemble was fitted on; rerun make ensemble")
-            meta = read_json(meta_path, REBUILD_ENSEMBLE)
+            dirs[name], metas[name] = member_dir, read_json(meta_path, REBUILD_ENSEMBLE)
+        _check_ensemble_outputs(folder, record, dirs)  # before any model is built
+        members = []
+        for name, member_dir in dirs.items():
+            meta = metas[name]
             best = member_dir / "best.pth"
             if not best.is_file() or sha256_file(best) != meta.get("checkpoint_sha256"):
                 raise ScorerError(f"{best}: not the heads the ensemble's predictions were made with; "
@@ -235,23 +253,34 @@ class Scorer:
         from the members' written (6-decimal) scores."""
         if self.ensemble is None:
             return columns[:, 0].copy() if columns.shape[1] == 1 else columns
-        from ensemble.calibrate import apply_calibration  # the ensemble's rules, applied as fitted
-        from ensemble.methods import get_method
+        from ensemble.combine import CombineError, ensemble_scores  # the ensemble's rule, applied as fitted
 
-        record = self.ensemble
-        names = [c.name for c in self.configs]
-        x = np.round(columns, SCORE_DECIMALS)
-        mean = np.array([record["standardisation"][n]["mean"] for n in names])
-        std = np.array([record["standardisation"][n]["std"] for n in names])
-        weights = np.array([record["weights"][n] for n in names])
-        fitted = None
-        if record["method"] == "rank_mean":  # scores are placed among the validation scores it was fitted on
-            if not isinstance(record.get("rank_reference"), dict):
-                raise ScorerError("ensemble.json: a rank_mean ensemble without its rank_reference "
-                                  "(written by an older kit); run make ensemble")
-            fitted = np.array([record["rank_reference"][n] for n in names], dtype=np.float64).T
-        combined = get_method(record["method"]).combine((x - mean) / std, weights, fitted)
-        return apply_calibration(record["calibration"], combined)
+        try:
+            x = np.round(columns, SCORE_DECIMALS)  # the stage combined the members' written scores
+            return ensemble_scores(self.ensemble, {c.name: x[:, j] for j, c in enumerate(self.configs)})
+        except CombineError as err:
+            raise ScorerError(f"ensemble.json: {err}; run make ensemble") from None
+
+
+def _check_ensemble_outputs(folder: Path, record: dict, dirs: dict[str, Path]) -> None:
+    """Refuse an ensemble.json whose weights, standardisation and calibration, applied to its members'
+    preds_test.csv, do not give its preds_test.csv: resealed after an edit, it would score every pair
+    with another rule than the one its files (and the submission zip) were made with."""
+    from ensemble.combine import CombineError, check_outputs, rebuild_hint
+
+    try:
+        members = {}
+        for name, member_dir in dirs.items():
+            read_member_meta(member_dir, "test")  # its preds_test.csv is the one its json vouches for
+            members[name] = read_preds(member_dir / "preds_test.csv")
+        written = read_preds(folder / "preds_test.csv")
+    except StageFileError as err:
+        raise ScorerError(str(err)) from None
+    try:
+        check_outputs(record, members, written, str(folder / "preds_test.csv"))
+    except CombineError as err:
+        raise ScorerError(f"{folder / 'ensemble.json'}: {err}; {rebuild_hint(record['manifest'].get('experiment'))}"
+                          ) from None
 
 
 def _prediction_config(member_dir: Path, meta: dict, experiment: str | None) -> MemberConfig:

@@ -3,7 +3,9 @@
 Inputs, both written by the ensemble stage into `<runs_dir>/ensemble/`:
 - `ensemble.json`: "members" (each with the `test_meta` its prediction run measured), "method", "weights",
   and the manifest that ties the set to its inputs (checked first: `verify_ensemble`);
-- `preds_test.csv`: header `name,score`, then the ensemble's higher-is-better test scores.
+- `preds_test.csv`: header `name,score`, then the ensemble's higher-is-better test scores, which the
+  record's weights, standardisation and calibration must give again from the members' own
+  `preds_test.csv` (`check_reproduced`, through `ensemble.combine`): a resealed edit is refused.
 The zip's names are checked against the test folder when configured, else against the test split list
 the members predicted, never against the rows of `preds_test.csv` itself.
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ensemble.combine import CombineError, check_outputs, rebuild_hint
 from members.atomic import atomic_path
 from members.data import read_split
 from members.member import prediction_fingerprint
@@ -175,6 +178,20 @@ def verify_ensemble(exp: Experiment, needed: list[str]) -> dict:
     return record
 
 
+def check_reproduced(exp: Experiment, record: dict, phase: str, rows: list[tuple[str, float]]) -> None:
+    """Refuse an `ensemble.json` whose weights, standardisation and calibration, applied to the members'
+    `preds_<phase>.csv`, do not give the ensemble's: its seal proves only that it was not edited
+    without being resealed, and the readme quotes its weights beside scores made by other ones."""
+    try:
+        members = {name: read_preds(exp.runs_dir / name / f"preds_{phase}.csv") for name in exp.member_names}
+    except StageFileError as err:
+        raise SubmissionInputError(f"{err}; run {REBUILD_MEMBERS}") from None
+    try:
+        check_outputs(record, members, dict(rows), str(exp.out_dir / f"preds_{phase}.csv"))
+    except CombineError as err:
+        raise SubmissionInputError(f"{exp.out_dir / 'ensemble.json'}: {err}; {rebuild_hint(exp.path)}") from None
+
+
 def split_names(exp: Experiment, split: str) -> list[str]:
     """The image names of the split the members predicted (the ensemble verified its hash)."""
     try:
@@ -232,9 +249,10 @@ def write_submission(exp: Experiment, phase: str = "test") -> tuple[Path, Report
         raise SubmissionInputError(f"{exp.split_dir / 'valid.csv'}: no validation split; the data has no NTIRE "
                                    "validation folder (data.valid_dis / data.valid_ref), or run make train-members "
                                    "after adding it")
-    verify_ensemble(exp, [preds])
-    ensemble = load_ensemble(exp.out_dir / "ensemble.json")
+    record = verify_ensemble(exp, [preds])
     rows = read_predictions(exp.out_dir / preds)
+    check_reproduced(exp, record, phase, rows)
+    ensemble = load_ensemble(exp.out_dir / "ensemble.json")
     if phase == "test" and config.test_dir is not None:
         names = names_in_dir(config.test_dir)
     elif phase == "test" and config.names_file is not None:

@@ -212,6 +212,7 @@ def _fitted_member(tmp_path: Path, views: str = "center") -> tuple[Path, MemberC
             "prediction_fingerprint": prediction_fingerprint(cfg)}
     write_member_split(cfg.out, "test", [("a.bmp", 0.1), ("b.bmp", 0.2)], None, meta)
     record = {"members": [{"name": "m", "dir": str(cfg.out)}], "method": "mean", "weights": {"m": 1.0},
+              "standardisation": {"m": {"mean": 0.0, "std": 1.0}}, "calibration": {"kind": "none"},
               "manifest": {"experiment": None, "inputs": {"members": {"m": {
                   "preds_test.json": sha256_file(cfg.out / "preds_test.json")}}}}}
     write_stage_outputs(runs / "ensemble", {"preds_test.csv": "name,score\na.bmp,0.1\nb.bmp,0.2\n"},

@@ -26,7 +26,7 @@ from members.model import build_model
 from members.schema import load_experiment
 from members.score import main as score_main
 from members.scorer import ScorerError
-from members.stagefiles import read_labels, read_preds
+from members.stagefiles import _sealed, read_labels, read_preds
 from submission.__main__ import main as submission_main
 
 TOL = 1e-5
@@ -74,6 +74,8 @@ def fitted(member_yaml, tmp_path_factory) -> Path:
             backwards.append(m.config)
     if backwards:
         predict_members(backwards, None, progress=False)
+    for m in exp.members:  # their training is over: the heads above are final
+        (m.out / "done.json").write_text("{}")
     assert ensemble_main(["-c", str(exp_path)]) == 0
     return exp_path
 
@@ -115,6 +117,14 @@ def test_bad_inputs_are_clear_errors(fitted, tmp_path):
         scorer.score(torch.rand(3, 40, 40) * 255, torch.rand(3, 40, 40))
     with pytest.raises(ScorerError, match="differ in size"):
         scorer.score(torch.rand(3, 40, 40), torch.rand(3, 48, 40))
+    # Before: a NaN pixel passed the [0, 1] check (NaN compares false both ways) and the score was NaN.
+    for bad in (float("nan"), float("inf")):
+        image = torch.rand(3, 40, 40)
+        image[1, 7, 9] = bad
+        with pytest.raises(ScorerError, match=r"distorted image 0: 1 value\(s\) are NaN or infinite"):
+            scorer.score(image, torch.rand(3, 40, 40))
+        with pytest.raises(ScorerError, match=r"reference 0: 1 value\(s\) are NaN or infinite"):
+            scorer.score(torch.rand(3, 40, 40), image)
     with pytest.raises(ScorerError, match="config.yaml: not found"):
         Scorer.from_member(tmp_path)
 
@@ -126,6 +136,41 @@ def test_ensemble_refuses_heads_it_was_not_fitted_with(fitted, tmp_path):
     _heads(dataclasses.replace(exp.members[0].config, output_dir=str(copy / "sa")), 7, flip=False)  # retrained
     with pytest.raises(ScorerError, match="not the heads the ensemble's predictions were made with"):
         Scorer.from_ensemble(copy)
+
+
+def test_a_resealed_ensemble_record_is_refused(fitted, tmp_path):
+    """Before: ensemble.json with every weight negated and its self-hash recomputed was applied as it
+    was: every score negated, exit 0. The record must give its own preds_test.csv from the members'."""
+    exp = load_experiment(fitted)
+    copy = tmp_path / "runs"
+    shutil.copytree(exp.runs_dir, copy)
+    path = copy / "ensemble" / "ensemble.json"
+    record = json.loads(path.read_text())
+    record.pop("self_sha256")
+    record["weights"] = {k: -v for k, v in record["weights"].items()}
+    path.write_text(_sealed(record))
+    with pytest.raises(ScorerError, match=rf"ensemble.json: .*make ensemble EXPERIMENT={fitted}"):
+        Scorer.from_ensemble(copy)
+
+
+def test_an_unfinished_member_is_scored_only_when_allowed(fitted, tmp_path, capsys):
+    """Before: a member folder without done.json (training killed half-way) was scored silently."""
+    exp = load_experiment(fitted)
+    member = tmp_path / "sb"
+    shutil.copytree(exp.members[1].out, member)
+    (member / "done.json").unlink()
+    data = Path(exp.members[0].config.data.root)
+    name = sorted(read_preds(member / "preds_test.csv"))[0]
+    pair = [str(data / "NTIRE2022_FR_Testing_Dis" / name), str(data / "NTIRE2022_FR_Testing_Ref" / f"{name[:5]}.bmp")]
+    capsys.readouterr()
+    assert score_main(["--member", str(member), *pair]) == 2
+    captured = capsys.readouterr()
+    assert "has not finished training" in captured.err and captured.out == ""
+    assert score_main(["--member", str(member), "--allow-unfinished", *pair]) == 0
+    captured = capsys.readouterr()
+    assert "warning:" in captured.err and "has not finished training" in captured.err
+    score = float(captured.out.splitlines()[-1].split(",")[1])
+    assert abs(score - read_preds(member / "preds_test.csv")[name]) <= 2e-6
 
 
 def test_cli_scores_a_folder_and_one_pair(fitted, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import struct
@@ -18,7 +19,7 @@ from submission.__main__ import main as submission_main
 from submission.check import check_zip, main as check_main, names_in_dir, read_names_file
 from submission.readme import CPU, EXTRA_DATA, FIELDS, ReadmeInfo, format_readme, parse_readme
 from members.schema import load_experiment
-from members.stagefiles import sha256_file, write_stage_outputs
+from members.stagefiles import sha256_file, write_member_split, write_stage_outputs
 from submission.write import (
     SubmissionInputError,
     SubmissionInvalidError,
@@ -301,12 +302,14 @@ def _meta(name: str, seconds: float, device: str, pretrained: bool) -> dict:
 
 def make_runs(tmp_path: Path, metas: list[dict], scores: list[str] | None = None,
               split_names: list[str] | None = None) -> tuple[Path, list[str], Path]:
-    """A synthetic experiment (member configs, test split list) whose `<runs_dir>/ensemble/` holds an
-    ensemble's files and manifest as the ensemble stage writes them; returns (runs, names, config)."""
+    """A synthetic experiment (member configs, test split list, the members' test predictions) whose
+    `<runs_dir>/ensemble/` holds an ensemble's files and manifest as the ensemble stage writes them;
+    returns (runs, names, config). Every member scored the images as the ensemble did, so its record
+    (standardisation 0/1, no calibration, weights summing to 1) gives `scores` back from the members."""
     runs = tmp_path / "runs"
     names = [f"A{ref:04d}_10_{k:02d}.bmp" for ref in (3, 1) for k in (5, 0, 2, 1, 4, 3)]  # unsorted on purpose
     if scores is None:
-        scores = [f"{s:.9f}" for s in np.random.default_rng(0).normal(size=len(names))]
+        scores = [f"{s:.6f}" for s in np.random.default_rng(0).normal(size=len(names))]
     for m in metas:
         (tmp_path / f"{m['member']}.yaml").write_text(f"name: {m['member']}\n")
     config = tmp_path / "exp.yaml"
@@ -317,15 +320,30 @@ def make_runs(tmp_path: Path, metas: list[dict], scores: list[str] | None = None
     split.write_text("name,dis,ref,ref_id,mos,source\n" + "".join(
         f"{n},dis/{n},ref/{n[:5]}.bmp,{n[:5]},,t\n" for n in sorted(split_names or names)))
     exp = load_experiment(config)
+    as_member = [(n, float(s) if _finite(s) else 0.0) for n, s in zip(names, scores)]  # a bad row is the ensemble's
+    for m in metas:
+        (runs / m["member"]).mkdir()
+        write_member_split(runs / m["member"], "test", as_member, None, m)
     doc = {
         "members": [{"name": m["member"], "dir": str(runs / m["member"]), "test_meta": m} for m in metas],
         "method": "nnls", "weights": {m["member"]: w for m, w in zip(metas, (0.7, 0.3))},
+        "standardisation": {m["member"]: {"mean": 0.0, "std": 1.0} for m in metas}, "calibration": {"kind": "none"},
         "manifest": {"experiment": str(config), "ensemble_fingerprint": exp.ensemble_fingerprint(),
-                     "inputs": {"members": {m["member"]: {} for m in metas}, "splits": {"test": sha256_file(split)}}},
+                     "inputs": {"members": {m["member"]: {f: sha256_file(runs / m["member"] / f)
+                                                          for f in ("preds_test.json", "preds_test.csv")}
+                                            for m in metas},
+                                "splits": {"test": sha256_file(split)}}},
     }
     preds = "name,score\n" + "".join(f"{n},{s}\n" for n, s in zip(names, scores))
     write_stage_outputs(exp.out_dir, {"preds_test.csv": preds}, "ensemble.json", doc)
     return runs, names, config
+
+
+def _finite(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def submit(config: Path, *sets: str) -> tuple[Path, object]:
@@ -360,7 +378,7 @@ def test_writer_end_to_end(tmp_path: Path, members: list, cpu: int, extra: int) 
     assert "2 AHIQ" in info.description and "'nnls'" in info.description and "a=0.7" in info.description
     report = check_zip(out, names)
     assert report.ok and report.warnings == []
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits", "submission.zip"]
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b", "ensemble", "splits", "submission.zip"]
 
 
 def test_writer_description_override_and_test_dir(tmp_path: Path) -> None:
@@ -388,7 +406,7 @@ def test_writer_rejects_names_mismatch_and_keeps_old_zip(tmp_path: Path) -> None
         submit(config, f"submission.names_file={names_path}")
     assert "A0009_10_00.bmp" in str(err.value) and names[0] in str(err.value)
     assert out.read_bytes() == b"previous"
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits", "submission.zip"]
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b", "ensemble", "splits", "submission.zip"]
 
 
 def test_writer_missing_ensemble_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -398,7 +416,7 @@ def test_writer_missing_ensemble_json(tmp_path: Path, capsys: pytest.CaptureFixt
         submit(config)
     assert submission_main(["-c", str(config)]) == 2
     assert "ensemble.json: not found" in capsys.readouterr().err
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits"]
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b", "ensemble", "splits"]
 
 
 @pytest.mark.parametrize("bad", ["nan", "inf", "abc"])
@@ -408,14 +426,14 @@ def test_writer_rejects_non_finite_prediction(tmp_path: Path, bad: str) -> None:
     runs, names, config = make_runs(tmp_path, [_meta(*m) for m in TWO], scores)
     with pytest.raises(SubmissionInputError, match=rf"preds_test\.csv, line 3: score (is )?'{bad}'"):
         submit(config)
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits"]
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b", "ensemble", "splits"]
 
 
 def test_writer_rejects_constant_prediction(tmp_path: Path) -> None:
     runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO], ["0.5"] * 12)
     with pytest.raises(SubmissionInvalidError, match="all 12 scores are equal"):
         submit(config)
-    assert sorted(p.name for p in runs.iterdir()) == ["ensemble", "splits"]
+    assert sorted(p.name for p in runs.iterdir()) == ["a", "b", "ensemble", "splits"]
 
 
 def test_writer_rejects_bad_member_meta(tmp_path: Path) -> None:
