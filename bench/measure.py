@@ -1,4 +1,4 @@
-"""Measuring tools for the bench: wall time, peak memory of a section, counted multiply-adds.
+"""Measuring tools for the bench: wall and CPU time, peak memory of a section, counted FLOPs.
 
 Peak memory is what a section adds on top of what was held when it started. On CUDA it is the
 caching allocator's peak (`max_memory_allocated`). On the CPU it is the process's peak resident set
@@ -85,12 +85,26 @@ def timed_cpu(fn: Callable[[], object], device: torch.device) -> tuple[float, fl
     return seconds, cpu, pm.peak_mib, result
 
 
+def _deform_conv2d_flops(x_shape: torch.Size, w_shape: torch.Size, *args: object,
+                         out_shape: torch.Size | None = None, **kwargs: object) -> int:
+    """torchvision's deform_conv2d counted as the convolution it computes: 2 * N * H_out * W_out * 9 *
+    C_in/groups * C_out, the GEMM of its bilinear im2col columns with the weight. That is what
+    FlopCounterMode counts for `members.deform` (its addmm over the same columns), so both ways'
+    deformable convs count alike; the bilinear sampling itself is counted on neither side."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))
+
+
 def counted_flops(fn: Callable[[], object]) -> int:
-    """Floating-point operations (2 per multiply-add) of the matmuls, convolutions and attention that
-    `fn` runs, as torch's FlopCounterMode counts them (torchvision's deform_conv2d is not counted)."""
+    """Floating-point operations (2 per multiply-add) of the matmuls, convolutions (torchvision's
+    deformable one included, see `_deform_conv2d_flops`) and attention that `fn` runs, as torch's
+    FlopCounterMode counts them. Forward ops only: the backward of torchvision's deform is not mapped."""
+    import torchvision  # noqa: F401  (registers torch.ops.torchvision)
     from torch.utils.flop_counter import FlopCounterMode
 
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False,
+                              custom_mapping={torch.ops.torchvision.deform_conv2d: _deform_conv2d_flops})
     with counter:
         fn()
     return int(counter.get_total_flops())

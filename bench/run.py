@@ -1,20 +1,22 @@
 """`make bench`: AHIQ prediction and training, the release's way (a) against this kit's way (b).
 
     python -m bench.run --out bench/results                 # tiny, real (ViT-B/8 at 224), ahiq_c; about an hour on 2 CPU cores
-    python -m bench.run --out /tmp/b --configs tiny --no-train
+    python -m bench.run --out /tmp/b --configs tiny         # the tiny rows only (seconds)
     python -m bench.run --out /tmp/b --configs ahiq_c       # the six members of configs/ahiq_c.yaml, their own views
 
 Backbones and heads have random weights (no downloads); every member shares the backbones and has
 its own heads, as an ensemble of seeds does. Inputs are synthetic images, already cropped into views
 (data loading is left out of both ways). Prediction: R references x D distorted images x V views.
 (a) = `bench.release`: full backbones on dis and ref of every pair, for every member, torchvision's
-deformable conv; it is timed on the first `release_pairs` pairs only and reported per pair.
+deformable conv; it is timed on the first `release_pairs` pairs (at least 2) of each member.
 (b) = `members.fastpredict.SharedScorer`: backbones once per image and view, shared by the members;
-the reference's part once per (reference, view); the members' per-distorted heads.
-Training: one optimizer step of batch B, the release's (backbone graph, full backbones, dis and ref in
-separate calls) against `members.train`'s (`AHIQ.forward`), each in a fresh process. Peak memory: see
-`bench.measure`.
-Counted TFLOP/s (FlopCounterMode: convolutions, matmuls, attention) are added on a GPU or with --flops.
+the reference's part once per (reference, view); the members' per-distorted heads; timed on all pairs.
+Each way first scores one pair untimed (warm-up), and its pairs/s are its timed pairs over their time.
+Training: optimizer steps of batch B, the release's (backbone graph, full backbones, dis and ref in
+separate calls) against `members.train`'s (`AHIQ.forward`), each in a fresh process, timed after one
+untimed step. Peak memory: see `bench.measure`.
+Counted TFLOP/s (FlopCounterMode: convolutions, both ways' deformable convs alike, matmuls, attention)
+are added on a GPU or with --flops. bench/bench.md says how everything is measured.
 Writes <out>/bench.md and <out>/bench.json.
 """
 from __future__ import annotations
@@ -59,9 +61,9 @@ class BenchConfig:
     refs: int = 1
     dis: int = 8  # distorted images per reference
     members: tuple[int, ...] = (1, 3)  # rows: the first group with this many members (one-group configs)
-    release_pairs: int = 1  # pairs the release's way is timed on, per member
+    release_pairs: int = 2  # pairs the release's way is timed on, per member (at least 2)
     train_batch: int = 4
-    warmup: bool = False  # one untimed call of each way first (cheap on tiny configs only)
+    train_steps: int = 2  # optimizer steps timed per way, after one untimed step
 
     @property
     def train_group(self) -> BenchGroup:
@@ -71,10 +73,11 @@ class BenchConfig:
 FIVE = ViewConfig(kind="five")
 CONFIGS = {
     "tiny": BenchConfig("tiny", [BenchGroup("vit_tiny_patch16_224", "resnet18", 64, FIVE)], 80, refs=2, dis=4,
-                        release_pairs=4, warmup=True),
+                        release_pairs=4),
     "real": BenchConfig("real", [BenchGroup("vit_base_patch8_224", "resnet50", 224, FIVE)], 288, refs=1, dis=8),
 }
 AHIQ_C = "configs/ahiq_c.yaml"
+MIN_RELEASE_PAIRS = 2  # one timed pair would read one pair's noise as the release's speed
 
 
 def experiment_config(path: str, name: str) -> BenchConfig:
@@ -138,7 +141,7 @@ class ReleaseRun:
 
     items: list[dict]
     models: list[AHIQ]
-    release: list[tuple]  # per member: timed_cpu's (seconds, CPU seconds, peak MiB, scores)
+    release: list[tuple]  # per member: timed_cpu's (seconds, CPU seconds, peak MiB, scores) over release_pairs
     release_flops: int | None  # one member, one pair
 
 
@@ -148,32 +151,30 @@ def release_run(group: BenchGroup, members: int, cfg: BenchConfig, device: torch
     part = subset(items, cfg.release_pairs)
     backbones = ReleaseBackbones(models[0], group.vit, group.cnn, group.crop).to(device)
     one = lambda: release_predict(models[:1], [backbones], subset(part, 1), device)  # noqa: E731
-    if cfg.warmup:
-        one()
+    one()  # warm-up, untimed: a first call also pays for lazy initialisation and the heap's growth
     release = [timed_cpu(lambda m=m: release_predict([m], [backbones], part, device), device) for m in models]
     return ReleaseRun(items, models, release, counted_flops(one) if flops else None)
 
 
 def bench_group(run: ReleaseRun, members: int, cfg: BenchConfig, device: torch.device,
                 opts: argparse.Namespace) -> dict:
-    """Both ways on the first `members` members of a group: the release's, measured per member and
-    pair, and the kit's engine once for them all."""
+    """Both ways on the first `members` members of a group, each after an untimed pair: the release's
+    timed per member on its `release_pairs` pairs, the kit's engine on all pairs for all members at
+    once. Seconds are per pair scored by all `members` members, from the timed pairs only."""
     items, release = run.items, run.release[:members]
     n_pairs = cfg.refs * cfg.dis
     scorer = SharedScorer(run.models[:members], device, opts.precision, opts.channels_last, opts.compile,
                           opts.max_crops)
-    if cfg.warmup:
-        scorer.score(items[:1], cfg.dis, progress=False)
+    scorer.score(subset(items, 1), 1, progress=False)  # warm-up, untimed, as the release's way
     seconds, cpu, peak, scores = timed_cpu(lambda: scorer.score(items, n_pairs, progress=False), device)
-    scale = n_pairs / cfg.release_pairs
-    out = {"a_seconds": sum(r[0] for r in release) * scale, "b_seconds": seconds,
-           "a_cpu": sum(r[1] for r in release) * scale, "b_cpu": cpu,
+    out = {"a_seconds": sum(r[0] for r in release) / cfg.release_pairs, "b_seconds": seconds / n_pairs,
+           "a_cpu": sum(r[1] for r in release) / cfg.release_pairs, "b_cpu": cpu / n_pairs,
            "a_peak": _largest([r[2] for r in release]), "b_peak": peak,
            "diff": max(abs(scores[k][i] - release[k][3][0][i]) for k in range(members) for i in range(cfg.release_pairs)),
            "range": min(float(s.max() - s.min()) for s in scores), "views": items[0]["dis"].shape[1]}
-    if opts.flops:
-        out["a_flops"] = members * run.release_flops * n_pairs
-        out["b_flops"] = counted_flops(lambda: scorer.score(items, n_pairs, progress=False))
+    if opts.flops:  # per pair, as the seconds
+        out["a_flops"] = members * run.release_flops
+        out["b_flops"] = counted_flops(lambda: scorer.score(items, n_pairs, progress=False)) / n_pairs
     return out
 
 
@@ -182,8 +183,8 @@ def _largest(peaks: list[float | None]) -> float | None:
 
 
 def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespace) -> list[dict]:
-    """One row per entry of `cfg.members`; a row's times and FLOPs add over its groups, its peaks are
-    the largest of any group. Groups run one after the other, each prepared once for all rows."""
+    """One row per entry of `cfg.members`; a row's per-pair times and FLOPs add over its groups, its
+    peaks are the largest of any group. Groups run one after the other, each prepared once for all rows."""
     several = len(cfg.groups) > 1  # an experiment's groups: one row with all of their members
     parts: dict[int, list[dict]] = {m: [] for m in cfg.members}
     for group in cfg.groups:
@@ -195,10 +196,13 @@ def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespa
     n_pairs = cfg.refs * cfg.dis
     for m, got in parts.items():
         a_s, b_s = sum(p["a_seconds"] for p in got), sum(p["b_seconds"] for p in got)
+        a_cpu, b_cpu = sum(p["a_cpu"] for p in got), sum(p["b_cpu"] for p in got)
+        # speedup: wall seconds per pair of (a) over (b); speedup_cpu: the same with each way's CPU
+        # seconds (time.process_time, all threads of this process) over its timed pairs.
         row = {"config": cfg.name, "members": m, "pairs": n_pairs,
                "views": "/".join(str(p["views"]) for p in got), "release_pairs": cfg.release_pairs,
-               "a_pairs_per_s": n_pairs / a_s, "b_pairs_per_s": n_pairs / b_s, "ratio": a_s / b_s,
-               "cpu_ratio": sum(p["a_cpu"] for p in got) / sum(p["b_cpu"] for p in got),
+               "a_pairs_per_s": 1 / a_s, "b_pairs_per_s": 1 / b_s, "speedup": a_s / b_s,
+               "a_cpu_s_per_pair": a_cpu, "b_cpu_s_per_pair": b_cpu, "speedup_cpu": a_cpu / b_cpu,
                "max_abs_diff": max(p["diff"] for p in got), "score_range": min(p["range"] for p in got),
                "a_peak_mib": _largest([p["a_peak"] for p in got]), "b_peak_mib": _largest([p["b_peak"] for p in got])}
         if opts.flops:
@@ -210,7 +214,8 @@ def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespa
 
 
 def train_step_seconds(cfg: BenchConfig, way: str, device: str, threads: int) -> tuple[float, float | None]:
-    """(seconds, peak MiB) of one optimizer step of batch `cfg.train_batch`, `way` "release" or "kit".
+    """(seconds per step, peak MiB) of `cfg.train_steps` optimizer steps of batch `cfg.train_batch`
+    after an untimed one, `way` "release" or "kit".
     Meant to run in a fresh process (see `bench_train`): same seeds, so both ways see the same model
     and batch."""
     torch.set_num_threads(threads)
@@ -227,10 +232,9 @@ def train_step_seconds(cfg: BenchConfig, way: str, device: str, threads: int) ->
         step = lambda: release_train_step(model, backbones, optimizer, dis, ref, label)  # noqa: E731
     else:
         step = lambda: kit_train_step(model, optimizer, dis, ref, label)  # noqa: E731
-    if cfg.warmup:
-        step()
-    seconds, peak, _ = timed(step, dev)
-    return seconds, peak
+    step()  # warm-up, untimed: the first step also creates Adam's state and grows the heap
+    seconds, peak, _ = timed(lambda: [step() for _ in range(cfg.train_steps)], dev)
+    return seconds / cfg.train_steps, peak
 
 
 def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
@@ -242,8 +246,8 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
             measured[way] = pool.submit(train_step_seconds, cfg, way, str(device), torch.get_num_threads()).result()
     (a_s, a_peak), (b_s, b_peak) = measured["release"], measured["kit"]
-    row = {"config": cfg.name, "batch": cfg.train_batch, "a_step_s": a_s, "b_step_s": b_s, "speedup": a_s / b_s,
-           "a_peak_mib": a_peak, "b_peak_mib": b_peak,
+    row = {"config": cfg.name, "batch": cfg.train_batch, "steps": cfg.train_steps, "a_step_s": a_s, "b_step_s": b_s,
+           "speedup": a_s / b_s, "a_peak_mib": a_peak, "b_peak_mib": b_peak,
            "memory_ratio": b_peak / a_peak if a_peak and b_peak is not None else None}
     print(json.dumps(row), flush=True)
     return row
@@ -254,10 +258,12 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/results", help="folder for bench.md and bench.json")
     parser.add_argument("--configs", nargs="+", default=["tiny", "real", "ahiq_c"], choices=[*CONFIGS, "ahiq_c"],
-                        help=f"tiny, real (one ViT-B/8 group), ahiq_c (the members of {AHIQ_C})")
+                        help=f"tiny, real (one ViT-B/8 group), ahiq_c (the members of {AHIQ_C}); "
+                             "--configs tiny runs the tiny rows only")
     parser.add_argument("--dis", type=int, default=None, help="distorted images per reference (all configs)")
     parser.add_argument("--refs", type=int, default=None, help="references (all configs)")
-    parser.add_argument("--release-pairs", type=int, default=None, help="pairs the release's way is timed on")
+    parser.add_argument("--release-pairs", type=int, default=None,
+                        help=f"pairs the release's way is timed on, per member (at least {MIN_RELEASE_PAIRS})")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step table")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
@@ -276,6 +282,9 @@ def main(argv: list[str] | None = None) -> None:
                                                                      ("release_pairs", opts.release_pairs)) if v})
                for c in opts.configs]
     for cfg in configs:
+        if cfg.release_pairs < MIN_RELEASE_PAIRS:
+            parser.error(f"{cfg.name}: --release-pairs {cfg.release_pairs}: time the release's way on at least "
+                         f"{MIN_RELEASE_PAIRS} pairs (one pair is one sample of noise)")
         if cfg.release_pairs > cfg.refs * cfg.dis:
             parser.error(f"{cfg.name}: release_pairs {cfg.release_pairs} > {cfg.refs * cfg.dis} pairs")
     results = {
