@@ -13,7 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from members.cli import INTERRUPTED_RERUN, run_main
+from members.cli import INTERRUPTED_RERUN, quiet_start, run_main
+
+if __name__ == "__main__":
+    quiet_start(INTERRUPTED_RERUN)  # before the slow imports below (scipy, sklearn): Ctrl-C ends in one line
 
 from members.atomic import sweep_temps
 from members.config import ConfigError
@@ -22,7 +25,7 @@ from members.stagefiles import write_stage_outputs
 
 from .fit import run_ensemble
 from .io import load_members
-from .report import ensemble_json, render
+from .report import ESTIMATE_NAME, ensemble_json, render
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                           "inputs": data.inputs}
     sweep_temps(exp.out_dir)  # litter of a killed earlier run
     write_stage_outputs(exp.out_dir, files, "ensemble.json", record)
-    print("\n".join([*result.warnings, f"{result.headline}; wrote ensemble.json, {', '.join(files)} "
-                                        f"to {exp.out_dir}"]))
+    print("\n".join([*result.warnings, f"{ESTIMATE_NAME}: {result.headline}; wrote ensemble.json, "
+                                        f"{', '.join(files)} to {exp.out_dir}"]))
     return 0
 
 

@@ -26,6 +26,8 @@ from .methods import standardise
 SCATTER_PNG = "oof_scatter.png"
 WEIGHTS_PNG = "weights.png"
 CURVES_PNG = "training_curves.png"
+# Not an unbiased estimate of the leaderboard: each member's best.pth is its best epoch on these images.
+ESTIMATE_NAME = "validation estimate (optimistic: the members' checkpoints were chosen on this split)"
 ESTIMATE_WHAT = ("signed PLCC + SRCC of the chosen method's out-of-fold predictions, pooled over every validation "
                  "image of every reference as the leaderboard pools the test images; interval: 95% bootstrap "
                  "over references")
@@ -45,7 +47,8 @@ def ensemble_json(exp: Experiment, data: MemberData, result: EnsembleResult) -> 
                     for n, d, meta in zip(data.members, data.dirs, data.test_meta)],
         "method": result.chosen,
         "weights": {n: float(w) for n, w in zip(data.members, chosen.weights)},
-        "estimate": {"pooled_oof_main": chosen.pooled, "interval": list(chosen.ci), "what": ESTIMATE_WHAT},
+        "estimate": {"pooled_oof_main": chosen.pooled, "interval": list(chosen.ci), "what": ESTIMATE_WHAT,
+                     "name": ESTIMATE_NAME},
         "best_method": result.best,
         "reason": result.reason,
         "warnings": result.warnings,
@@ -99,7 +102,11 @@ def report_markdown(exp: Experiment, data: MemberData, result: EnsembleResult) -
     lines = [
         f"# Ensemble report: {exp.path}",
         "",
-        f"**{result.headline}**: the estimate of the leaderboard score ({ESTIMATE_WHAT}).",
+        f"**{result.headline}**: {ESTIMATE_WHAT}.",
+        "",
+        f"This is a {ESTIMATE_NAME}, not an unbiased estimate of the leaderboard score: each member's "
+        "best.pth is the epoch that scored best on these same validation images, so the test score is "
+        "likely to be lower.",
         "",
         f"{len(data.members)} members, {len(data.val_names)} validation images on "
         f"{len(np.unique(data.refs))} references, {len(data.test_names)} test images. "

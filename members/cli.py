@@ -4,6 +4,8 @@
   resume" (or, for commands that recompute everything, that nothing half-written was kept) and exits
   130; the kit's known error types (bad configs, bad data, file problems such as a full disk or a
   missing folder) print one `error:` line and exit 2, never a traceback.
+- `quiet_start()`, first thing in a `__main__` module, gives Ctrl-C during its slow imports (torch,
+  scipy) the same one line and exit 130, instead of a KeyboardInterrupt traceback from inside them.
 - `die_with_parent()` makes a worker die when the process that launched it dies, even by `kill -9`:
   torch's elastic launcher starts its workers in new sessions, so they would go on training as
   orphans. Linux's PR_SET_PDEATHSIG does it; elsewhere it is a no-op.
@@ -11,6 +13,8 @@
   same member would interleave its log and checkpoints with the first).
 - `python -m members.cli --die-with-parent -- CMD...` execs CMD with the same protection, for
   children started by `members.experiment`.
+- `python -m members.cli --launch ARGS...` is `accelerate launch ARGS...` for `members.experiment`:
+  a worker that fails says why in one line, and the launcher adds no traceback of its own.
 """
 from __future__ import annotations
 
@@ -80,9 +84,29 @@ def _close_progress_bars() -> None:
             pass
 
 
+_start_message = INTERRUPTED
+
+
+def _interrupted_at_start(signum: int, frame: object) -> NoReturn:
+    print(_start_message, file=sys.stderr)
+    sys.exit(130)  # SystemExit leaves the import it interrupts without a traceback
+
+
+def quiet_start(interrupted: str = INTERRUPTED) -> None:
+    """Make Ctrl-C before `run_main` (during the module imports that precede it, seconds for torch)
+    print `interrupted` and exit 130, as `run_main` does later. Call it at the top of a `__main__`
+    module, before those imports; `run_main` hands Ctrl-C back to Python's KeyboardInterrupt."""
+    global _start_message
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (nohup)
+        _start_message = interrupted
+        signal.signal(signal.SIGINT, _interrupted_at_start)
+
+
 def run_main(main: Callable[[], int | None], interrupted: str = INTERRUPTED) -> NoReturn:
     """Run a CLI's `main` and exit with its status; see the module docstring for failures.
     `interrupted`: what Ctrl-C prints (INTERRUPTED_RERUN for commands that cannot resume)."""
+    if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # quiet_start's part is over
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     die_with_parent()  # a no-op unless started by a launcher (accelerate launch, members.experiment)
     try:
         code = main()
@@ -161,5 +185,30 @@ def _exec_main(argv: list[str]) -> NoReturn:
     os.execvp(argv[2], argv[2:])
 
 
+def _launch_main(argv: list[str]) -> NoReturn:
+    """`accelerate launch argv` in this process, ending in its workers' exit status alone: a worker
+    that fails has printed its one `error:` line already, and `members.experiment` names the member
+    that failed; the launcher's own traceback (one process) or torch elastic's failure report and log
+    lines (several) would only bury that line."""
+    import logging
+    from subprocess import CalledProcessError
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    logging.disable(logging.ERROR)  # in this launcher only: elastic logs every stopped worker
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except CalledProcessError as err:
+        sys.exit(err.returncode)
+    except ChildFailedError:
+        sys.exit(1)
+    except Exception as err:  # the launcher's own failure (a bad argument, a busy port): still one line
+        sys.exit(f"error: accelerate launch: {one_line(err)}")
+    sys.exit(0)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--launch"]:
+        _launch_main(sys.argv[2:])
     _exec_main(sys.argv[1:])

@@ -10,6 +10,7 @@ overrides any field, and the resolved config is dumped next to the results.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -142,13 +143,14 @@ def _coerce(value: Any, hint: Any, path: str, where: str) -> Any:
         return dict(value)
     if hint is Any:
         return value
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:  # a string too: YAML 1.1 reads `1e-3` (no dot) as one
+            number = float(value)
+        except (ValueError, OverflowError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # NaN passes every `< 0` check after this, and no setting is infinite
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if hint in (int, float) and isinstance(value, bool):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     if isinstance(hint, type) and not isinstance(value, hint):
@@ -171,6 +173,11 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
+        # A `__post_init__` check whose message starts with the dotted key it is about ("train.lr must
+        # be > 0"): point at that key's line (or --set), as the type errors above do.
+        key = next((k for k in data if str(err).startswith(f"{prefix}{k} ")), None)
+        if key is not None:
+            raise ConfigError(f"{_where(data, key, prefix + key)}: {str(err)[len(prefix + key) + 1:]}") from None
         source = getattr(data, "source", "config")
         raise ConfigError(f"{source}: '{prefix.rstrip('.') or cls.__name__}': {err}") from None
 

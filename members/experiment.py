@@ -23,7 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from members.cli import run_main, shim_command
+from members.cli import quiet_start, run_main, shim_command
+
+if __name__ == "__main__":
+    quiet_start()  # before the slow imports below (torch): Ctrl-C during them ends in one line
 from members.config import ConfigError
 from members.member import (MemberConfig, StaleMemberError, check_member_folder, prediction_fingerprint,
                             prediction_splits, prepare_member_data)
@@ -33,12 +36,14 @@ from members.stagefiles import StageFileError, read_member_meta, sha256_file
 
 
 def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> list[str]:
-    """`accelerate launch` for `python -m module args` on the given number of processes.
+    """`accelerate launch` for `python -m module args` on the given number of processes, through
+    `members.cli --launch`, so that a member that fails ends in its own one-line error, not in the
+    launcher's traceback.
 
     Only what this driver decides is passed (one machine, the slot's process count); everything else
     comes from the user's `accelerate config`. Mixed precision is the member's `train.mixed_precision`,
     which the training code passes to its Accelerator (an explicit argument wins over the launcher's)."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--main_process_port", "0",
+    cmd = [sys.executable, "-m", "members.cli", "--launch", "--num_machines", "1", "--main_process_port", "0",
            "--num_processes", str(processes)]
     cmd += ["--multi_gpu"] if processes > 1 else (["--cpu"] if cpu else [])
     return cmd + ["-m", module, *args]

@@ -59,6 +59,14 @@ class TrainConfig:
         for key in ("epochs", "batch_size", "t_max", "grad_accum", "val_every", "keep_states"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1; got {getattr(self, key)}")
+        # Checked here, not by the optimizer or a DataLoader after the launch and the data checks.
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0; got {self.lr}")
+        for key in ("weight_decay", "warmup_epochs", "min_lr", "num_workers", "state_every"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0; got {getattr(self, key)}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"train.min_lr must not exceed train.lr ({self.lr}); got {self.min_lr}")
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
         """Learning rate for optimizer step `step` (0-based)."""
@@ -86,6 +94,8 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"predict.batch_size must be >= 1; got {self.batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"predict.num_workers must be >= 0; got {self.num_workers}")
 
 
 @dataclass

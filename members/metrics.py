@@ -3,8 +3,10 @@
 This is the one tested place for metrics; training, the ensemble stage and reports import it.
 Conventions follow the NTIRE challenge (see shared/docs/ntire-format.md):
 
-- main score = |PLCC| + |SRCC| (sign-free, as in the published tables); `signed_main` keeps the signs,
-  for choosing between predictors (a backwards one must not look good);
+- main score = PLCC + SRCC with their signs (`signed_main`, evaluate's "main"): what the kit chooses
+  checkpoints, methods and members by, since a predictor that ranks backwards must score below zero,
+  not look good; `abs_main` = |PLCC| + |SRCC| is the sign-free number of the published tables, only
+  reported beside it (both agree whenever the correlations are positive);
 - PLCC/RMSE "after the logistic" map predictions through
   `(b1 - b2) / (1 + exp(-(x - b3) / b4)) + b2` fitted to the MOS, started at
   `[max(mos), min(mos), mean(pred), std(pred) / 4]`;
@@ -136,22 +138,25 @@ def rmse_logistic(pred: object, mos: object) -> float:
     return rmse(logistic4(p, *fit_logistic(p, m)), m)
 
 
-def main_score(pred: object, mos: object) -> float:
-    """NTIRE main score |PLCC| + |SRCC|."""
+def abs_main(pred: object, mos: object) -> float:
+    """|PLCC| + |SRCC|, sign-free as in the published NTIRE tables: a predictor that ranks backwards
+    scores as well as its mirror image, so never choose by it (see `signed_main`)."""
     p, m = check_pair(pred, mos)
     return abs(_pearson(p, m)) + abs(_pearson(_ranks(p), _ranks(m)))
 
 
 def signed_main(pred: object, target: object) -> float:
-    """PLCC + SRCC with their signs, against a higher-is-better `target` (negate a lower-is-better MOS
-    first). Unlike `main_score` it scores a predictor that ranks backwards below zero, so it is the one
-    to rank members and ensembles by; both agree whenever the correlations are positive."""
+    """The main score PLCC + SRCC with their signs, against a higher-is-better `target` (negate a
+    lower-is-better MOS first): a predictor that ranks backwards scores below zero, so it is the one
+    to choose checkpoints, members and ensembles by; it equals `abs_main` when both correlations are
+    positive."""
     p, t = check_pair(pred, target)
     return _pearson(p, t) + _pearson(_ranks(p), _ranks(t))
 
 
 def evaluate(pred: object, mos: object) -> dict[str, float]:
-    """All metrics at once: srcc, plcc, krcc, rmse, plcc_logistic, rmse_logistic, main."""
+    """All metrics at once: srcc, plcc, krcc, rmse, plcc_logistic, rmse_logistic, main (signed
+    PLCC + SRCC, the one to choose by) and abs_main (sign-free, as published)."""
     p, m = check_pair(pred, mos)
     fitted = logistic4(p, *fit_logistic(p, m))
     return {
@@ -161,7 +166,8 @@ def evaluate(pred: object, mos: object) -> dict[str, float]:
         "rmse": rmse(p, m),
         "plcc_logistic": plcc(fitted, m),
         "rmse_logistic": rmse(fitted, m),
-        "main": main_score(p, m),
+        "main": signed_main(p, m),
+        "abs_main": abs_main(p, m),
     }
 
 

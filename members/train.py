@@ -6,7 +6,8 @@
         -m members.train -c ...
 
 Outputs in the member's output_dir: config.yaml (resolved), log.csv, states/ (resumable), best.pth
-(heads with the best validation main score = PLCC + SRCC, and its metrics), last.pth, done.json.
+(heads with the best validation main score = PLCC + SRCC with their signs, so that an epoch that ranks
+backwards never wins; its metrics also give the published sign-free abs_main), last.pth, done.json.
 Rerunning the same command resumes from the latest state; a finished member is not retrained.
 """
 from __future__ import annotations
@@ -19,11 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
-from members.cli import die_with_parent
+from members.cli import die_with_parent, quiet_start
 
 if __name__ == "__main__":
-    # Before the slow imports below: a worker whose launcher is killed must not train on as an orphan.
+    # Before the slow imports below: a worker whose launcher is killed must not train on as an orphan,
+    # and Ctrl-C during them ends in one line.
     die_with_parent()
+    quiet_start()
 
 import numpy as np
 import torch
@@ -165,12 +168,23 @@ def _truncate_log(path: Path, step: int) -> None:
 
 def _validation_metrics(scores: np.ndarray, labels: np.ndarray, where: str, accelerator: Accelerator) -> dict:
     """Validation metrics; undefined ones (constant scores from collapsed heads, a failed logistic fit)
-    count as 0 with a warning instead of stopping a long run: the best checkpoint is chosen by main."""
+    count as 0 with a warning instead of stopping a long run: the best checkpoint is chosen by main, the
+    signed PLCC + SRCC (metrics.signed_main), never by the sign-free abs_main."""
     try:
         return {k: round(float(v), 6) for k, v in evaluate(scores, labels).items()}
     except MetricError as err:
         accelerator.print(f"warning: {where}: {err}; its correlations count as 0")
-        return {"srcc": 0.0, "plcc": 0.0, "krcc": 0.0, "main": 0.0}
+        return {"srcc": 0.0, "plcc": 0.0, "krcc": 0.0, "main": 0.0, "abs_main": 0.0}
+
+
+def record_if_best(progress: dict, metrics: dict, epoch: int) -> bool:
+    """Whether this validation is the best so far, by the signed main (PLCC + SRCC): an epoch that
+    ranks backwards scores below zero, so it never beats one that ranks forwards, however weakly. If it
+    is, it becomes `progress`'s best (saved with the state, so a resumed run compares with it)."""
+    if not metrics["main"] > progress["best_main"]:
+        return False
+    progress.update(best_main=metrics["main"], best_epoch=epoch, best_metrics=metrics)
+    return True
 
 
 def _validation_scores(net: AHIQ, loader: DataLoader, n: int, accelerator: Accelerator, precision: str) -> np.ndarray:
@@ -301,15 +315,14 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
                                     f"heads diverged (lower train.lr); the last good state is kept in {states}")
             metrics = _validation_metrics(scores, val_labels, f"{cfg.name} epoch {epoch}", accelerator)
             accelerator.print(f"{cfg.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            best = record_if_best(progress, metrics, epoch)
             if accelerator.is_main_process:
                 _log(log_path, {"step": step, "epoch": epoch, **metrics})
-                if metrics["main"] > progress["best_main"]:
+                if best:
                     save_heads(accelerator.unwrap_model(model), out / "best.pth", to_dict(cfg.model),
                                metrics=metrics, epoch=epoch)
             if tc.log_with:
                 accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
-            if metrics["main"] > progress["best_main"]:
-                progress.update(best_main=metrics["main"], best_epoch=epoch, best_metrics=metrics)
         progress.update(epoch=epoch + 1, step=step, batch=0)
         _save_state(accelerator, states, progress, tc.keep_states)
     bar.close()

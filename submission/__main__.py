@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from members.cli import INTERRUPTED_RERUN, run_main
+from members.cli import INTERRUPTED_RERUN, quiet_start, run_main
+
+if __name__ == "__main__":
+    quiet_start(INTERRUPTED_RERUN)  # before the slow imports below: Ctrl-C during them ends in one line
 from members.config import ConfigError
 from submission.check import NamesError, print_report
 from members.schema import load_experiment

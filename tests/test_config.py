@@ -41,6 +41,33 @@ def test_values_are_coerced_only_where_safe(tmp_path):
         from_dict(Outer, {"inner": {"lr": "fast"}})
 
 
+@dataclass
+class Checked:
+    rate: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.rate > 0:
+            raise ValueError(f"inner.rate must be > 0; got {self.rate}")
+
+
+@dataclass
+class Holder:
+    inner: Checked = field(default_factory=Checked)
+
+
+def test_non_finite_numbers_and_post_init_checks_name_file_and_line(tmp_path):
+    """Before: `.nan` passed as a float (and every `< 0` check after it), and a `__post_init__` check
+    named the section only."""
+    (tmp_path / "n.yaml").write_text("name: a\ninner:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match=r"n\.yaml, line 3: 'inner\.lr': expected a finite number, got nan$"):
+        from_dict(Outer, load_yaml(tmp_path / "n.yaml"))
+    with pytest.raises(ConfigError, match=r"'inner\.lr': expected a finite number, got '-inf'$"):
+        from_dict(Outer, {"inner": {"lr": "-inf"}})
+    (tmp_path / "c.yaml").write_text("inner:\n  rate: -1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml, line 2: 'inner\.rate': must be > 0; got -1\.0$"):
+        from_dict(Holder, load_yaml(tmp_path / "c.yaml"))
+
+
 def test_base_chain_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text("name: base\ninner:\n  lr: 0.5\n  steps: 9\n")
     (tmp_path / "child.yaml").write_text("base: base.yaml\nname: child\ninner:\n  steps: 1\n")

@@ -280,6 +280,11 @@ def test_cli_end_to_end(tmp_path):
     assert test_names == sorted(test_names) and len(test_names) == 120 and np.all(np.isfinite(test_scores))
     assert val_names == sorted(val_names) and val_names[0] == "V000_10_00.bmp"
     report = (out / "report.md").read_text()
+    # named for what it is (issue 17): the members' best.pth were chosen on these validation images
+    assert done.stdout.strip().splitlines()[-1].startswith(
+        f"validation estimate (optimistic: the members' checkpoints were chosen on this split): {record['method']}: ")
+    assert "This is a validation estimate (optimistic: the members' checkpoints were chosen on this split)" in report
+    assert "the estimate of the leaderboard score" not in report
     for row in [f"| member m{j} |" for j in range(3)] + [f"| method {m} |" for m in METHODS]:
         assert row in report
     assert "oof_scatter.png" in report and "weights.png" in report and "training_curves.png" in report

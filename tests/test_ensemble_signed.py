@@ -59,7 +59,7 @@ def test_ridge_shrinks_toward_equal_weights_over_sane_members():
 def test_four_backwards_members_stop_the_run():
     # Today's failure: |PLCC| + |SRCC| rates these members ~1.75 and the test SRCC comes out near -0.9.
     data = members_data([-1, -1, -1, -1])
-    assert metrics.main_score(data.x_val.mean(axis=1), data.mos) > 1.5  # looks good without signs
+    assert metrics.abs_main(data.x_val.mean(axis=1), data.mos) > 1.5  # looks good without signs
     with pytest.raises(EnsembleInputError, match="every member ranks the validation images backwards") as err:
         run_ensemble(data, EnsembleConfig(n_boot=50))
     assert "higher_is_better" in str(err.value) and "labels_val.csv" in str(err.value)
@@ -119,7 +119,7 @@ def test_cli_warns_about_one_backwards_member_and_refuses_all(tmp_path, capsys):
     assert out[0].startswith("warning: member m2 ranks the validation images backwards")
     record = json.loads((tmp_path / "one" / "runs" / "demo" / "ensemble" / "ensemble.json").read_text())
     assert record["weights"]["m2"] == 0 and record["warnings"] == [out[0]]
-    assert out[-1].split(";")[0] == (f"{record['method']}: pooled out-of-fold main "
+    assert out[-1].split(";")[0] == (f"{record['estimate']['name']}: {record['method']}: pooled out-of-fold main "
                                      f"{record['estimate']['pooled_oof_main']:.4f} "
                                      f"[{record['estimate']['interval'][0]:.2f}, "
                                      f"{record['estimate']['interval'][1]:.2f}]")

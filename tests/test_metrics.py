@@ -40,11 +40,15 @@ def test_perfect_correlations():
     assert metrics.plcc(x, -x) == -1.0
 
 
-def test_main_score_is_sign_free(pair):
+def test_main_keeps_the_signs_and_abs_main_drops_them(pair):
     pred, mos = pair
-    expected = abs(stats.pearsonr(pred, mos).statistic) + abs(stats.spearmanr(pred, mos).statistic)
-    assert metrics.main_score(pred, mos) == pytest.approx(expected)
-    assert metrics.main_score(-pred, mos) == pytest.approx(expected)
+    signed = stats.pearsonr(pred, mos).statistic + stats.spearmanr(pred, mos).statistic
+    assert signed > 1  # a good predictor: both agree
+    assert metrics.signed_main(pred, mos) == pytest.approx(signed) == metrics.abs_main(pred, mos)
+    assert metrics.signed_main(-pred, mos) == pytest.approx(-signed)  # backwards is below zero ...
+    assert metrics.abs_main(-pred, mos) == pytest.approx(signed)  # ... where the published number is blind
+    result = metrics.evaluate(-pred, mos)
+    assert result["main"] == pytest.approx(-signed) and result["abs_main"] == pytest.approx(signed)
 
 
 def test_logistic_fit_recovers_known_curve():
@@ -69,8 +73,8 @@ def test_logistic_is_stable_far_from_centre():
 def test_evaluate_keys_and_values(pair):
     pred, mos = pair
     result = metrics.evaluate(pred, mos)
-    assert set(result) == {"srcc", "plcc", "krcc", "rmse", "plcc_logistic", "rmse_logistic", "main"}
-    assert result["main"] == pytest.approx(metrics.main_score(pred, mos))
+    assert set(result) == {"srcc", "plcc", "krcc", "rmse", "plcc_logistic", "rmse_logistic", "main", "abs_main"}
+    assert result["main"] == pytest.approx(metrics.signed_main(pred, mos))
     assert result["plcc_logistic"] == pytest.approx(metrics.plcc_logistic(pred, mos))
     assert result["rmse_logistic"] < result["rmse"]  # raw preds are on another scale than MOS
 
@@ -103,11 +107,11 @@ def test_paired_bootstrap_detects_better_prediction():
     pred, mos, groups = _grouped_data(group_sd=0.3)
     rng = np.random.default_rng(4)
     worse = pred + rng.normal(0, 1.0, size=len(pred))
-    result = metrics.paired_bootstrap(metrics.main_score, pred, worse, mos, groups, n_boot=300)
-    assert result["delta"] == pytest.approx(metrics.main_score(pred, mos) - metrics.main_score(worse, mos))
+    result = metrics.paired_bootstrap(metrics.signed_main, pred, worse, mos, groups, n_boot=300)
+    assert result["delta"] == pytest.approx(metrics.signed_main(pred, mos) - metrics.signed_main(worse, mos))
     assert 0 < result["low"] < result["delta"] < result["high"]
     assert result["p_better"] == 1.0
-    same = metrics.paired_bootstrap(metrics.main_score, pred, pred, mos, groups, n_boot=50)
+    same = metrics.paired_bootstrap(metrics.signed_main, pred, pred, mos, groups, n_boot=50)
     assert same["delta"] == 0 and same["low"] == 0 and same["high"] == 0 and same["p_better"] == 0
 
 
@@ -124,8 +128,8 @@ def test_paired_bootstrap_detects_better_prediction():
         (["a", "b", "c"], [1.0, 2.0, 3.0], "pred: not numeric"),
     ],
 )
-@pytest.mark.parametrize("fn", [metrics.srcc, metrics.plcc, metrics.krcc, metrics.rmse, metrics.main_score,
-                                metrics.evaluate])
+@pytest.mark.parametrize("fn", [metrics.srcc, metrics.plcc, metrics.krcc, metrics.rmse, metrics.signed_main,
+                                metrics.abs_main, metrics.evaluate])
 def test_invalid_inputs_raise_metric_error(fn, pred, mos, message):
     with pytest.raises(MetricError, match=message):
         fn(pred, mos)
