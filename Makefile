@@ -10,7 +10,7 @@ GPUS ?=
 GPUS_PER_MEMBER ?= 1
 CPU_PROCS ?= 2
 # local: members on this machine (above); slurm: one SLURM job per member through submitit
-# (members.slurm; `pip install -e .[cluster]`), e.g. SLURM_ARGS="--wait --set cluster.partition=gpu".
+# (members.launch.slurm; `pip install -e .[cluster]`), e.g. SLURM_ARGS="--wait --set cluster.partition=gpu".
 LAUNCHER ?= local
 SLURM_ARGS ?=
 # test: the final test-phase zip; valid: the development-phase zip of the NTIRE validation folder.
@@ -33,22 +33,22 @@ test: $(STAMP)  ## run the test suite (CPU, tiny configs, a few minutes)
 	$(PY) -m pytest -q
 
 demo-data: $(STAMP)  ## generate the small synthetic-label demo dataset in data/demo
-	$(PY) -m members.demo_data --out data/demo
+	$(PY) -m members.data.demo_data --out data/demo
 
 weights: $(STAMP)  ## download the configured backbone weights and the authors' checkpoint into weights/
-	$(PY) -m members.weights -c $(EXPERIMENT) --out weights
+	$(PY) -m members.model.weights -c $(EXPERIMENT) --out weights
 
 train-members: $(STAMP)  ## train every member of EXPERIMENT (resumable), then predict val and test
 ifeq ($(LAUNCHER),slurm)
-	$(PY) -m members.slurm -c $(EXPERIMENT) $(SLURM_ARGS)
+	$(PY) -m members.launch.slurm -c $(EXPERIMENT) $(SLURM_ARGS)
 else ifeq ($(LAUNCHER),local)
-	$(PY) -m members.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS)
+	$(PY) -m members.launch.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS)
 else
 	$(error LAUNCHER=$(LAUNCHER): expected local or slurm)
 endif
 
 predict-all: $(STAMP)  ## re-predict EXPERIMENT's trained members at once, sharing backbones and reference work
-	$(PY) -m members.predict_all -c $(EXPERIMENT)
+	$(PY) -m members.engine.predict_all -c $(EXPERIMENT)
 
 ensemble: $(STAMP)  ## fit the ensemble of EXPERIMENT's members (grouped CV) and write its report
 	$(PY) -m ensemble -c $(EXPERIMENT)
@@ -65,7 +65,7 @@ demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 	@echo "report: runs/demo/ensemble/report.md  test-phase zip: runs/demo/submission.zip  development-phase zip: runs/demo/submission_valid.zip"
 
 score: $(STAMP)  ## score your own pairs: make score ARGS="--ensemble runs/demo DIS.png REF.png" (--help lists all)
-	$(PY) -m members.score $(if $(ARGS),$(ARGS),--help)
+	$(PY) -m members.engine.score $(if $(ARGS),$(ARGS),--help)
 
 bench: $(STAMP)  ## speed/memory of the kit vs the release's way: tiny, ViT-B/8, AHIQ-C (writes bench/results/; ~1 h on 2 CPU cores)
 	$(PY) -m bench.run --out bench/results

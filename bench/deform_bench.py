@@ -29,13 +29,7 @@ if __package__ in (None, ""):  # allow `python bench/deform_bench.py` as well as
 
 from torchvision.ops import deform_conv2d  # noqa: E402
 
-from members.deform import (  # noqa: E402
-    TAPS,
-    DeformSampling,
-    build_sampling,
-    deform_conv_shared,
-    flat_sampling,
-)
+from members.model.deform import TAPS, DeformSampling, build_sampling, deform_conv_shared, flat_sampling
 
 
 def sparse_im2col_matrix(s: DeformSampling) -> Tensor:
@@ -141,7 +135,7 @@ def variants(
     calls = {
         "plain conv2d (not deformable; GEMM floor)": lambda: F.conv2d(x, weight, bias, padding=1),
         "torchvision deform_conv2d": lambda: deform_conv2d(x, offset.expand(n, -1, -1, -1), weight, bias, padding=1),
-        "embedding_bag im2col + GEMM, 28 MiB chunks [members.deform]": lambda: deform_conv_shared(x, weight, bias, s),
+        "embedding_bag im2col + GEMM, 28 MiB chunks [members.model.deform]": lambda: deform_conv_shared(x, weight, bias, s),
         "embedding_bag im2col + GEMM, one shot (autograd path)": lambda: deform_conv_shared(
             x, weight, bias, s, chunk_bytes=1 << 62
         ),
@@ -183,7 +177,7 @@ def bench_training(
         deform_conv_shared(xg, wg, bg, build_sampling(og, tuple(x.shape[2:]))).square().mean().backward()
 
     # No warm-up call: the forward table already warmed the kernels, and torchvision's backward is slow.
-    calls = {"torchvision deform_conv2d": tv, "members.deform (incl. build_sampling)": fast}
+    calls = {"torchvision deform_conv2d": tv, "members.model.deform (incl. build_sampling)": fast}
     return {name: (wall / n, cpu / n) for name, (wall, cpu) in round_robin(calls, reps).items()}
 
 

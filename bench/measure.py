@@ -89,7 +89,7 @@ def _deform_conv2d_flops(x_shape: torch.Size, w_shape: torch.Size, *args: object
                          out_shape: torch.Size | None = None, **kwargs: object) -> int:
     """torchvision's deform_conv2d counted as the convolution it computes: 2 * N * H_out * W_out * 9 *
     C_in/groups * C_out, the GEMM of its bilinear im2col columns with the weight. That is what
-    FlopCounterMode counts for `members.deform` (its addmm over the same columns), so both ways'
+    FlopCounterMode counts for `members.model.deform` (its addmm over the same columns), so both ways'
     deformable convs count alike; the bilinear sampling itself is counted on neither side."""
     from torch.utils.flop_counter import conv_flop_count
 

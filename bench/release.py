@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from members.backbones import VIT_TAPS
-from members.model import AHIQ
+from members.model.backbones import VIT_TAPS
+from members.model.ahiq import AHIQ
 
 
 def _load_part(full: nn.Module, part: nn.Module, what: str) -> None:
@@ -79,7 +79,7 @@ def release_score(model: AHIQ, backbones: ReleaseBackbones, dis: torch.Tensor, r
 
 def release_predict(models: list[AHIQ], backbones: list[ReleaseBackbones], items: list[dict],
                     device: torch.device) -> list[list[float]]:
-    """Scores of every pair of reference-grouped `items` (see members.refdata), per member, member
+    """Scores of every pair of reference-grouped `items` (see members.data.datasets), per member, member
     after member and pair after pair, with nothing shared."""
     out = []
     for model, bb in zip(models, backbones):
@@ -109,7 +109,7 @@ def release_train_step(model: AHIQ, backbones: ReleaseBackbones, optimizer: torc
 
 def kit_train_step(model: AHIQ, optimizer: torch.optim.Optimizer, dis: torch.Tensor, ref: torch.Tensor,
                    label: torch.Tensor) -> float:
-    """One optimizer step the kit's way (`members.train`): `AHIQ.forward` runs dis and ref through each
+    """One optimizer step the kit's way (`members.train.loop`): `AHIQ.forward` runs dis and ref through each
     truncated backbone in one call under no_grad, so autograd records the heads only."""
     model.train()
     loss = F.mse_loss(model(dis, ref), label)

@@ -48,7 +48,7 @@ def markdown(results: dict) -> str:
     if results["train"]:
         lines += ["", "## Training step", "",
                   "(a) the release: full backbones with an autograd graph (backward goes through them), dis and "
-                  "ref in separate calls. (b) this kit (`members.train`): truncated backbones under no_grad, dis and "
+                  "ref in separate calls. (b) this kit (`members.train.loop`): truncated backbones under no_grad, dis and "
                   "ref in one call per backbone; heads and Adam step identical. s/step: the mean of `steps` "
                   "steps, timed after one untimed step; speed-up: (a)'s wall seconds per step over (b)'s.", "",
                   "| config | batch | steps | (a) s/step | (b) s/step | speed-up | peak MiB (a) | peak MiB (b) | memory b/a |",

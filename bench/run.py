@@ -9,11 +9,11 @@ its own heads, as an ensemble of seeds does. Inputs are synthetic images, alread
 (data loading is left out of both ways). Prediction: R references x D distorted images x V views.
 (a) = `bench.release`: full backbones on dis and ref of every pair, for every member, torchvision's
 deformable conv; it is timed on the first `release_pairs` pairs (at least 2) of each member.
-(b) = `members.fastpredict.SharedScorer`: backbones once per image and view, shared by the members;
+(b) = `members.engine.shared.SharedScorer`: backbones once per image and view, shared by the members;
 the reference's part once per (reference, view); the members' per-distorted heads; timed on all pairs.
 Each way first scores one pair untimed (warm-up), and its pairs/s are its timed pairs over their time.
 Training: optimizer steps of batch B, the release's (backbone graph, full backbones, dis and ref in
-separate calls) against `members.train`'s (`AHIQ.forward`), each in a fresh process, timed after one
+separate calls) against `members.train.loop`'s (`AHIQ.forward`), each in a fresh process, timed after one
 untimed step. Peak memory: see `bench.measure`.
 Counted TFLOP/s (FlopCounterMode: convolutions, both ways' deformable convs alike, matmuls, attention)
 are added on a GPU or with --flops. bench/bench.md says how everything is measured.
@@ -36,15 +36,15 @@ import torch.nn.functional as F
 from bench.measure import counted_flops, timed, timed_cpu
 from bench.release import ReleaseBackbones, kit_train_step, release_predict, release_train_step
 from bench.report import markdown
-from members.config import atomic_write_text
-from members.fastpredict import MAX_CROPS, SharedScorer
-from members.model import AHIQ, build_model
-from members.views import ViewConfig, apply_view, make_views
+from members.contract.atomic import atomic_write_text
+from members.engine.shared import MAX_CROPS, SharedScorer
+from members.model.ahiq import AHIQ, build_model
+from members.data.views import ViewConfig, apply_view, make_views
 
 
 @dataclass
 class BenchGroup:
-    """Members that share backbones: timm names, crop and test-time views (`members.fastpredict.backbone_key`)."""
+    """Members that share backbones: timm names, crop and test-time views (`members.engine.shared.backbone_key`)."""
 
     vit: str
     cnn: str
@@ -83,7 +83,7 @@ MIN_RELEASE_PAIRS = 2  # one timed pair would read one pair's noise as the relea
 def experiment_config(path: str, name: str) -> BenchConfig:
     """The members of an experiment file as bench groups (their backbones, crops and views; random
     weights), on 288 px images as PIPAL's: one row with every member."""
-    from members.schema import load_experiment
+    from members.contract.schema import load_experiment
 
     groups: dict[str, BenchGroup] = {}
     for m in load_experiment(path).members:
@@ -96,7 +96,7 @@ def experiment_config(path: str, name: str) -> BenchConfig:
 
 
 def synthetic_items(group: BenchGroup, cfg: BenchConfig, seed: int = 0) -> list[dict]:
-    """Reference-grouped items (the `members.refdata` layout): smooth random references, and distorted
+    """Reference-grouped items (the `members.data.datasets` layout): smooth random references, and distorted
     copies with noise of growing strength."""
     gen = torch.Generator().manual_seed(seed)
     views = make_views(cfg.image, cfg.image, group.crop, group.views)

@@ -13,15 +13,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from members.cli import INTERRUPTED_RERUN, quiet_start, run_main
+from members.contract.cli import INTERRUPTED_RERUN, quiet_start, run_main
 
 if __name__ == "__main__":
     quiet_start(INTERRUPTED_RERUN)  # before the slow imports below (scipy, sklearn): Ctrl-C ends in one line
 
-from members.atomic import sweep_temps
-from members.config import ConfigError
-from members.schema import load_experiment
-from members.stagefiles import write_stage_outputs
+from members.contract.atomic import sweep_temps
+from members.contract.config import ConfigError
+from members.contract.schema import load_experiment
+from members.contract.stagefiles import write_stage_outputs
 
 from .fit import run_ensemble
 from .io import load_members

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
 
-from members import metrics
+from members.contract import metrics
 
 # How a calibration is applied lives in combine.py, shared with the Scorer and submission.
 from .combine import apply_calibration  # noqa: F401

@@ -2,7 +2,7 @@
 give the ensemble's scores. The one place that applies a fit: the ensemble stage writes its
 `preds_<split>.csv` with it, the Scorer scores new pairs with it, and submission and the Scorer
 recompute the stage's files with it (`check_outputs`), so a record edited and resealed by hand is
-found. numpy only (plus `members.metrics.logistic4`): no torch, no fitting.
+found. numpy only (plus `members.contract.metrics.logistic4`): no torch, no fitting.
 
 A record holds `method`, `weights` (one per member, non-negative, summing to 1: every method's
 contract), `standardisation` (each member's validation mean and std), `calibration` (see
@@ -18,8 +18,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from members.metrics import logistic4
-from members.stagefiles import REBUILD_ENSEMBLE, SCORE_DECIMALS
+from members.contract.metrics import logistic4
+from members.contract.stagefiles import REBUILD_ENSEMBLE, SCORE_DECIMALS
 
 # Written scores are rounded to 6 decimals: a recomputed score may differ from its file by half a unit
 # there; one unit leaves room for float noise and still finds any real change.

@@ -25,8 +25,8 @@ import numpy as np
 from sklearn.model_selection import GroupKFold
 from tqdm import tqdm
 
-from members import metrics
-from members.schema import EnsembleConfig
+from members.contract import metrics
+from members.contract.schema import EnsembleConfig
 
 from . import combine
 from .calibrate import apply_calibration, check_order, fit_calibration

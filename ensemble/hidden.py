@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from members import metrics
-from members.cli import INTERRUPTED_RERUN, run_main
-from members.config import ConfigError
-from members.index import read_label_rows
-from members.schema import load_experiment
-from members.stagefiles import REBUILD_ENSEMBLE, name_difference, read_preds, read_stage_outputs
+from members.contract import metrics
+from members.contract.cli import INTERRUPTED_RERUN, run_main
+from members.contract.config import ConfigError
+from members.data.index import read_label_rows
+from members.contract.schema import load_experiment
+from members.contract.stagefiles import REBUILD_ENSEMBLE, name_difference, read_preds, read_stage_outputs
 
 from .io import MemberData, load_members
 

@@ -1,4 +1,4 @@
-"""Read the members' files (through `members.stagefiles`), verify that they belong together, and align
+"""Read the members' files (through `members.contract.stagefiles`), verify that they belong together, and align
 them into arrays.
 
 Everything is checked before any fitting, and every problem of a kind is listed at once:
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from members.member import prediction_fingerprint
-from members.schema import Experiment
-from members.stagefiles import (REBUILD_MEMBERS, StageFileError, check_split_lists, name_difference, read_labels,
-                                read_member_meta, read_preds, sha256_file)
+from members.contract.member import prediction_fingerprint
+from members.contract.schema import Experiment
+from members.contract.stagefiles import (REBUILD_MEMBERS, StageFileError, name_difference, read_labels,
+                                         read_member_meta, read_preds, sha256_file)
+from members.data.splits import check_split_lists
 
 SPLITS = ("val", "test")
 VALID = "valid"  # predicted too when the experiment's split lists include the NTIRE validation folder

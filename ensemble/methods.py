@@ -21,7 +21,7 @@ import numpy as np
 from scipy import optimize
 from sklearn.model_selection import GroupKFold
 
-from members import metrics
+from members.contract import metrics
 
 # How a fit is applied lives in combine.py, shared with the Scorer and submission; re-exported here.
 from .combine import COMBINE, combine_linear, combine_ranks, quantiles  # noqa: F401

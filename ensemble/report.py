@@ -15,9 +15,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from members.config import to_dict
-from members.schema import Experiment
-from members.stagefiles import read_training_curves
+from members.contract.config import to_dict
+from members.contract.schema import Experiment
+from members.contract.stagefiles import read_training_curves
 
 from .fit import WITHIN_CONTENT_REFS, EnsembleResult
 from .io import MemberData
@@ -211,7 +211,7 @@ def training_curves(data: MemberData) -> bytes:
 
 def render(exp: Experiment, data: MemberData, result: EnsembleResult) -> dict[str, str | bytes]:
     """Every output file's name and content, except `ensemble.json` (the manifest, written last by
-    `members.stagefiles.write_stage_outputs`)."""
+    `members.contract.stagefiles.write_stage_outputs`)."""
     return {
         "preds_val.csv": preds_csv(data.val_names, result.oof),
         "preds_test.csv": preds_csv(data.test_names, result.test),

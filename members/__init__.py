@@ -5,9 +5,9 @@ __all__ = ["Scorer"]
 
 
 def __getattr__(name: str):
-    # Lazy: `import members.config` (the submission checker, the ensemble) must not pull in torch.
+    # Lazy: `import members.contract.config` (the submission checker, the ensemble) must not pull in torch.
     if name == "Scorer":
-        from members.scorer import Scorer
+        from members.engine.scorer import Scorer
 
         return Scorer
     raise AttributeError(f"module 'members' has no attribute {name!r}")

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from members.cli import INTERRUPTED_RERUN, quiet_start, run_main
+from members.contract.cli import INTERRUPTED_RERUN, quiet_start, run_main
 
 if __name__ == "__main__":
     quiet_start(INTERRUPTED_RERUN)  # before the slow imports below: Ctrl-C during them ends in one line
-from members.config import ConfigError
+from members.contract.config import ConfigError
 from submission.check import NamesError, print_report
-from members.schema import load_experiment
+from members.contract.schema import load_experiment
 from submission.write import SubmissionInputError, SubmissionInvalidError, write_submission
 
 

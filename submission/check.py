@@ -19,7 +19,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from members.cli import INTERRUPTED_RERUN, run_main
+from members.contract.cli import INTERRUPTED_RERUN, run_main
 from submission.readme import parse_readme
 
 OUTPUT, README = "output.txt", "readme.txt"

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from ensemble.combine import CombineError, check_outputs, rebuild_hint
-from members.atomic import atomic_path
-from members.data import read_split
-from members.member import prediction_fingerprint
-from members.schema import PHASES, Experiment
-from members.stagefiles import (REBUILD_ENSEMBLE, REBUILD_MEMBERS, StageFileError, check_split_lists, read_json,
-                                read_preds, read_stage_outputs, sha256_file)
+from members.contract.atomic import atomic_path
+from members.data.splits import read_split
+from members.contract.member import prediction_fingerprint
+from members.contract.schema import PHASES, Experiment
+from members.contract.stagefiles import (REBUILD_ENSEMBLE, REBUILD_MEMBERS, StageFileError, read_json,
+                                         read_preds, read_stage_outputs, sha256_file)
+from members.data.splits import check_split_lists
 from submission.check import OUTPUT, README, Report, check_zip, names_in_dir, read_names_file
 from submission.readme import ReadmeInfo, format_readme
 
@@ -132,7 +133,7 @@ def load_ensemble(path: Path) -> EnsembleMeta:
 
 
 def read_predictions(path: Path) -> list[tuple[str, float]]:
-    """Rows of a `name,score` prediction CSV, sorted by name (format checked by members.stagefiles)."""
+    """Rows of a `name,score` prediction CSV, sorted by name (format checked by members.contract.stagefiles)."""
     try:
         return sorted(read_preds(path).items())
     except StageFileError as err:

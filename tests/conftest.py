@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from members import demo_data
+from members.data import demo_data
 
 REPO = Path(__file__).resolve().parents[1]
 

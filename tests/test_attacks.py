@@ -1,7 +1,7 @@
 """A hostile user's attempts on the stage files, the experiment schema and the scorer: each one gave a
 wrong result with exit status 0, a traceback or a misleading message before it was fixed.
 
-The fixtures are built without any model: stage files written through `members.stagefiles` as the
+The fixtures are built without any model: stage files written through `members.contract.stagefiles` as the
 stages write them, on tiny generated PIPAL trees."""
 from __future__ import annotations
 
@@ -17,13 +17,14 @@ from test_ensemble_cli import make_experiment
 from test_submission import TWO, _meta, make_runs
 
 import ensemble.__main__ as ensemble_cli
-from members.config import ConfigError, dump_yaml
-from members.data import DataConfig, prepare_splits, read_split
-from members.member import MemberConfig, StaleMemberError, check_member_folder, prediction_fingerprint
-from members.schema import load_experiment
-from members.score import main as score_main, read_pairs_csv
-from members.scorer import Scorer, ScorerError, _image
-from members.stagefiles import read_member_meta, sha256_file, write_member_split, write_stage_outputs
+from members.contract.config import ConfigError, dump_yaml
+from members.data.splits import DataConfig, prepare_splits, read_split
+from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder,
+                                     prediction_fingerprint)
+from members.contract.schema import load_experiment
+from members.engine.score import main as score_main, read_pairs_csv
+from members.engine.scorer import Scorer, ScorerError, _image
+from members.contract.stagefiles import read_member_meta, sha256_file, write_member_split, write_stage_outputs
 from submission.__main__ import main as submission_main
 from ensemble.io import EnsembleInputError, load_members
 

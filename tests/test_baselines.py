@@ -1,4 +1,4 @@
-"""members.baselines: PSNR, SSIM and untrained feature distance against each labelled split."""
+"""members.train.baselines: PSNR, SSIM and untrained feature distance against each labelled split."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from members.baselines import _unit_distance, main
-from members.data import build_splits
-from members.member import load_member_config
+from members.train.baselines import _unit_distance, main
+from members.data.splits import build_splits
+from members.contract.member import load_member_config
 
 HIDDEN = "demo_test_labels"  # the demo's hidden test labels, passed explicitly as the docstring says
 

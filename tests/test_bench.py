@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bench.run import main as bench_main
-from members.predict_all import main as predict_all_main
+from members.engine.predict_all import main as predict_all_main
 
 
 def test_bench_writes_one_table_with_both_ways(tmp_path):
@@ -42,7 +42,7 @@ def test_predict_all_names_unknown_members(tmp_path, capsys, member_yaml):
 
 def test_ahiq_c_bench_groups_the_experiments_members():
     from bench.run import AHIQ_C, experiment_config
-    from members.views import count_views
+    from members.data.views import count_views
 
     cfg = experiment_config(AHIQ_C, "ahiq_c")
     got = sorted((g.vit, g.crop, count_views(g.views), g.members) for g in cfg.groups)
@@ -57,7 +57,7 @@ def test_counted_flops_count_both_deformable_convs_alike():
     from torchvision.ops import deform_conv2d
 
     from bench.measure import counted_flops
-    from members.deform import build_sampling, deform_conv_shared
+    from members.model.deform import build_sampling, deform_conv_shared
 
     gen = torch.Generator().manual_seed(0)
     n, c, c_out, side = 3, 6, 5, 7

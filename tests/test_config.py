@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from members.config import (ConfigError, apply_overrides, atomic_write_text, from_dict, load_yaml,
-                            read_yaml_with_base)
+from members.contract.config import ConfigError, apply_overrides, from_dict, load_yaml, read_yaml_with_base
+from members.contract.atomic import atomic_write_text
 
 
 @dataclass
@@ -95,7 +95,7 @@ def test_atomic_write_replaces_whole_file_and_leaves_no_temp(tmp_path):
 
 
 def test_a_repeated_key_is_an_error_not_a_silent_override(tmp_path):
-    from members.config import load_yaml
+    from members.contract.config import load_yaml
 
     path = tmp_path / "exp.yaml"
     path.write_text("name: a\nensemble:\n  folds: 3\nruns_dir: r\nensemble:\n  folds: 5\n")

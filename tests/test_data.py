@@ -1,4 +1,4 @@
-"""Tests of members.index and members.data: readers, splits, label scaling, checks, Datasets."""
+"""Tests of members.data.index and members.data.splits: readers, splits, label scaling, checks, Datasets."""
 from __future__ import annotations
 
 import csv
@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from members.config import ConfigError, from_dict, load_yaml
-from members.data import (DataConfig, DataError, LabelStats, Pair, TrainPairs, check_pairs, load_rgb,
-                          prepare_splits, read_split)
-from members.index import read_csv_table, read_pipal_labels
-from members.refdata import RefGroupPairs
-from members.views import AugmentConfig, ViewConfig, apply_view, make_views
+from members.contract.config import ConfigError, from_dict, load_yaml
+from members.data.splits import DataConfig, LabelStats, prepare_splits, read_split
+from members.data.index import DataError, Pair, check_pairs
+from members.data.datasets import TrainPairs, load_rgb
+from members.data.index import read_csv_table, read_pipal_labels
+from members.data.datasets import RefGroupPairs
+from members.data.views import AugmentConfig, ViewConfig, apply_view, make_views
 
 REAL = Path(__file__).resolve().parent / "fixtures" / "real"  # small real label files, see fixtures/README.md
 TID = REAL / "tid2013_scores.csv"

@@ -1,4 +1,4 @@
-"""members.deform against torchvision.ops.deform_conv2d: forward and gradients, shared and per-sample offsets."""
+"""members.model.deform against torchvision.ops.deform_conv2d: forward and gradients, shared and per-sample offsets."""
 from __future__ import annotations
 
 import pytest
@@ -6,13 +6,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from members.deform import (
-    DeformShapeError,
-    build_sampling,
-    deform_conv,
-    deform_conv_sampled,
-    deform_conv_shared,
-)
+from members.model.deform import (DeformShapeError, build_sampling, deform_conv, deform_conv_sampled,
+                                  deform_conv_shared)
 
 TOL = 1e-5  # max abs diff / max abs of torchvision's result, float32
 

@@ -1,4 +1,4 @@
-"""Tests of members.demo_data: PIPAL/NTIRE layout and names, labels, determinism, idempotence."""
+"""Tests of members.data.demo_data: PIPAL/NTIRE layout and names, labels, determinism, idempotence."""
 from __future__ import annotations
 
 import json
@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from scipy.stats import spearmanr
 
-from members import demo_data
-from members.data import DataConfig, build_splits
-from members.demo_data import MARKER, REF_GROUPS, DemoDataError, build, main, proxy_quality
+from members.data import demo_data
+from members.data.splits import DataConfig, build_splits
+from members.data.demo_data import MARKER, REF_GROUPS, DemoDataError, build, main, proxy_quality
 
 TRAIN_DIS = [f"Distortion_{i}" for i in range(1, 5)]
 TRAIN_NAME = re.compile(r"^A\d{4}_0[0-6]_\d{2}\.bmp$")
@@ -182,7 +182,7 @@ def test_idempotent_with_marker(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert build(out, size=32) is True
     marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    assert marker["params"] == {"generator": "members.demo_data", "format_version": 3, "size": 32, "seed": 0}
+    assert marker["params"] == {"generator": "members.data.demo_data", "format_version": 3, "size": 32, "seed": 0}
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert build(out, size=32) is False
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

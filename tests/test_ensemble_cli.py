@@ -13,10 +13,11 @@ import pytest
 
 from ensemble.__main__ import main
 from ensemble.io import EnsembleInputError, load_members
-from members.config import ConfigError
-from members.member import prediction_fingerprint
-from members.schema import load_experiment
-from members.stagefiles import StageFileError, read_labels, read_preds, sha256_file, write_member_split
+from members.contract.config import ConfigError
+from members.contract.member import prediction_fingerprint
+from members.contract.schema import load_experiment
+from members.contract.stagefiles import (StageFileError, read_labels, read_preds, sha256_file,
+                                         write_member_split)
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["mean", "rank_mean", "nnls", "ridge", "greedy"]
@@ -38,7 +39,7 @@ def write_split(path: Path, names: list[str], refs: list[str], mos: list[float] 
 
 def write_member(exp_config: Path, name: str, val: list[tuple[str, str]], mos: np.ndarray, val_scores: np.ndarray,
                  test: list[str], test_scores: np.ndarray, test_meta: dict | None = None) -> None:
-    """A member's stage files as `members.predict` writes them (manifest included), made from the
+    """A member's stage files as `members.engine.predict` writes them (manifest included), made from the
     experiment's current split lists and the member's current config."""
     exp = load_experiment(exp_config)
     cfg = next(m.config for m in exp.members if m.name == name)
@@ -312,7 +313,7 @@ def test_cli_calibration_keeps_test_order(tmp_path):
 
 
 def test_training_curves_from_member_logs(tmp_path):
-    from members.stagefiles import read_training_curves
+    from members.contract.stagefiles import read_training_curves
 
     log = tmp_path / "log.csv"
     log.write_text("step,epoch,lr,loss,srcc,plcc,krcc,main\n1,0,1e-4,0.5,,,,\n2,0,1e-4,0.3,,,,\n2,0,,,0.1,0.2,0.1,0.3\n"

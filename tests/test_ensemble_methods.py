@@ -8,12 +8,12 @@ from scipy import stats
 import pytest
 
 from ensemble.calibrate import CalibrationError, apply_calibration, check_order, fit_calibration
-from members.schema import EnsembleConfig
+from members.contract.schema import EnsembleConfig
 from ensemble.fit import MethodResult, choose, evaluate_method, run_ensemble
 from ensemble.io import EnsembleInputError, MemberData
 from ensemble.methods import (combine_linear, combine_ranks, quantiles, fit_greedy, fit_nnls, fit_ridge, get_method,
                               ridge_toward_equal, standardisation, standardise)
-from members import metrics
+from members.contract import metrics
 
 
 def synthetic(noise_sds: list[float], n_refs: int = 30, per_ref: int = 20, seed: int = 0,

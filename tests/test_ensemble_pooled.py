@@ -9,8 +9,8 @@ import pytest
 
 from ensemble.fit import MethodResult, choose, run_ensemble
 from ensemble.io import MemberData
-from members import metrics
-from members.schema import EnsembleConfig
+from members.contract import metrics
+from members.contract.schema import EnsembleConfig
 
 
 def offset_members(seed: int, n_refs: int = 24, per_ref: int = 8) -> MemberData:

@@ -1,12 +1,12 @@
-"""Tests for members.metrics: agreement with scipy, the logistic fit, grouped bootstrap, errors."""
+"""Tests for members.contract.metrics: agreement with scipy, the logistic fit, grouped bootstrap, errors."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from members import metrics
-from members.metrics import MetricError
+from members.contract import metrics
+from members.contract.metrics import MetricError
 
 
 @pytest.fixture

@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from members.backbones import CnnTaps, VitTaps, WeightsError
-from members.checkpoint import CheckpointError, read_heads, save_heads
-from members.config import ConfigError
-from members.model import ModelConfig, build_model
+from members.model.backbones import CnnTaps, VitTaps, WeightsError
+from members.model.checkpoint import CheckpointError, read_heads, save_heads
+from members.contract.config import ConfigError
+from members.contract.member import ModelConfig
+from members.model.ahiq import build_model
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ahiq_official_state_dict.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -205,7 +206,7 @@ def test_vit_weights_from_file_resample_position_embedding(tmp_path):
 
 
 def test_offline_hub_error_names_make_weights(tmp_path):
-    code = ("from members.backbones import VitTaps\n"
+    code = ("from members.model.backbones import VitTaps\n"
             "VitTaps('vit_tiny_patch16_224.augreg_in21k_ft_in1k', img_size=64, weights='hub')\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "PYTHONPATH": str(REPO)}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -235,14 +236,14 @@ def test_model_config_rejects_unknown_key_and_bad_grids():
 
 
 def test_make_weights_plans_hub_backbones_and_fails_clearly_offline(tmp_path):
-    from members.schema import load_experiment
-    from members.weights import hub_backbones
+    from members.contract.schema import load_experiment
+    from members.model.weights import hub_backbones
 
     exp = load_experiment(REPO / "configs/ahiq_c.yaml")
     assert hub_backbones([m.config for m in exp.members]) == [
         "vit_base_patch8_224.augreg_in21k_ft_in1k", "resnet50.a1_in1k", "vit_base_patch16_224.augreg_in21k_ft_in1k"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PYTHONPATH": str(REPO)}
-    run = subprocess.run([sys.executable, "-m", "members.weights", "-c", "configs/ahiq_c.yaml", "--out",
+    run = subprocess.run([sys.executable, "-m", "members.model.weights", "-c", "configs/ahiq_c.yaml", "--out",
                           str(tmp_path / "w")], env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert run.returncode == 2
     assert "make weights` needs internet access" in run.stderr and "vit_base_patch8_224" in run.stderr

@@ -44,7 +44,7 @@ def test_editable_install_into_a_fresh_venv(tmp_path):
     proc = subprocess.run(pip, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     probe = ("import importlib.metadata as m, members, ensemble, submission; from members import Scorer; "
-             "from members.cluster import ClusterConfig; d = m.distribution('ahiq-ntire-kit'); "
+             "from members.launch.jobs import ClusterConfig; d = m.distribution('ahiq-ntire-kit'); "
              "print(members.__file__); print(d.locate_file('')); print(sorted(d.metadata.get_all('Provides-Extra')))")
     out = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

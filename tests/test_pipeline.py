@@ -12,7 +12,7 @@ from scipy.stats import pearsonr, spearmanr
 
 from ensemble.__main__ import main as ensemble_main
 from ensemble.hidden import main as hidden_main
-from members.experiment import main as experiment_main
+from members.launch.experiment import main as experiment_main
 from submission.__main__ import main as submission_main
 from submission.check import main as check_main
 
@@ -37,7 +37,7 @@ def test_experiment_ensemble_and_submission(member_yaml, tmp_path, capsys):
     for name in ("tiny_a", "tiny_b"):
         for file in ("done.json", "best.pth", "preds_val.csv", "labels_val.csv", "preds_test.csv", "preds_test.json"):
             assert (runs / name / file).is_file(), (name, file)
-        # predicted by members.predict_all after training (the only way), both members in one run
+        # predicted by members.engine.predict_all after training (the only way), both members in one run
         meta = json.loads((runs / name / "preds_test.json").read_text())
         assert meta["timing"]["shared_with"] == ["tiny_a", "tiny_b"] and meta["processes"] == 1
     assert experiment_main(["-c", str(exp_path), "--cpu-procs", "1"]) == 0  # nothing left to do

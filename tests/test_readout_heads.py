@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from members.config import ConfigError
-from members.member import load_member_config
-from members.model import ModelConfig, build_model, start_readout
-from members.train import train
+from members.contract.config import ConfigError
+from members.contract.member import load_member_config
+from members.contract.member import ModelConfig
+from members.model.ahiq import build_model, start_readout
+from members.train.loop import train
 
 TINY = ModelConfig(vit="vit_tiny_patch16_224", cnn="resnet18", crop=32, vit_weights="none", cnn_weights="none")
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-from members.atomic import atomic_path, atomic_write_bytes, atomic_write_text, sweep_temps, temp_path
-from members.checkpoint import save_heads
-from members.cli import one_line
-from members.config import ConfigError, read_yaml_with_base
-from members.index import DataError
+from members.contract.atomic import atomic_path, atomic_write_bytes, atomic_write_text, sweep_temps, temp_path
+from members.model.checkpoint import save_heads
+from members.contract.cli import one_line
+from members.contract.config import ConfigError, read_yaml_with_base
+from members.data.index import DataError
 from submission.check import MAX_MEMBER_BYTES, check_zip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def test_a_killed_writers_temp_is_removed_by_the_next_write_and_litter_is_swept(
 
 CONCURRENT_SCRIPT = """
 import sys
-from members.atomic import atomic_write_text
+from members.contract.atomic import atomic_write_text
 for i in range(300):
     atomic_write_text(sys.argv[1], "same content\\n" * 1000)
 """
@@ -103,7 +103,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
 FSIZE_SCRIPT = """
 import resource, signal, sys
 from pathlib import Path
-from members.atomic import atomic_write_bytes
+from members.contract.atomic import atomic_write_bytes
 target = Path(sys.argv[1])
 atomic_write_bytes(target, b"old")
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of killing us
@@ -127,8 +127,8 @@ def test_a_file_size_limit_hit_while_training_is_one_line(tmp_path, member_yaml)
     out = tmp_path / "member"
     script = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
               "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)); "
-              f"sys.argv = ['members.train', '-c', {str(member_yaml)!r}, '--set', 'output_dir={out}']; "
-              "runpy.run_module('members.train', run_name='__main__')")
+              f"sys.argv = ['members.train.loop', '-c', {str(member_yaml)!r}, '--set', 'output_dir={out}']; "
+              "runpy.run_module('members.train.loop', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from members.backbones import CnnTaps, VitTaps, WeightsError, read_state_dict
-from members.experiment import main as experiment_main
-from members.index import DataError, Pair, check_pairs, load_rgb, read_csv_table, read_ntire_folder, read_pipal_labels
+from members.model.backbones import CnnTaps, VitTaps, WeightsError, read_state_dict
+from members.launch.experiment import main as experiment_main
+from members.data.index import (DataError, Pair, check_pairs, read_csv_table, read_ntire_folder,
+                                read_pipal_labels)
+from members.data.datasets import load_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +143,7 @@ def test_gpus_per_member_must_be_a_number_or_all(capsys):
 def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, member_yaml):
     blocker = tmp_path / "runs"
     blocker.write_text("a file where the output folder should go")
-    proc = subprocess.run([sys.executable, "-m", "members.train", "-c", str(member_yaml), "--set",
+    proc = subprocess.run([sys.executable, "-m", "members.train.loop", "-c", str(member_yaml), "--set",
                            f"output_dir={blocker / 'member'}"], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from members import train as train_mod
-from members.experiment import launch_command
+from members.train import loop as train_mod
+from members.launch.experiment import launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,12 +130,12 @@ def _long_run(member_yaml: Path, out: Path) -> list[str]:
 def test_a_second_trainer_on_the_same_folder_refuses_naming_the_holder(member_yaml, tmp_path):
     out = tmp_path / "member"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from members.cli import hold_folder_lock; "
+                               "from members.contract.cli import hold_folder_lock; "
                                f"hold_folder_lock(Path({str(out)!r}), 'test'); print('held', flush=True); "
                                "time.sleep(60)"], env=_env(), cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        second = subprocess.run([sys.executable, "-m", "members.train", *_long_run(member_yaml, out)],
+        second = subprocess.run([sys.executable, "-m", "members.train.loop", *_long_run(member_yaml, out)],
                                 env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     finally:
         holder.kill()
@@ -149,7 +149,7 @@ def test_a_second_trainer_on_the_same_folder_refuses_naming_the_holder(member_ya
 def test_workers_die_with_a_killed_launcher(member_yaml, tmp_path):
     """torch elastic starts workers in new sessions: kill -9 of the launcher left them training."""
     out = tmp_path / "member"
-    launcher = subprocess.Popen(launch_command("members.train", _long_run(member_yaml, out), 2, cpu=True),
+    launcher = subprocess.Popen(launch_command("members.train.loop", _long_run(member_yaml, out), 2, cpu=True),
                                 env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for(lambda: _logged_steps(out) >= 1, 300, "the workers to train")
@@ -166,7 +166,7 @@ def test_workers_die_with_a_killed_launcher(member_yaml, tmp_path):
 
 def test_ctrl_c_is_one_line_and_exit_130(member_yaml, tmp_path):
     out = tmp_path / "member"
-    proc = subprocess.Popen([sys.executable, "-m", "members.train", *_long_run(member_yaml, out)],
+    proc = subprocess.Popen([sys.executable, "-m", "members.train.loop", *_long_run(member_yaml, out)],
                             env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: _logged_steps(out) >= 1, 300, "training to start")
@@ -192,7 +192,7 @@ def _processes_mentioning(text: str) -> list[int]:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 def test_experiment_ctrl_c_and_kill_9_leave_no_training_behind(member_yaml, tmp_path):
-    """members.experiment runs members under `accelerate launch`: Ctrl-C is one line and exit 130, and
+    """members.launch.experiment runs members under `accelerate launch`: Ctrl-C is one line and exit 130, and
     kill -9 of the experiment ends its launcher and the launcher's workers too."""
     member = yaml.safe_load(member_yaml.read_text())
     member["train"]["epochs"] = 200
@@ -200,7 +200,7 @@ def test_experiment_ctrl_c_and_kill_9_leave_no_training_behind(member_yaml, tmp_
     runs = tmp_path / "runs"
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump({"name": "x", "runs_dir": str(runs),
                                                        "members": [str(tmp_path / "m.yaml")]}))
-    cmd = [sys.executable, "-m", "members.experiment", "-c", str(tmp_path / "exp.yaml"), "--cpu-procs", "1"]
+    cmd = [sys.executable, "-m", "members.launch.experiment", "-c", str(tmp_path / "exp.yaml"), "--cpu-procs", "1"]
     for how in (signal.SIGINT, signal.SIGKILL):
         proc = subprocess.Popen(cmd, env=_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True)
@@ -224,13 +224,13 @@ def test_experiment_ctrl_c_and_kill_9_leave_no_training_behind(member_yaml, tmp_
 def test_ctrl_c_where_nothing_resumes_says_so(module, monkeypatch, capsys):
     import runpy
 
-    import members.schema
-    from members.cli import INTERRUPTED_RERUN
+    import members.contract.schema
+    from members.contract.cli import INTERRUPTED_RERUN
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(members.schema, "load_experiment", interrupt)
+    monkeypatch.setattr(members.contract.schema, "load_experiment", interrupt)
     monkeypatch.setattr(sys, "argv", [module, "-c", "x.yaml", "--labels", "y"][: 5 if "hidden" in module else 3])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module(module, run_name="__main__", alter_sys=False)

@@ -1,4 +1,4 @@
-"""The Python API (`members.Scorer`) and `members.score` on tiny members: scores equal the prediction
+"""The Python API (`members.Scorer`) and `members.engine.score` on tiny members: scores equal the prediction
 files, every input kind gives the same score, and the ensemble applies `ensemble.json` exactly."""
 from __future__ import annotations
 
@@ -16,17 +16,17 @@ from PIL import Image
 
 from ensemble.__main__ import main as ensemble_main
 from members import Scorer
-from members.checkpoint import save_heads
-from members.config import dump_yaml, to_dict
-from members.data import read_split
-from members.predict import predict_members
-from members.member import prepare_member_data
-from members.metrics import plcc
-from members.model import build_model
-from members.schema import load_experiment
-from members.score import main as score_main
-from members.scorer import ScorerError
-from members.stagefiles import _sealed, read_labels, read_preds
+from members.model.checkpoint import save_heads
+from members.contract.config import dump_yaml, to_dict
+from members.data.splits import read_split
+from members.engine.predict import predict_members
+from members.data.splits import prepare_member_data
+from members.contract.metrics import plcc
+from members.model.ahiq import build_model
+from members.contract.schema import load_experiment
+from members.engine.score import main as score_main
+from members.engine.scorer import ScorerError
+from members.contract.stagefiles import _sealed, read_labels, read_preds
 from submission.__main__ import main as submission_main
 
 TOL = 1e-5

@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from members import demo_data
-from members.checkpoint import read_heads
-from members.cluster import (INSTALL, ClusterConfig, ClusterError, StageJob, accelerate_command, executor,
-                             first_host, sbatch_params)
-from members.config import ConfigError
-from members.slurm import main as slurm_main
+from members.data import demo_data
+from members.model.checkpoint import read_heads
+from members.launch.jobs import INSTALL, StageJob, accelerate_command, executor, first_host, sbatch_params
+from members.contract.cluster import ClusterConfig, ClusterError
+from members.contract.config import ConfigError
+from members.launch.slurm import main as slurm_main
 
 submitit = pytest.importorskip("submitit", reason="submitit missing: pip install -e .[cluster] (requirements.txt has it)")
 
@@ -124,16 +124,16 @@ def test_accelerate_sees_a_two_node_job(monkeypatch, tmp_path):
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # no user accelerate config read
     env = {"SLURM_JOB_ID": "4321", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_NUM_NODES": "2"}
-    cmd = accelerate_command(env, ClusterConfig(gpus_per_member=8, nodes=2), "members.train", ["-c", "m.yaml"])
+    cmd = accelerate_command(env, ClusterConfig(gpus_per_member=8, nodes=2), "members.train.loop", ["-c", "m.yaml"])
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(cmd[3:]))
     prepare_multi_gpu_env(args)  # what `accelerate launch` hands torch.distributed.run
     assert (args.nproc_per_node, args.nnodes, args.node_rank, args.master_addr, args.master_port) == (
         "4", "2", 1, "gpu007", "24321")
-    assert (args.module, args.training_script, args.training_script_args) == (True, "members.train", ["-c", "m.yaml"])
+    assert (args.module, args.training_script, args.training_script_args) == (True, "members.train.loop", ["-c", "m.yaml"])
     with pytest.raises(ClusterError, match="SLURM_NODEID"):
         accelerate_command({**env, "SLURM_NODEID": ""}, ClusterConfig(gpus_per_member=8, nodes=2), "m", [])
-    one = accelerate_command({}, ClusterConfig(gpus_per_member=0, cpu_procs=1), "members.train", [])
+    one = accelerate_command({}, ClusterConfig(gpus_per_member=0, cpu_procs=1), "members.train.loop", [])
     assert "--cpu" in one and "--machine_rank" not in one and one[one.index("--main_process_port") + 1] == "0"
 
 
@@ -210,7 +210,7 @@ def test_requeued_job_resumes_to_the_same_heads(local_run, tiny, tmp_path):
     cfg = ClusterConfig(gpus_per_member=0, cpu_procs=1)
     sets = ["--set", f"output_dir={out}", "--set", f"split_dir={runs / 'splits'}"]
     ex = executor(cfg, tmp_path / "jobs", "local", sbatch_params(cfg, "t", 1, 0, cfg.time_min))
-    job = ex.submit(StageJob("tiny_a", "members.train", ["-c", str(Path(tiny).parent / "tiny_a.yaml"), *sets],
+    job = ex.submit(StageJob("tiny_a", "members.train.loop", ["-c", str(Path(tiny).parent / "tiny_a.yaml"), *sets],
                              cfg, launch=True))
     deadline = time.time() + 600
     while not (out / "states/latest.txt").is_file() and time.time() < deadline:

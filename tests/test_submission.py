@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from members.config import ConfigError
+from members.contract.config import ConfigError
 from submission.__main__ import main as submission_main
 from submission.check import check_zip, main as check_main, names_in_dir, read_names_file
 from submission.readme import CPU, EXTRA_DATA, FIELDS, ReadmeInfo, format_readme, parse_readme
-from members.schema import load_experiment
-from members.stagefiles import sha256_file, write_member_split, write_stage_outputs
+from members.contract.schema import load_experiment
+from members.contract.stagefiles import sha256_file, write_member_split, write_stage_outputs
 from submission.write import (
     SubmissionInputError,
     SubmissionInvalidError,
@@ -474,7 +474,7 @@ def test_killed_ensemble_run_left_no_manifest(tmp_path: Path, capsys: pytest.Cap
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A rerun of the ensemble stage killed after its first file: the old manifest is gone, so the
     mix of old and new files is never vouched for."""
-    import members.stagefiles as stagefiles
+    import members.contract.stagefiles as stagefiles
 
     runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
     written = []

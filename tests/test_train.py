@@ -13,15 +13,15 @@ import pytest
 import torch
 import yaml
 
-from members.checkpoint import read_heads
-from members.config import ConfigError
-from members.config import to_dict
-from members.data import LabelStats
-from members.experiment import launch_command
-from members.experiment import main as experiment_main
-from members.member import load_member_config
-from members.metrics import evaluate
-from members.predict import predict
+from members.model.checkpoint import read_heads
+from members.contract.config import ConfigError
+from members.contract.config import to_dict
+from members.data.splits import LabelStats
+from members.launch.experiment import launch_command
+from members.launch.experiment import main as experiment_main
+from members.contract.member import load_member_config
+from members.contract.metrics import evaluate
+from members.engine.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def heads(path: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def uninterrupted(member_yaml, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "straight"
-    run("members.train", ["-c", str(member_yaml), "--set", f"output_dir={out}"])
+    run("members.train.loop", ["-c", str(member_yaml), "--set", f"output_dir={out}"])
     return out
 
 
@@ -61,17 +61,17 @@ def test_training_writes_everything_and_is_not_repeated(uninterrupted, member_ya
     log = list(csv.DictReader(open(uninterrupted / "log.csv")))
     assert [r["step"] for r in log if r["loss"]] == [str(i) for i in range(1, len(log) - 1)]
     assert sum(1 for r in log if r["main"]) == 2  # one validation per epoch
-    again = run("members.train", ["-c", str(member_yaml), "--set", f"output_dir={uninterrupted}"])
+    again = run("members.train.loop", ["-c", str(member_yaml), "--set", f"output_dir={uninterrupted}"])
     assert "already trained" in again.stdout
 
 
 def test_killed_run_resumes_to_identical_weights(uninterrupted, member_yaml, tmp_path):
     out = tmp_path / "killed"
     args = ["-c", str(member_yaml), "--set", f"output_dir={out}"]
-    crashed = run("members.train", [*args, "--abort-after-steps", "5"], check=False)
+    crashed = run("members.train.loop", [*args, "--abort-after-steps", "5"], check=False)
     assert crashed.returncode == 3 and not (out / "done.json").exists()
     assert (out / "states/latest.txt").read_text().strip() == "step-00000003"  # mid-epoch state
-    resumed = run("members.train", args)
+    resumed = run("members.train.loop", args)
     assert "resuming from" in resumed.stdout
     straight, again = heads(uninterrupted / "last.pth"), heads(out / "last.pth")
     assert straight.keys() == again.keys()
@@ -83,11 +83,11 @@ def test_killed_run_resumes_to_identical_weights(uninterrupted, member_yaml, tmp
 def test_two_process_training_and_prediction_match_one_process(uninterrupted, member_yaml, tmp_path):
     out = tmp_path / "ddp"
     args = ["-c", str(member_yaml), "--set", f"output_dir={out}"]
-    trained = run("members.train", args, processes=2)
+    trained = run("members.train.loop", args, processes=2)
     assert "epoch 1:" in trained.stdout
-    run("members.predict", [*args, "--split", "val", "test"], processes=2)
+    run("members.engine.predict", [*args, "--split", "val", "test"], processes=2)
     single = tmp_path / "single"
-    run("members.predict", ["-c", str(member_yaml), "--split", "val", "test", "--set", f"output_dir={single}",
+    run("members.engine.predict", ["-c", str(member_yaml), "--split", "val", "test", "--set", f"output_dir={single}",
                             "--checkpoint", str(out / "best.pth")])
     for split in ("val", "test"):
         two, one = read_preds(out / f"preds_{split}.csv"), read_preds(single / f"preds_{split}.csv")
@@ -151,22 +151,22 @@ def test_experiment_checks_data_before_training(tmp_path, member_yaml, capsys):
     (["5"], 4, ([["5"]], 1)),
 ])
 def test_gpu_slots(gpus, per_member, expected):
-    from members.experiment import plan_slots
+    from members.launch.experiment import plan_slots
     assert plan_slots(gpus, per_member, cpu_procs=2) == expected
 
 
 def test_member_jobs_follow_done_marker_and_prediction_age(member_yaml, tmp_path):
-    from members.experiment import member_jobs, needs_prediction
+    from members.launch.experiment import member_jobs, needs_prediction
 
     cfg = load_member_config(member_yaml, [f"output_dir={tmp_path / 'm'}"])
     modules = lambda: [m for m, _ in member_jobs(str(member_yaml), cfg, [])]  # noqa: E731
-    assert modules() == ["members.train"]  # prediction is never a member's job: predict_all does it
+    assert modules() == ["members.train.loop"]  # prediction is never a member's job: predict_all does it
     cfg.out.mkdir(parents=True)
     (cfg.out / "done.json").write_text("{}")
     (cfg.out / "best.pth").write_bytes(b"")
     assert needs_prediction(cfg) and modules() == []
-    from members.member import prediction_fingerprint
-    from members.stagefiles import sha256_file, write_member_split
+    from members.contract.member import prediction_fingerprint
+    from members.contract.stagefiles import sha256_file, write_member_split
 
     def predicted() -> None:
         for split in ("val", "test"):
@@ -186,17 +186,17 @@ def test_member_jobs_follow_done_marker_and_prediction_age(member_yaml, tmp_path
 
 
 def test_launch_command_picks_the_process_layout():
-    two = launch_command("members.train", ["-c", "x.yaml"], processes=2, cpu=True)
-    assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2" and two[-3:] == ["members.train", "-c", "x.yaml"]
-    one = launch_command("members.train", [], processes=1, cpu=True)
+    two = launch_command("members.train.loop", ["-c", "x.yaml"], processes=2, cpu=True)
+    assert "--multi_gpu" in two and two[two.index("--num_processes") + 1] == "2" and two[-3:] == ["members.train.loop", "-c", "x.yaml"]
+    one = launch_command("members.train.loop", [], processes=1, cpu=True)
     assert "--cpu" in one and "--multi_gpu" not in one
     # the user's `accelerate config` decides the rest: no mixed precision or dynamo forced on every launch
     assert not {"--mixed_precision", "--dynamo_backend"} & set(two + one)
 
 
 def test_trackers_get_the_whole_config(member_yaml):
-    from members.member import load_member_config
-    from members.train import flat_config
+    from members.contract.member import load_member_config
+    from members.train.loop import flat_config
 
     cfg = load_member_config(member_yaml)
     flat = flat_config(to_dict(cfg))
@@ -209,7 +209,7 @@ def test_collapsed_validation_counts_as_zero_instead_of_stopping(capsys):
     import numpy as np
     from accelerate import Accelerator
 
-    from members.train import _validation_metrics
+    from members.train.loop import _validation_metrics
 
     metrics = _validation_metrics(np.full(6, 0.5), np.arange(6.0), "m epoch 3", Accelerator(cpu=True))
     assert metrics["main"] == 0.0 and metrics["srcc"] == 0.0

@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 from test_data import make_pipal
 
-from members.data import DataConfig, DataError, prepare_splits, splits_content
-from members.experiment import needs_prediction
-from members.member import (MemberConfig, StaleMemberError, check_member_folder, prediction_fingerprint,
-                            prepare_member_data, training_fingerprint, write_training_record)
-from members.model import ModelConfig
-from members.schema import load_experiment
-from members.config import ConfigError
+from members.data.splits import DataConfig, prepare_splits, splits_content
+from members.data.index import DataError
+from members.launch.experiment import needs_prediction
+from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder,
+                                     prediction_fingerprint, training_fingerprint, write_training_record)
+from members.data.splits import prepare_member_data
+from members.contract.member import ModelConfig
+from members.contract.schema import load_experiment
+from members.contract.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

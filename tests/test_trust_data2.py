@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 from test_data import make_pipal
 
-from members import data as data_mod
-from members import demo_data
-from members.data import CONTENT_CACHE, VALID, DataConfig, build_splits, prepare_splits, splits_content
-from members.member import load_member_config
-from members.schema import load_experiment
-from members.stagefiles import StageFileError, check_split_lists
+from members.data import splits as data_mod
+from members.data import demo_data
+from members.data.splits import CONTENT_CACHE, VALID, DataConfig, build_splits, prepare_splits, splits_content
+from members.contract.member import load_member_config
+from members.contract.schema import load_experiment
+from members.contract.stagefiles import StageFileError
+from members.data.splits import check_split_lists
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,11 +16,11 @@ from test_data import write_img
 
 import ensemble.__main__ as ensemble_cli
 from ensemble.combine import CombineError, ensemble_scores
-from members.config import dump_yaml
-from members.member import MemberConfig
-from members.score import main as score_main
-from members.scorer import Scorer, ScorerError
-from members.stagefiles import _sealed, read_preds
+from members.contract.config import dump_yaml
+from members.contract.member import MemberConfig
+from members.engine.score import main as score_main
+from members.engine.scorer import Scorer, ScorerError
+from members.contract.stagefiles import _sealed, read_preds
 from submission.__main__ import main as submission_main
 
 
@@ -58,7 +58,7 @@ def test_the_ensemble_files_reproduce_from_the_record(fitted):
 
 def test_negated_weights_resealed_are_refused(fitted, capsys):
     """Before: with every weight negated and self_sha256 recomputed, `make submit` wrote a VALID zip whose
-    readme quoted negative weights, and the Scorer / `members.score --ensemble` gave negated scores, exit 0."""
+    readme quoted negative weights, and the Scorer / `members.engine.score --ensemble` gave negated scores, exit 0."""
     config, runs = fitted
     assert submission_main(["-c", str(config)]) == 0  # untouched: passes
     zipped = (runs / "submission.zip").read_bytes()
@@ -146,7 +146,7 @@ def _half_trained(tmp_path: Path) -> Path:
 
 
 def test_an_unfinished_member_is_refused_unless_allowed(tmp_path, capsys, monkeypatch):
-    """Before: Scorer.from_member and `members.score --member` scored a half-trained folder silently."""
+    """Before: Scorer.from_member and `members.engine.score --member` scored a half-trained folder silently."""
     folder = _half_trained(tmp_path)
     with pytest.raises(ScorerError, match=r"has not finished training \(no done.json\).*make train-members"):
         Scorer.from_member(folder)

@@ -1,7 +1,7 @@
 """Trust, round 2 (issue 17), training side: each case ended in a wrong result or a traceback before.
 
 3. best.pth was chosen by |PLCC| + |SRCC|: an epoch that ranks the validation images backwards won.
-6. lr NaN or < 0 passed the config loader; a member failing under members.experiment ended in the
+6. lr NaN or < 0 passed the config loader; a member failing under members.launch.experiment ended in the
    launcher's traceback.
 7. Ctrl-C during a CLI's start-up imports printed a KeyboardInterrupt traceback.
 """
@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import yaml
 
-from members.cli import INTERRUPTED, INTERRUPTED_RERUN
-from members.config import ConfigError
-from members.member import load_member_config
+from members.contract.cli import INTERRUPTED, INTERRUPTED_RERUN
+from members.contract.config import ConfigError
+from members.contract.member import load_member_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_a_backwards_epoch_is_never_chosen_over_a_weakly_forwards_one():
     """Before: a member whose validation SRCC was -0.08 was saved as best.pth with main +0.109."""
     from accelerate import Accelerator
 
-    from members.train import _validation_metrics, record_if_best
+    from members.train.loop import _validation_metrics, record_if_best
 
     rng = np.random.default_rng(0)
     mos = np.arange(40.0)
@@ -78,7 +78,7 @@ def test_bad_train_numbers_are_refused_at_load_time(member_yaml, setting, messag
 
 
 def test_a_bad_lr_in_a_member_file_stops_the_experiment_before_any_launch(member_yaml, tmp_path, capsys):
-    from members.experiment import main as experiment_main
+    from members.launch.experiment import main as experiment_main
 
     member = yaml.safe_load(member_yaml.read_text())
     member["train"]["lr"] = float("nan")
@@ -107,7 +107,7 @@ def test_a_member_failing_in_the_launched_process_ends_in_its_one_line(member_ya
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         lock.write("pid 1 on host elsewhere\n")
         lock.flush()
-        done = subprocess.run([sys.executable, "-m", "members.experiment", "-c", str(tmp_path / "exp.yaml"),
+        done = subprocess.run([sys.executable, "-m", "members.launch.experiment", "-c", str(tmp_path / "exp.yaml"),
                                "--cpu-procs", str(processes)],
                               env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
@@ -140,7 +140,7 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 
 
 @pytest.mark.parametrize(("module", "message"), [("ensemble", INTERRUPTED_RERUN), ("submission", INTERRUPTED_RERUN),
-                                                 ("members.experiment", INTERRUPTED), ("members.train", INTERRUPTED)])
+                                                 ("members.launch.experiment", INTERRUPTED), ("members.train.loop", INTERRUPTED)])
 def test_ctrl_c_during_start_up_imports_is_one_line(module, message):
     """Before: a 17-frame KeyboardInterrupt traceback from inside the imports (`python -m ensemble`)."""
     done = subprocess.run([sys.executable, "-c", CTRL_C_AT_IMPORT, module], env=_env(), cwd=REPO,

@@ -1,13 +1,13 @@
-"""Tests of members.views: deterministic test-time views and random training views."""
+"""Tests of members.data.views: deterministic test-time views and random training views."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from members.config import ConfigError, from_dict
-from members.views import (AugmentConfig, View, ViewConfig, apply_view, count_views, describe, make_views,
-                           random_view)
+from members.contract.config import ConfigError, from_dict
+from members.data.views import (AugmentConfig, View, ViewConfig, apply_view, count_views, describe,
+                                make_views, random_view)
 
 SIZES = [(288, 288, 224), (30, 47, 16), (16, 16, 16), (17, 40, 9)]
 KINDS = [

@@ -1,7 +1,7 @@
-"""Predict members' splits into their stage files, through the one engine (`members.fastpredict`).
+"""Predict members' splits into their stage files, through the one engine (`members.engine.shared`).
 
-    python -m members.predict -c configs/members/x.yaml --split val test
-    accelerate launch --num_processes 2 -m members.predict -c configs/members/x.yaml   # 1..N processes
+    python -m members.engine.predict -c configs/members/x.yaml --split val test
+    accelerate launch --num_processes 2 -m members.engine.predict -c configs/members/x.yaml   # 1..N processes
 
 Every image is scored on all configured views (aligned crops of dis and ref, optional flips) and the
 view scores are averaged. Pairs are scored reference by reference, `--batch-size` (predict.batch_size)
@@ -9,10 +9,10 @@ distorted images of one reference at a time. On several processes each one score
 and the scores are gathered; every pair must come back exactly once. Results do not depend on the
 batch size (to ~1e-6) or the number of processes.
 
-Writes into the member's output_dir, through `members.stagefiles`: `preds_<split>.csv` (`name,score`,
+Writes into the member's output_dir, through `members.contract.stagefiles`: `preds_<split>.csv` (`name,score`,
 sorted by name, normalised scale, higher = better), `labels_<split>.csv` (`name,ref,mos`) for labelled
 splits, and `preds_<split>.json` (timing, device, views, and the manifest: split list, heads, config).
-`members.predict_all` predicts all members of an experiment at once with the same `predict_members`.
+`members.engine.predict_all` predicts all members of an experiment at once with the same `predict_members`.
 """
 from __future__ import annotations
 
@@ -25,20 +25,22 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from members.backbones import WeightsError
-from members.checkpoint import CheckpointError
-from members.cli import run_main
-from members.data import Pair
-from members.fastpredict import (Clock, FastOptions, SharedScorer, build_group, device_for, group_members,
-                                 precision_of, process_state)
-from members.member import MemberConfig, load_member_config, prediction_fingerprint, prediction_splits, prepare_member_data
-from members.refdata import RefGroupPairs
-from members.stagefiles import sha256_file, write_member_split
-from members.views import describe
+from members.model.backbones import WeightsError
+from members.model.checkpoint import CheckpointError
+from members.contract.cli import run_main
+from members.data.index import Pair
+from members.engine.shared import (Clock, FastOptions, SharedScorer, build_group, device_for, group_members,
+                                   precision_of, process_state)
+from members.contract.member import (MemberConfig, load_member_config, prediction_fingerprint,
+                                     prediction_splits)
+from members.data.splits import prepare_member_data
+from members.data.datasets import RefGroupPairs
+from members.contract.stagefiles import sha256_file, write_member_split
+from members.data.views import describe
 
 
 def write_predictions(out: Path, split: str, pairs: list[Pair], scores: np.ndarray, meta: dict) -> None:
-    """The split's files through `members.stagefiles` (preds, labels when labelled, then the json)."""
+    """The split's files through `members.contract.stagefiles` (preds, labels when labelled, then the json)."""
     rows = [(p.name, float(s)) for p, s in zip(pairs, scores)]
     labelled = all(p.mos is not None for p in pairs)
     labels = [(p.name, p.ref_id, p.mos) for p in pairs] if labelled else None
@@ -139,14 +141,14 @@ def predict_members(cfgs: list[MemberConfig], splits_to_run: list[str] | None, o
 
 def predict(cfg: MemberConfig, splits_to_run: list[str] | None, checkpoint: str | None = None,
             batch_size: int | None = None) -> dict[str, dict]:
-    """One member's splits through `predict_members` (what `python -m members.predict` runs)."""
+    """One member's splits through `predict_members` (what `python -m members.engine.predict` runs)."""
     return predict_members([cfg], splits_to_run, FastOptions(batch_size=batch_size),
                            {cfg.name: checkpoint} if checkpoint else None)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="members.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="members.engine.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="member YAML config")
     parser.add_argument("--split", nargs="+", default=None, choices=["train", "val", "test", "valid"],
                         help="splits to predict (default: val, test, and valid when the data has the NTIRE "

@@ -1,6 +1,6 @@
 """Train, then predict, every member of an experiment (`make train-members EXPERIMENT=...`).
 
-    python -m members.experiment -c configs/ahiq_c.yaml [--gpus 0,1,2,3] [--gpus-per-member 1|all]
+    python -m members.launch.experiment -c configs/ahiq_c.yaml [--gpus 0,1,2,3] [--gpus-per-member 1|all]
 
 Every member config is read and its data checked before any training starts. Each member then runs
 under `accelerate launch`:
@@ -9,7 +9,7 @@ under `accelerate launch`:
 - --gpus-per-member K: members side by side, each on its own K GPUs (logs in <member>/run.log).
 Finished members (done.json) are not retrained, interrupted ones resume, and predictions are redone
 only when missing or older than the member's best.pth. The members that need predictions are
-predicted together once training is over (`members.predict_all` under `accelerate launch`, on all
+predicted together once training is over (`members.engine.predict_all` under `accelerate launch`, on all
 the GPUs or --cpu-procs CPU processes: backbones shared, each reference's part computed once).
 """
 from __future__ import annotations
@@ -23,27 +23,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from members.cli import quiet_start, run_main, shim_command
+from members.contract.cli import quiet_start, run_main, shim_command
 
 if __name__ == "__main__":
     quiet_start()  # before the slow imports below (torch): Ctrl-C during them ends in one line
-from members.config import ConfigError
-from members.member import (MemberConfig, StaleMemberError, check_member_folder, prediction_fingerprint,
-                            prediction_splits, prepare_member_data)
-from members.schema import MemberEntry, load_experiment
-from members.stagefiles import StageFileError, read_member_meta, sha256_file
+from members.contract.config import ConfigError
+from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder,
+                                     prediction_fingerprint, prediction_splits)
+from members.data.splits import prepare_member_data
+from members.contract.schema import MemberEntry, load_experiment
+from members.contract.stagefiles import StageFileError, read_member_meta, sha256_file
 
 
 
 def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> list[str]:
     """`accelerate launch` for `python -m module args` on the given number of processes, through
-    `members.cli --launch`, so that a member that fails ends in its own one-line error, not in the
+    `members.contract.cli --launch`, so that a member that fails ends in its own one-line error, not in the
     launcher's traceback.
 
     Only what this driver decides is passed (one machine, the slot's process count); everything else
     comes from the user's `accelerate config`. Mixed precision is the member's `train.mixed_precision`,
     which the training code passes to its Accelerator (an explicit argument wins over the launcher's)."""
-    cmd = [sys.executable, "-m", "members.cli", "--launch", "--num_machines", "1", "--main_process_port", "0",
+    cmd = [sys.executable, "-m", "members.contract.cli", "--launch", "--num_machines", "1", "--main_process_port", "0",
            "--num_processes", str(processes)]
     cmd += ["--multi_gpu"] if processes > 1 else (["--cpu"] if cpu else [])
     return cmd + ["-m", module, *args]
@@ -74,9 +75,9 @@ def needs_prediction(cfg: MemberConfig) -> bool:
 
 def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str]) -> list[tuple[str, list[str]]]:
     """The (module, args) runs this member still needs: its training. Prediction is not a member's job:
-    the members that `needs_prediction` are predicted together by `members.predict_all`."""
+    the members that `needs_prediction` are predicted together by `members.engine.predict_all`."""
     sets = [a for o in overrides for a in ("--set", o)]
-    return [("members.train", ["-c", member_path, *sets])] if needs_training(cfg) else []
+    return [("members.train.loop", ["-c", member_path, *sets])] if needs_training(cfg) else []
 
 
 def _env(gpus: list[str], cpu_threads: int) -> dict[str, str]:
@@ -176,14 +177,14 @@ def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | N
 
 def predict_shared(config: str | Path, overrides: list[str], names: list[str], gpus: list[str],
                    cpu_procs: int) -> bool:
-    """`members.predict_all --only names` on all the GPUs (or cpu_procs CPU processes), each process
+    """`members.engine.predict_all --only names` on all the GPUs (or cpu_procs CPU processes), each process
     scoring whole references of its own; True if it succeeded."""
     processes = len(gpus) or cpu_procs
     where = (f"GPU{'s' if len(gpus) > 1 else ''} {','.join(gpus)}" if gpus
              else "the CPU" if processes == 1 else f"{processes} CPU processes")
     print(f"predicting {', '.join(names)} together on {where}", flush=True)
     sets = [a for o in overrides for a in ("--set", o)]
-    cmd = launch_command("members.predict_all", ["-c", str(config), *sets, "--only", *names], processes, not gpus)
+    cmd = launch_command("members.engine.predict_all", ["-c", str(config), *sets, "--only", *names], processes, not gpus)
     proc = spawn(cmd, env=_env(gpus, max(1, (os.cpu_count() or 1) // processes)))
     try:
         return proc.wait() == 0
@@ -195,7 +196,7 @@ def predict_shared(config: str | Path, overrides: list[str], names: list[str], g
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="members.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="members.launch.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="experiment YAML (e.g. configs/demo.yaml)")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids (default: all visible GPUs, else CPU)")
     parser.add_argument("--gpus-per-member", default=1, type=_gpus_per_member,

@@ -1,13 +1,13 @@
 """Predict every member of an experiment at once, sharing backbones and reusing each reference.
 
-    python -m members.predict_all -c configs/demo.yaml [--split val test] [--only NAME ...]
-    accelerate launch --num_processes 2 -m members.predict_all -c configs/demo.yaml   # 1..N processes
+    python -m members.engine.predict_all -c configs/demo.yaml [--split val test] [--only NAME ...]
+    accelerate launch --num_processes 2 -m members.engine.predict_all -c configs/demo.yaml   # 1..N processes
 
 Members with the same backbones (timm names, weight files), crop, views, data lists and precision share
 the backbone features of every image and view; each reference's part of the heads is computed once per
 (reference, view) and reused for all its distorted images. Writes each member's `preds_<split>.csv`,
-`labels_<split>.csv` and `preds_<split>.json` with the same engine and writer as `members.predict`
-(`members.predict.predict_members`); on several processes each scores whole references and the
+`labels_<split>.csv` and `preds_<split>.json` with the same engine and writer as `members.engine.predict`
+(`members.engine.predict.predict_members`); on several processes each scores whole references and the
 scores are gathered. A member's `seconds` = its own heads time + an equal share of the shared time
 (see "timing").
 """
@@ -16,18 +16,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from members.backbones import WeightsError
-from members.checkpoint import CheckpointError
-from members.cli import run_main
-from members.config import ConfigError
-from members.schema import load_experiment
-from members.fastpredict import MAX_CROPS, PRECISIONS, FastOptions
-from members.predict import predict_members
+from members.model.backbones import WeightsError
+from members.model.checkpoint import CheckpointError
+from members.contract.cli import run_main
+from members.contract.config import ConfigError
+from members.contract.schema import load_experiment
+from members.engine.shared import MAX_CROPS, PRECISIONS, FastOptions
+from members.engine.predict import predict_members
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="members.predict_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="members.engine.predict_all", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="experiment YAML (e.g. configs/demo.yaml)")
     parser.add_argument("--split", nargs="+", default=None, choices=["train", "val", "test", "valid"],
                         help="splits to predict (default: val, test, and valid when the data has the NTIRE "

@@ -12,14 +12,28 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from members.config import apply_overrides, atomic_write_text, from_dict, read_yaml_with_base, to_dict
-from members.data import VALID, DataConfig, LabelStats, Pair, check_pairs, prepare_splits, splits_content
-from members.model import ModelConfig
-from members.views import AugmentConfig, ViewConfig
+from members.contract.config import apply_overrides, from_dict, read_yaml_with_base, to_dict
+from members.contract.atomic import atomic_write_text
+from members.data.splits import VALID, DataConfig, splits_content
+from members.data.views import AugmentConfig, ViewConfig
 
 SCHEDULES = ("cosine_step", "cosine_epoch", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 HEADS = ("all", "readout")
+
+
+@dataclass
+class ModelConfig:
+    vit: str = "vit_base_patch8_224.augreg_in21k_ft_in1k"
+    cnn: str = "resnet50.a1_in1k"
+    crop: int = 224
+    vit_weights: str = "hub"  # hub | path to a timm state dict | none
+    cnn_weights: str = "hub"
+    init_from: str | None = None  # heads checkpoint: the authors' .pth or one of ours
+
+    def __post_init__(self) -> None:
+        if self.crop < 16:
+            raise ValueError(f"crop must be at least 16 px, got {self.crop}")
 
 
 @dataclass
@@ -46,7 +60,7 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # all: every head layer trains from PyTorch's default init (the release). readout: for a few
     # training references (the demo): the heads score feature differences only and just their two
-    # 1x1 output convs train (members.model.start_readout says why).
+    # 1x1 output convs train (members.model.ahiq.start_readout says why).
     heads: str = "all"
 
     def __post_init__(self) -> None:
@@ -87,7 +101,7 @@ class PredictConfig:
     views: ViewConfig = field(default_factory=ViewConfig)  # validation during training and prediction
     # Distorted images per reference chunk: pairs are scored reference by reference, this many distorted
     # images of one reference (each with all its views) per step, on every process. The same meaning in
-    # training's validation, `members.predict`, `members.predict_all` (--batch-size) and `Scorer.score_pairs`.
+    # training's validation, `members.engine.predict`, `members.engine.predict_all` (--batch-size) and `Scorer.score_pairs`.
     batch_size: int = 8
     num_workers: int = 2
 
@@ -159,28 +173,6 @@ def load_member_config(path: str | Path, overrides: list[str] | None = None) -> 
     return from_dict(MemberConfig, apply_overrides(read_yaml_with_base(path), overrides or []))
 
 
-def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], LabelStats]:
-    """The member's split lists and label statistics, with every list checked once, up front.
-
-    The check (every file decodes, sizes match, names unique, images fit the crop) runs the first
-    time a split directory is used with a given crop; a marker file records that it passed.
-    """
-    split_dir = Path(cfg.split_dir)
-    splits = prepare_splits(cfg.data, split_dir)
-    stats = LabelStats.load(split_dir / "label_stats.json")
-    marker = split_dir / f"checked_crop{cfg.model.crop}_upscale{int(cfg.data.upscale_small)}.json"
-    content = splits_content(split_dir)
-    try:
-        checked = json.loads(marker.read_text(encoding="utf-8")).get("content")
-    except (OSError, ValueError, AttributeError):
-        checked = None
-    if checked is None or checked != content:  # checked for other data (or never): check again
-        for split, pairs in splits.items():
-            check_pairs(pairs, cfg.model.crop, cfg.data.upscale_small, str(split_dir / f"{split}.csv"))
-        atomic_write_text(marker, json.dumps({"content": content, **{s: len(p) for s, p in splits.items()}}) + "\n")
-    return splits, stats
-
-
 def prediction_splits(cfg: MemberConfig) -> tuple[str, ...]:
     """The splits a member predicts for the later stages: val (to fit the ensemble), test, and the
     NTIRE validation folder when the data has one (the development-phase leaderboard)."""
@@ -232,3 +224,5 @@ def check_member_folder(cfg: MemberConfig) -> None:
         state = "trained" if (cfg.out / "done.json").is_file() else "partly trained"
         raise StaleMemberError(f"{cfg.out}: member {cfg.name} was {state} from other inputs: {'; '.join(what)}. "
                                f"Restore them, or move {cfg.out} away (or delete it) to retrain it")
+
+

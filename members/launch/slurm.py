@@ -1,9 +1,9 @@
 """Members on a SLURM cluster through submitit (`make train-members LAUNCHER=slurm`).
 
-    python -m members.slurm -c configs/ahiq_c.yaml [--set cluster.partition=gpu ...] [--wait] [--dry-run]
+    python -m members.launch.slurm -c configs/ahiq_c.yaml [--set cluster.partition=gpu ...] [--wait] [--dry-run]
 
-One job per member still to train runs `members.train` under `accelerate launch` (across nodes when
-cluster.nodes > 1); one job `members.predict_all --only ...` starts when all of them succeeded
+One job per member still to train runs `members.train.loop` under `accelerate launch` (across nodes when
+cluster.nodes > 1); one job `members.engine.predict_all --only ...` starts when all of them succeeded
 (afterok). A job SLURM signals (time limit near, preemption) stops training and requeues itself
 (submitit's checkpoint hook); training resumes from its latest state. A rerun skips finished members
 and members still queued or running, and resubmits the others. `--local` runs the same jobs through
@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from members.atomic import atomic_write_text
-from members.cli import run_main
-from members.cluster import ClusterConfig, StageJob, executor, sbatch_params
+from members.contract.atomic import atomic_write_text
+from members.contract.cli import run_main
+from members.contract.cluster import ClusterConfig
+from members.launch.jobs import StageJob, executor, sbatch_params
 
 
 def load(path: str | Path, overrides: list[str]) -> tuple[Any, ClusterConfig]:
-    """The experiment (members.schema, `--set` applied) and its `cluster:` section."""
-    from members.schema import load_experiment
+    """The experiment (members.contract.schema, `--set` applied) and its `cluster:` section."""
+    from members.contract.schema import load_experiment
 
     exp = load_experiment(path, overrides)
     return exp, exp.config.cluster
@@ -65,8 +66,9 @@ def follow(jobs: dict[str, Any], configs: dict[str, Any], poll_s: float) -> list
 
 
 def submit(args: argparse.Namespace) -> int:
-    from members.experiment import member_jobs, needs_prediction, needs_training
-    from members.member import check_member_folder, prepare_member_data
+    from members.launch.experiment import member_jobs, needs_prediction, needs_training
+    from members.contract.member import check_member_folder
+    from members.data.splits import prepare_member_data
 
     mode = "dry" if args.dry_run else "local" if args.local else "slurm"
     exp, c = load(args.config, args.overrides)
@@ -121,7 +123,7 @@ def submit(args: argparse.Namespace) -> int:
     elif names:
         after = ":".join(j.job_id for j in jobs.values())
         sets = [a for o in args.overrides if not o.startswith("cluster.") for a in ("--set", o)]
-        send("predict", StageJob("predict", "members.predict_all", ["-c", str(args.config), *sets, "--only", *names],
+        send("predict", StageJob("predict", "members.engine.predict_all", ["-c", str(args.config), *sets, "--only", *names],
                                  c, launch=False),
              sbatch_params(c, f"{exp.name}.predict", 1, min(c.gpus_per_member, 1), c.predict_time_min,
                            dependency=f"afterok:{after}" if after else None))
@@ -138,7 +140,7 @@ def submit(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="members.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="members.launch.slurm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="experiment YAML (e.g. configs/ahiq_c.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an experiment key, e.g. --set cluster.partition=gpu (repeatable)")

@@ -1,4 +1,4 @@
-"""CLI: `python -m members.baselines -c configs/members/demo_s1.yaml`: what a member has to beat.
+"""CLI: `python -m members.train.baselines -c configs/members/demo_s1.yaml`: what a member has to beat.
 
 SRCC, on every labelled split of a member's data, of three training-free full-reference measures:
 - PSNR and SSIM (scikit-image, 8-bit RGB);
@@ -23,14 +23,15 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm.auto import tqdm
 
-from members.cli import INTERRUPTED_RERUN, run_main
-from members.config import ConfigError
-from members.data import build_splits
-from members.index import DataError, Pair, load_rgb
-from members.member import load_member_config
-from members.metrics import srcc
-from members.model import AHIQ, build_model
-from members.views import apply_view, make_views
+from members.contract.cli import INTERRUPTED_RERUN, run_main
+from members.contract.config import ConfigError
+from members.data.splits import build_splits
+from members.data.index import DataError, Pair
+from members.data.datasets import load_rgb
+from members.contract.member import load_member_config
+from members.contract.metrics import srcc
+from members.model.ahiq import AHIQ, build_model
+from members.data.views import apply_view, make_views
 
 MEASURES = ("PSNR", "SSIM", "feature distance")
 
@@ -78,7 +79,7 @@ def table(results: dict[str, dict[str, float]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m members.baselines", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m members.train.baselines", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="member YAML (its data, model, seed and views)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

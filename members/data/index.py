@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -299,24 +298,4 @@ def check_pairs(pairs: list[Pair], crop: int, upscale_small: bool, source: str) 
                             "(set data.upscale_small: true to upscale it)")
     _report(problems, source)
 
-
-def load_rgb(path: Path, min_size: int = 0) -> torch.Tensor:
-    """Decode an image as (3, H, W) float32 in [0, 1]; bicubic-upscale it when a side is < `min_size`.
-
-    The upscale keeps the aspect ratio and depends only on the size, so a distorted image and its
-    reference of the same size stay aligned.
-    """
-    try:
-        with Image.open(path) as im:
-            im = as_rgb(im, path)
-    except DataError:
-        raise
-    except Exception as err:  # checked up front, so the file changed or went away during the run
-        raise DataError(f"{path}: cannot read this image any more ({type(err).__name__}: {err}); it passed "
-                        "the check when the run started: restore it, then rerun the same command") from None
-    if min(im.size) < min_size:
-        scale = min_size / min(im.size)
-        size = tuple(max(min_size, round(s * scale)) for s in im.size)
-        im = im.resize(size, Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
 

@@ -2,7 +2,7 @@
 
 Everything below depends on the reference image alone and is computed once by `GroupedHeads.reference`:
 - the deformable offsets (from the reference ViT map; they drive BOTH branches), turned into the
-  bilinear sampling of `members.deform` once, then reused by every distorted image of the reference;
+  bilinear sampling of `members.model.deform` once, then reused by every distorted image of the reference;
 - the reference branch of `deform_net` and its `down_channel` embedding e_ref;
 - the reference part of `feat_smoothing.0`: the regressor feeds f_cat = cat(e_dis - e_ref, e_dis, e_ref)
   to a convolution W = [W1 | W2 | W3], so W f_cat + b = (W1 + W2) e_dis + ((W3 - W1) e_ref + b); the
@@ -14,7 +14,7 @@ one 3x3 conv with (W_down_cnn @ W_conv1.2) weights, 512 -> 256 channels instead 
 All of it is exact algebra: only the summation order of fp32 arithmetic differs from `AHIQ.heads`.
 
 This is the one place the heads are split into a reference and a distorted part; every score the kit
-computes goes through it (`members.fastpredict.SharedScorer`). Training keeps `AHIQ.forward` (one
+computes goes through it (`members.engine.shared.SharedScorer`). Training keeps `AHIQ.forward` (one
 reference per pair, gradients through the unfolded weights), which is also this module's test oracle
 (tests/test_grouped.py).
 """
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from members.deform import DeformSampling, build_sampling, deform_conv_sampled
-from members.model import AHIQ
+from members.model.deform import DeformSampling, build_sampling, deform_conv_sampled
+from members.model.ahiq import AHIQ
 
 
 class RefState(NamedTuple):

@@ -13,31 +13,16 @@ release does (no ImageNet mean/std, not even for the ResNet).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
 
-from members.backbones import CnnTaps, VitTaps
-from members.checkpoint import load_heads_into
-from members.deform import DeformSampling, build_sampling, deform_conv_sampled
-from members.config import from_dict
-
-
-@dataclass
-class ModelConfig:
-    vit: str = "vit_base_patch8_224.augreg_in21k_ft_in1k"
-    cnn: str = "resnet50.a1_in1k"
-    crop: int = 224
-    vit_weights: str = "hub"  # hub | path to a timm state dict | none
-    cnn_weights: str = "hub"
-    init_from: str | None = None  # heads checkpoint: the authors' .pth or one of ours
-
-    def __post_init__(self) -> None:
-        if self.crop < 16:
-            raise ValueError(f"crop must be at least 16 px, got {self.crop}")
+from members.model.backbones import CnnTaps, VitTaps
+from members.model.checkpoint import load_heads_into
+from members.model.deform import DeformSampling, build_sampling, deform_conv_sampled
+from members.contract.config import from_dict
+from members.contract.member import ModelConfig
 
 
 class DeformFusion(nn.Module):
@@ -67,7 +52,7 @@ class DeformFusion(nn.Module):
         return build_sampling(self.offsets(vit_ref, cnn_hw), tuple(cnn_hw))
 
     def branch(self, cnn_feat: torch.Tensor, sampling: DeformSampling) -> torch.Tensor:
-        # members.deform computes what torchvision's kernel does (to ~1e-7) with the parameters of
+        # members.model.deform computes what torchvision's kernel does (to ~1e-7) with the parameters of
         # `self.deform`, about twice as fast forward + backward on the CPU (tests/test_deform.py).
         return self.conv1(deform_conv_sampled(cnn_feat, self.deform.weight, self.deform.bias, sampling))
 

@@ -14,10 +14,12 @@ given size.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch-free at run time: the view configs are part of the member schema
+    import torch
 
 VIEW_KINDS = ("center", "five", "nine", "grid", "random")
 FLIP_MODES = {"none": "", "horizontal": "h", "vertical": "v"}

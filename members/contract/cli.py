@@ -11,9 +11,9 @@
   orphans. Linux's PR_SET_PDEATHSIG does it; elsewhere it is a no-op.
 - `hold_folder_lock(folder)` makes sure one run at a time writes a folder (a second trainer on the
   same member would interleave its log and checkpoints with the first).
-- `python -m members.cli --die-with-parent -- CMD...` execs CMD with the same protection, for
-  children started by `members.experiment`.
-- `python -m members.cli --launch ARGS...` is `accelerate launch ARGS...` for `members.experiment`:
+- `python -m members.contract.cli --die-with-parent -- CMD...` execs CMD with the same protection, for
+  children started by `members.launch.experiment`.
+- `python -m members.contract.cli --launch ARGS...` is `accelerate launch ARGS...` for `members.launch.experiment`:
   a worker that fails says why in one line, and the launcher adds no traceback of its own.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ INTERRUPTED = "interrupted; rerun the same command to resume"
 INTERRUPTED_RERUN = "interrupted; nothing half-written was kept; rerun the same command"
 PR_SET_PDEATHSIG = 1
 # Parents whose children should follow them: the accelerate / torch.distributed launchers and our shim.
-LAUNCHERS = ("accelerate", "torch.distributed.run", "torchrun", "members.cli")
+LAUNCHERS = ("accelerate", "torch.distributed.run", "torchrun", "members.contract.cli")
 
 _held_locks: list[IO[str]] = []  # open lock files live as long as the process
 
@@ -44,13 +44,13 @@ class LockedError(RuntimeError):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    """The kit's own "bad input" errors; imported lazily so `members.cli` stays cheap to start."""
-    from members.config import ConfigError
-    from members.index import DataError
+    """The kit's own "bad input" errors; imported lazily so `members.contract.cli` stays cheap to start."""
+    from members.contract.config import ConfigError
+    from members.data.index import DataError
 
     found: list[type[BaseException]] = [ConfigError, DataError, LockedError]
-    for module, name in (("members.backbones", "WeightsError"), ("members.checkpoint", "CheckpointError"),
-                         ("members.train", "StateError")):
+    for module, name in (("members.model.backbones", "WeightsError"), ("members.model.checkpoint", "CheckpointError"),
+                         ("members.train.loop", "StateError")):
         cls = getattr(sys.modules.get(module), name, None)  # only if the CLI loaded it already
         if cls is not None:
             found.append(cls)
@@ -107,7 +107,7 @@ def run_main(main: Callable[[], int | None], interrupted: str = INTERRUPTED) -> 
     `interrupted`: what Ctrl-C prints (INTERRUPTED_RERUN for commands that cannot resume)."""
     if signal.getsignal(signal.SIGINT) is _interrupted_at_start:  # quiet_start's part is over
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    die_with_parent()  # a no-op unless started by a launcher (accelerate launch, members.experiment)
+    die_with_parent()  # a no-op unless started by a launcher (accelerate launch, members.launch.experiment)
     try:
         code = main()
     except KeyboardInterrupt:
@@ -124,7 +124,7 @@ def run_main(main: Callable[[], int | None], interrupted: str = INTERRUPTED) -> 
 
 def _launched_by_launcher(ppid: int) -> bool:
     """True when the parent is a launcher whose death should end this process. A process started by
-    a shell is left alone: `nohup python -m members.train ... &` must outlive the shell."""
+    a shell is left alone: `nohup python -m members.train.loop ... &` must outlive the shell."""
     try:
         cmdline = Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -175,19 +175,19 @@ def hold_folder_lock(folder: Path, what: str) -> None:
 
 def shim_command(cmd: list[str]) -> list[str]:
     """`cmd` run through this module, so that it dies with the process that starts it."""
-    return [sys.executable, "-m", "members.cli", "--die-with-parent", "--", *cmd]
+    return [sys.executable, "-m", "members.contract.cli", "--die-with-parent", "--", *cmd]
 
 
 def _exec_main(argv: list[str]) -> NoReturn:
     if len(argv) < 3 or argv[:2] != ["--die-with-parent", "--"]:
-        sys.exit("usage: python -m members.cli --die-with-parent -- COMMAND [ARGS...]")
+        sys.exit("usage: python -m members.contract.cli --die-with-parent -- COMMAND [ARGS...]")
     die_with_parent(always=True)
     os.execvp(argv[2], argv[2:])
 
 
 def _launch_main(argv: list[str]) -> NoReturn:
     """`accelerate launch argv` in this process, ending in its workers' exit status alone: a worker
-    that fails has printed its one `error:` line already, and `members.experiment` names the member
+    that fails has printed its one `error:` line already, and `members.launch.experiment` names the member
     that failed; the launcher's own traceback (one process) or torch elastic's failure report and log
     lines (several) would only bury that line."""
     import logging

@@ -5,9 +5,9 @@
     members: [members/demo_s1.yaml, ...]
     ensemble: {folds: 3, ...}       # EnsembleConfig
     submission: {test_dir: ...}     # SubmissionConfig
-    cluster: {partition: gpu, ...}  # ClusterConfig (members.cluster): SLURM jobs
+    cluster: {partition: gpu, ...}  # ClusterConfig (members.launch.jobs): SLURM jobs
 
-`members.experiment`, `members.predict_all`, `ensemble` and `submission` all call `load_experiment`,
+`members.launch.experiment`, `members.engine.predict_all`, `ensemble` and `submission` all call `load_experiment`,
 so an unknown key at any level (member configs included) is an error in every stage, with its file and
 line, and `--set KEY=VALUE` means the same everywhere: KEY is a dotted path from the experiment's top
 level (`--set ensemble.folds=3`, `--set submission.out=x.zip`); a KEY that matches no field is an error.
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from members.cluster import ClusterConfig
-from members.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from members.contract.cluster import ClusterConfig
+from members.contract.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
 METHODS = ("mean", "rank_mean", "nnls", "ridge", "greedy")
 CALIBRATIONS = ("none", "logistic", "isotonic")
@@ -116,7 +116,7 @@ class ExperimentConfig:
     members: list[str] = field(default_factory=list)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (members.slurm)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (members.launch.slurm)
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -131,7 +131,7 @@ class MemberEntry:
     folders under the experiment's runs_dir)."""
 
     path: Path
-    config: object  # members.member.MemberConfig (imported lazily: it pulls in torch)
+    config: object  # members.contract.member.MemberConfig (imported lazily: it pulls in torch)
     overrides: list[str]
 
     @property
@@ -211,7 +211,7 @@ def _member_path(raw: str, exp_path: Path, where: str) -> Path:
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read, override (`KEY=VALUE`, dotted from the top level) and validate an experiment and every
     member config it lists. Raises `ConfigError` naming the file, line and key."""
-    from members.member import load_member_config
+    from members.contract.member import load_member_config
 
     path = Path(path)
     data = apply_overrides(_utf8(load_yaml, path), list(overrides))

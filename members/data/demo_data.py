@@ -25,7 +25,7 @@ Layout written under `--out` (as PIPAL ships it, plus three demo-only items):
     demo_ref_groups.csv                  lines `A0001,astronaut`: the photo of every reference
     README.txt, demo_data.json           description; parameters, written last as completion marker
 
-Usage: python -m members.demo_data --out data/demo [--size 80] [--seed 0]
+Usage: python -m members.data.demo_data --out data/demo [--size 80] [--seed 0]
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ from skimage.filters import gaussian
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from tqdm import tqdm
 
-from members.atomic import atomic_write_text
-from members.cli import run_main
+from members.contract.atomic import atomic_write_text
+from members.contract.cli import run_main
 
 FORMAT_VERSION = 3  # 2: adds the validation folder; 3: adds the reference group file
 MARKER = "demo_data.json"
@@ -211,7 +211,7 @@ def _write_labels(folder: Path, labels: dict[int, list[tuple[str, float]]]) -> N
 
 def params(size: int, seed: int) -> dict:
     """The parameters that identify a dataset (the content of the completion marker)."""
-    return {"generator": "members.demo_data", "format_version": FORMAT_VERSION, "size": size, "seed": seed}
+    return {"generator": "members.data.demo_data", "format_version": FORMAT_VERSION, "size": size, "seed": seed}
 
 
 def generate(root: Path, size: int, seed: int, progress: bool = False) -> dict[str, int]:
@@ -255,7 +255,7 @@ def _readme(size: int, seed: int, counts: dict[str, int]) -> str:
         f" valid/test 10_{2 * t:02d}={d.levels[TEST_LEVELS[0]]:<5g} 10_{2 * t + 1:02d}={d.levels[TEST_LEVELS[1]]:g}"
         for t, d in enumerate(DISTORTIONS)
     )
-    return f"""Demo dataset in the PIPAL / NTIRE 2022 FR layout, made by `python -m members.demo_data`
+    return f"""Demo dataset in the PIPAL / NTIRE 2022 FR layout, made by `python -m members.data.demo_data`
 (size {size} px, seed {seed}): {counts['train_refs']} train references ({counts['train_images']} distorted images),
 {counts['valid_refs']} validation references ({counts['valid_images']}), {counts['test_refs']} test references ({counts['test_images']}), 8-bit RGB BMP.
 
@@ -335,7 +335,7 @@ def _swap_into_place(new: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m members.demo_data",
+        prog="python -m members.data.demo_data",
         description="Write a small deterministic demo dataset in the PIPAL/NTIRE 2022 FR layout, with "
         "SYNTHETIC proxy labels (SSIM/PSNR mapped to an Elo-like scale, not human opinions). Does "
         "nothing if OUT already holds a complete dataset made with the same parameters.",

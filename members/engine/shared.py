@@ -6,10 +6,10 @@ backbones once on the reference and each member computes its `GroupedHeads.refer
 each distorted image then goes through the backbones once, and only the members' per-distorted heads
 run per member. Only the current reference's state is kept (items come reference by reference).
 
-Everything that scores pairs uses `SharedScorer`: the prediction files (`members.predict`,
-`members.predict_all`), training's validation (`members.train`), the Python API (`members.scorer`)
+Everything that scores pairs uses `SharedScorer`: the prediction files (`members.engine.predict`,
+`members.engine.predict_all`), training's validation (`members.train.loop`), the Python API (`members.engine.scorer`)
 and the bench. On several Accelerate processes each process scores whole references of its own
-(`members.refdata.process_share`) and the scores are gathered; the result does not depend on the
+(`members.data.datasets.process_share`) and the scores are gathered; the result does not depend on the
 number of processes.
 """
 from __future__ import annotations
@@ -29,11 +29,11 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from members.checkpoint import load_heads_into
-from members.config import to_dict
-from members.grouped import GroupedHeads, prepare_model
-from members.member import MemberConfig
-from members.model import AHIQ, build_model
+from members.model.checkpoint import load_heads_into
+from members.contract.config import to_dict
+from members.model.grouped import GroupedHeads, prepare_model
+from members.contract.member import MemberConfig
+from members.model.ahiq import AHIQ, build_model
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Crops per backbone and heads call (always at least one image's views). The release runs one pair

@@ -1,10 +1,12 @@
-"""Member data: the data config, seeded splits by reference image, label scaling, torch Datasets.
+"""Split lists: the data config, seeded splits by reference image, label scaling, content fingerprints.
 
 Splits are written once per experiment (`prepare_splits`) and read back by every member, so all
 members train and predict on the same lists. Images of one reference share content, so every split
-is made by REFERENCE image; a split by image would leak.
+is made by REFERENCE image; a split by image would leak. Later stages check that the lists still
+describe the data (`check_split_lists`). Torch-free: the ensemble and submission stages import it.
 
-Reading and checking the raw lists lives in `members.index`; its public names are re-exported here.
+Reading and checking the raw lists lives in `members.data.index`; the torch Datasets in
+`members.data.datasets`.
 """
 from __future__ import annotations
 
@@ -19,20 +21,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from members.config import atomic_write_text, to_dict
-from members.index import (DataError, Pair, check_pairs, check_unique, load_rgb, read_csv_table,
-                           read_ntire_folder, read_pipal_labels, read_ref_groups)
-from members.stagefiles import sha256_file
-from members.views import AugmentConfig, apply_view, random_view
+from members.contract.atomic import atomic_write_text
+from members.contract.config import to_dict
+from members.data.index import (DataError, Pair, check_pairs, check_unique, read_csv_table,
+                                read_ntire_folder, read_pipal_labels, read_ref_groups)
+from members.contract.stagefiles import REBUILD_MEMBERS, StageFileError, sha256_file
 
-__all__ = ["DataConfig", "DataError", "LabelStats", "Pair", "TrainPairs", "check_pairs",
-           "load_rgb", "prepare_splits", "read_split", "SPLITS", "VALID"]
+if TYPE_CHECKING:
+    from members.contract.member import MemberConfig
+
+__all__ = ["DataConfig", "LabelStats", "build_splits", "check_split_lists", "prepare_member_data", "prepare_splits",
+           "read_split", "SPLITS", "VALID"]
 
 SPLITS = ("train", "val", "test")
 # The NTIRE validation folder, predicted for the development-phase leaderboard whenever it exists.
@@ -54,7 +58,7 @@ HASHES = "lists+image sha256"  # what `splits.json`'s fingerprints hash (older k
 
 @dataclass
 class DataConfig:
-    """Where the data is and how to split it (file formats: see the readers in `members.index`).
+    """Where the data is and how to split it (file formats: see the readers in `members.data.index`).
 
     format "pipal": PIPAL as distributed under `root`; train = the labelled train references minus a
     seeded `val_fraction` of them when val_source is "holdout", else the NTIRE validation folders
@@ -392,40 +396,50 @@ def splits_content(split_dir: Path, key: str = "content") -> str | None:
         return None
 
 
-class TrainPairs(Dataset):
-    """Training pairs: one random aligned crop (+ flip) per item, labels normalised by `stats`.
+def check_split_lists(split_dir: Path, data_cfg: object) -> None:
+    """Refuse split lists that the data has moved away from: a score fixed in a label file, images
+    added or removed. The members' manifests only prove that they predicted these lists; the lists
+    must also still be what the data says, or the ensemble would fit (and the zip come from) stale MOS.
 
-    The crop of item i in epoch e comes from `np.random.default_rng([seed, e, i])`, so it does not
-    depend on workers, processes or the order items are drawn in (exact resume relies on it). Call
-    `set_epoch` before iterating each epoch; with a DataLoader, do not use persistent workers, which
-    keep the copy of the dataset they started with.
+    The lists are rebuilt in memory from the label files and folders and compared with the content
+    fingerprint `prepare_splits` recorded, images hashed as there (through the split folder's cache,
+    so an image replaced by one of the same size is seen). Skipped when the lists carry no record
+    (written by hand) or the data is not on this machine (the ensemble needs no images).
     """
 
-    def __init__(self, pairs: list[Pair], crop: int, augment: AugmentConfig, stats: LabelStats, seed: int,
-                 upscale_small: bool = False) -> None:
-        unlabelled = [p for p in pairs if p.mos is None]
-        if unlabelled:
-            raise DataError(f"{unlabelled[0].source}: training needs labels; {unlabelled[0].name} has none")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0; got {seed}")
-        self.pairs, self.crop, self.augment, self.stats, self.seed = pairs, crop, augment, stats, seed
-        self.min_size = crop if upscale_small else 0
-        self.epoch = 0
+    recorded = splits_content(Path(split_dir))
+    source = Path(data_cfg.csv if data_cfg.format == "csv" else data_cfg.root or ".")
+    if recorded is None or not source.exists():
+        return
+    try:
+        current = content_fingerprint(build_splits(data_cfg), Path(split_dir))
+    except DataError as err:
+        raise StageFileError(f"{split_dir}: cannot compare the split lists with the data they were made from: "
+                             f"{err}; fix the data, then run {REBUILD_MEMBERS}") from None
+    if current != recorded:
+        raise StageFileError(f"{split_dir}: the data in {source} changed since these split lists were written "
+                             f"(a label edited, images added, removed or replaced; data fingerprint {recorded} -> "
+                             f"{current}); run {REBUILD_MEMBERS} to rebuild the lists and the members made from "
+                             "them, then this stage again")
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0; got {epoch}")
-        self.epoch = epoch
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], LabelStats]:
+    """The member's split lists and label statistics, with every list checked once, up front.
 
-    def __getitem__(self, i: int) -> dict:
-        pair = self.pairs[i]
-        dis, ref = load_rgb(pair.dis, self.min_size), load_rgb(pair.ref, self.min_size)
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        view = random_view(dis.shape[1], dis.shape[2], self.crop, self.augment, rng)
-        label = torch.tensor(self.stats.normalise(pair.mos), dtype=torch.float32)
-        return {"index": i, "dis": apply_view(dis, view, self.crop), "ref": apply_view(ref, view, self.crop),
-                "label": label}
-
+    The check (every file decodes, sizes match, names unique, images fit the crop) runs the first
+    time a split directory is used with a given crop; a marker file records that it passed.
+    """
+    split_dir = Path(cfg.split_dir)
+    splits = prepare_splits(cfg.data, split_dir)
+    stats = LabelStats.load(split_dir / "label_stats.json")
+    marker = split_dir / f"checked_crop{cfg.model.crop}_upscale{int(cfg.data.upscale_small)}.json"
+    content = splits_content(split_dir)
+    try:
+        checked = json.loads(marker.read_text(encoding="utf-8")).get("content")
+    except (OSError, ValueError, AttributeError):
+        checked = None
+    if checked is None or checked != content:  # checked for other data (or never): check again
+        for split, pairs in splits.items():
+            check_pairs(pairs, cfg.model.crop, cfg.data.upscale_small, str(split_dir / f"{split}.csv"))
+        atomic_write_text(marker, json.dumps({"content": content, **{s: len(p) for s, p in splits.items()}}) + "\n")
+    return splits, stats

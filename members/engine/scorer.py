@@ -10,7 +10,7 @@ Scores are higher = better. A member's score is on its normalised training scale
 `preds_<split>.csv` holds; an ensemble's is what its `preds_<split>.csv` holds (standardised members
 combined with the fitted weights, then the calibration), so scoring the test images reproduces
 `preds_test.csv`. Scoring runs through the same reference-grouped engine as prediction
-(`members.fastpredict.SharedScorer`), with each member's own crop, test-time views and upscaling rule;
+(`members.engine.shared.SharedScorer`), with each member's own crop, test-time views and upscaling rule;
 an image smaller than the crop is an error unless the member was trained with `data.upscale_small`.
 """
 from __future__ import annotations
@@ -24,15 +24,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from members.config import ConfigError, from_dict, load_yaml
-from members.data import DataError, Pair
-from members.fastpredict import FastOptions, SharedScorer, build_group, group_members, precision_of
-from members.index import as_rgb, check_pairs
-from members.member import MemberConfig, load_member_config, prediction_fingerprint
-from members.refdata import RefGroupPairs
-from members.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json, read_member_meta, read_preds,
-                                read_stage_outputs, sha256_file)
-from members.views import apply_view, make_views
+from members.contract.config import ConfigError, from_dict, load_yaml
+from members.data.index import DataError, Pair
+from members.engine.shared import FastOptions, SharedScorer, build_group, group_members, precision_of
+from members.data.index import as_rgb, check_pairs
+from members.contract.member import MemberConfig, load_member_config, prediction_fingerprint
+from members.data.datasets import RefGroupPairs
+from members.contract.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json,
+                                         read_member_meta, read_preds, read_stage_outputs, sha256_file)
+from members.data.views import apply_view, make_views
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 
@@ -293,7 +293,7 @@ def _prediction_config(member_dir: Path, meta: dict, experiment: str | None) -> 
     if prediction_fingerprint(cfg) == wanted:
         return cfg
     if experiment and Path(experiment).is_file():
-        from members.schema import load_experiment
+        from members.contract.schema import load_experiment
 
         try:
             entry = next((m for m in load_experiment(experiment).members if m.name == cfg.name), None)

@@ -1,4 +1,7 @@
-"""Evaluation data grouped by reference image: one item = one reference + a chunk of its distorted images.
+"""The torch side of the data: decoding an image (`load_rgb`), training pairs with random views
+(`TrainPairs`), and evaluation data grouped by reference image (`RefGroupPairs`).
+
+RefGroupPairs: one item = one reference + a chunk of its distorted images.
 
 Items come reference after reference, so a consumer that keeps only the current reference's state
 (computed when `ref_key` changes) computes it once per reference with bounded memory. Every item
@@ -9,12 +12,16 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from members.data import LabelStats, Pair, load_rgb
-from members.views import ViewConfig, apply_view, count_views, make_views
+from members.data.index import DataError, Pair, as_rgb
+from members.data.splits import LabelStats
+from members.data.views import AugmentConfig, ViewConfig, apply_view, count_views, make_views, random_view
 
 
 def reference_chunks(pairs: list[Pair], chunk: int) -> list[tuple[str, list[int]]]:
@@ -79,3 +86,62 @@ class RefGroupPairs(Dataset):
         return {"ref_key": key, "ref": torch.stack([apply_view(ref, v, self.crop) for v in views]),
                 "dis": torch.stack(dis), "index": torch.tensor(index, dtype=torch.int64),
                 "label": torch.tensor(labels, dtype=torch.float32)}
+
+
+def load_rgb(path: Path, min_size: int = 0) -> torch.Tensor:
+    """Decode an image as (3, H, W) float32 in [0, 1]; bicubic-upscale it when a side is < `min_size`.
+
+    The upscale keeps the aspect ratio and depends only on the size, so a distorted image and its
+    reference of the same size stay aligned.
+    """
+    try:
+        with Image.open(path) as im:
+            im = as_rgb(im, path)
+    except DataError:
+        raise
+    except Exception as err:  # checked up front, so the file changed or went away during the run
+        raise DataError(f"{path}: cannot read this image any more ({type(err).__name__}: {err}); it passed "
+                        "the check when the run started: restore it, then rerun the same command") from None
+    if min(im.size) < min_size:
+        scale = min_size / min(im.size)
+        size = tuple(max(min_size, round(s * scale)) for s in im.size)
+        im = im.resize(size, Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+
+
+class TrainPairs(Dataset):
+    """Training pairs: one random aligned crop (+ flip) per item, labels normalised by `stats`.
+
+    The crop of item i in epoch e comes from `np.random.default_rng([seed, e, i])`, so it does not
+    depend on workers, processes or the order items are drawn in (exact resume relies on it). Call
+    `set_epoch` before iterating each epoch; with a DataLoader, do not use persistent workers, which
+    keep the copy of the dataset they started with.
+    """
+
+    def __init__(self, pairs: list[Pair], crop: int, augment: AugmentConfig, stats: LabelStats, seed: int,
+                 upscale_small: bool = False) -> None:
+        unlabelled = [p for p in pairs if p.mos is None]
+        if unlabelled:
+            raise DataError(f"{unlabelled[0].source}: training needs labels; {unlabelled[0].name} has none")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0; got {seed}")
+        self.pairs, self.crop, self.augment, self.stats, self.seed = pairs, crop, augment, stats, seed
+        self.min_size = crop if upscale_small else 0
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0; got {epoch}")
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> dict:
+        pair = self.pairs[i]
+        dis, ref = load_rgb(pair.dis, self.min_size), load_rgb(pair.ref, self.min_size)
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        view = random_view(dis.shape[1], dis.shape[2], self.crop, self.augment, rng)
+        label = torch.tensor(self.stats.normalise(pair.mos), dtype=torch.float32)
+        return {"index": i, "dis": apply_view(dis, view, self.crop), "ref": apply_view(ref, view, self.crop),
+                "label": label}

@@ -23,7 +23,7 @@ import json
 import math
 from pathlib import Path
 
-from members.atomic import atomic_write_bytes, atomic_write_text
+from members.contract.atomic import atomic_write_bytes, atomic_write_text
 
 _SHOW = 5  # names shown per difference; more would drown the message
 SCORE_DECIMALS = 6  # scores are written with %.6f; the ensemble fits on the written values
@@ -205,34 +205,6 @@ def read_member_meta(member_dir: Path, split: str) -> dict:
             raise StageFileError(f"{file}: changed since {path.name} was written (edited, or a prediction run "
                                  f"was interrupted); run {REBUILD_MEMBERS}")
     return meta
-
-
-def check_split_lists(split_dir: Path, data_cfg: object) -> None:
-    """Refuse split lists that the data has moved away from: a score fixed in a label file, images
-    added or removed. The members' manifests only prove that they predicted these lists; the lists
-    must also still be what the data says, or the ensemble would fit (and the zip come from) stale MOS.
-
-    The lists are rebuilt in memory from the label files and folders and compared with the content
-    fingerprint `prepare_splits` recorded, images hashed as there (through the split folder's cache,
-    so an image replaced by one of the same size is seen). Skipped when the lists carry no record
-    (written by hand) or the data is not on this machine (the ensemble needs no images).
-    """
-    from members.data import DataError, build_splits, content_fingerprint, splits_content
-
-    recorded = splits_content(Path(split_dir))
-    source = Path(data_cfg.csv if data_cfg.format == "csv" else data_cfg.root or ".")
-    if recorded is None or not source.exists():
-        return
-    try:
-        current = content_fingerprint(build_splits(data_cfg), Path(split_dir))
-    except DataError as err:
-        raise StageFileError(f"{split_dir}: cannot compare the split lists with the data they were made from: "
-                             f"{err}; fix the data, then run {REBUILD_MEMBERS}") from None
-    if current != recorded:
-        raise StageFileError(f"{split_dir}: the data in {source} changed since these split lists were written "
-                             f"(a label edited, images added, removed or replaced; data fingerprint {recorded} -> "
-                             f"{current}); run {REBUILD_MEMBERS} to rebuild the lists and the members made from "
-                             "them, then this stage again")
 
 
 # ---------------------------------------------------------------------------------- ensemble outputs

@@ -14,9 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from members.atomic import atomic_path, atomic_write_text
-from members.cli import run_main
-from members.stagefiles import sha256_file
+from members.contract.atomic import atomic_path, atomic_write_text
+from members.contract.cli import run_main
+from members.contract.stagefiles import sha256_file
 
 AUTHORS_REPO = "chaofengc/IQA-PyTorch-Weights"
 AUTHORS_FILE = "AHIQ_vit_p8_epoch33-da3ea303.pth"
@@ -72,10 +72,10 @@ def fetch_authors_checkpoint(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from members.schema import load_experiment
+    from members.contract.schema import load_experiment
 
     parser = argparse.ArgumentParser(
-        prog="members.weights", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="members.model.weights", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="experiment YAML whose members' weights to fetch")
     parser.add_argument("--out", default="weights", help="folder for the files (default: weights)")
     parser.add_argument("--no-authors", action="store_true", help="skip the authors' ViT-B/8 checkpoint")

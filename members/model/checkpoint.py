@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from members.atomic import atomic_path
+from members.contract.atomic import atomic_path
 
 FORMAT = "ahiq-kit/heads-v1"
 AUTHORS_KEYS = ("deform_net_model_state_dict", "regressor_model_state_dict")
@@ -106,7 +106,7 @@ def load_heads_into(model: nn.Module, path: str | os.PathLike, cfg: Any) -> dict
 
 def save_heads(model: nn.Module, path: str | os.PathLike, model_config: dict,
                **extra: Any) -> None:
-    """Write our head checkpoint atomically (`members.atomic`: fixed temp name, then rename)."""
+    """Write our head checkpoint atomically (`members.contract.atomic`: fixed temp name, then rename)."""
     ckpt = {"format": FORMAT, "model": model_config,
             "deform_net": model.deform_net.state_dict(), "regressor": model.regressor.state_dict(), **extra}
     with atomic_path(path) as tmp:

@@ -1,8 +1,8 @@
 """Score your own images with a trained member or ensemble (`make score`).
 
-    python -m members.score --ensemble runs/ahiq_c DIS.png REF.png
-    python -m members.score --member runs/ahiq_c/ahiq_p8_s1919 --pairs pairs.csv --out scores.csv
-    python -m members.score --ensemble runs/demo --dis-dir D/ --ref-dir R/ --out scores.csv
+    python -m members.engine.score --ensemble runs/ahiq_c DIS.png REF.png
+    python -m members.engine.score --member runs/ahiq_c/ahiq_p8_s1919 --pairs pairs.csv --out scores.csv
+    python -m members.engine.score --ensemble runs/demo --dis-dir D/ --ref-dir R/ --out scores.csv
 
 Pairs come from two positional paths, a `--pairs` CSV (`dis,ref` per line, optional header; paths
 relative to the working directory), or two folders: a distorted image is matched with the reference of
@@ -16,10 +16,10 @@ import csv
 import sys
 from pathlib import Path
 
-from members.atomic import atomic_write_text
-from members.cli import INTERRUPTED_RERUN, run_main
-from members.scorer import Scorer, ScorerError
-from members.stagefiles import StageFileError, check_name
+from members.contract.atomic import atomic_write_text
+from members.contract.cli import INTERRUPTED_RERUN, run_main
+from members.engine.scorer import Scorer, ScorerError
+from members.contract.stagefiles import StageFileError, check_name
 
 IMAGE_SUFFIXES = {".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp"}
 
@@ -85,7 +85,7 @@ def output_names(pairs: list[tuple[Path, Path]]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="members.score", description=__doc__,
+    parser = argparse.ArgumentParser(prog="members.engine.score", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ensemble", metavar="DIR", help="a fitted ensemble: its folder or the experiment's runs dir")

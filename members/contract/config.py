@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from members.atomic import atomic_write_text  # re-exported: older imports keep working
+from members.contract.atomic import atomic_write_text  # re-exported: older imports keep working
 
 T = TypeVar("T")
 

@@ -1,9 +1,9 @@
 """Train one AHIQ member with Hugging Face Accelerate; resumable, exact on restart.
 
-    accelerate launch -m members.train -c configs/members/demo_p16_s1.yaml [--set train.epochs=3]
+    accelerate launch -m members.train.loop -c configs/members/demo_p16_s1.yaml [--set train.epochs=3]
     # two CPU processes on a machine without GPUs:
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 \
-        -m members.train -c ...
+        -m members.train.loop -c ...
 
 Outputs in the member's output_dir: config.yaml (resolved), log.csv, states/ (resumable), best.pth
 (heads with the best validation main score = PLCC + SRCC with their signs, so that an epoch that ranks
@@ -20,7 +20,7 @@ import shutil
 import time
 from pathlib import Path
 
-from members.cli import die_with_parent, quiet_start
+from members.contract.cli import die_with_parent, quiet_start
 
 if __name__ == "__main__":
     # Before the slow imports below: a worker whose launcher is killed must not train on as an orphan,
@@ -36,18 +36,19 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from members.atomic import atomic_write_text, sweep_temps
-from members.backbones import WeightsError
-from members.checkpoint import CheckpointError, save_heads
-from members.cli import hold_folder_lock, one_line, run_main
-from members.config import dump_yaml, to_dict
-from members.data import TrainPairs
-from members.member import (MemberConfig, check_member_folder, load_member_config, prepare_member_data,
-                            write_training_record)
-from members.metrics import MetricError, evaluate
-from members.fastpredict import SharedScorer
-from members.model import AHIQ, build_model, start_readout
-from members.refdata import RefGroupPairs
+from members.contract.atomic import atomic_write_text, sweep_temps
+from members.model.backbones import WeightsError
+from members.model.checkpoint import CheckpointError, save_heads
+from members.contract.cli import hold_folder_lock, one_line, run_main
+from members.contract.config import dump_yaml, to_dict
+from members.data.datasets import TrainPairs
+from members.contract.member import (MemberConfig, check_member_folder, load_member_config,
+                                     write_training_record)
+from members.data.splits import prepare_member_data
+from members.contract.metrics import MetricError, evaluate
+from members.engine.shared import SharedScorer
+from members.model.ahiq import AHIQ, build_model, start_readout
+from members.data.datasets import RefGroupPairs
 
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
 
@@ -340,7 +341,7 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="members.train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="members.train.loop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="member YAML config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=3 (repeatable)")
