@@ -15,8 +15,12 @@ LAUNCHER ?= local
 SLURM_ARGS ?=
 # test: the final test-phase zip; valid: the development-phase zip of the NTIRE validation folder.
 PHASE ?= test
+# Extra arguments for a target's command, e.g. ARGS="--set members.train.epochs=1 --set runs_dir=/tmp/r".
+ARGS ?=
+# make evaluate REPEATS=K: K random reference-disjoint splits (data.format csv), mean ± std.
+REPEATS ?= 1
 
-.PHONY: help install test demo demo-data weights train-members predict-all ensemble submit score bench clean-demo
+.PHONY: help install test demo demo-data weights train-members predict-all ensemble submit evaluate preflight score bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -38,30 +42,52 @@ demo-data: $(STAMP)  ## generate the small synthetic-label demo dataset in data/
 weights: $(STAMP)  ## download the configured backbone weights and the authors' checkpoint into weights/
 	$(PY) -m members.model.weights -c $(EXPERIMENT) --out weights
 
-train-members: $(STAMP)  ## train every member of EXPERIMENT (resumable), then predict val and test
+LOCAL_FLAGS = --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS)
+
+train-members: $(STAMP)  ## train every member of EXPERIMENT (resumable), then predict val and test; ARGS="--set ..."
 ifeq ($(LAUNCHER),slurm)
-	$(PY) -m members.launch.slurm -c $(EXPERIMENT) $(SLURM_ARGS)
+	$(PY) -m members.launch.slurm -c $(EXPERIMENT) $(SLURM_ARGS) $(ARGS)
 else ifeq ($(LAUNCHER),local)
-	$(PY) -m members.launch.experiment -c $(EXPERIMENT) --gpus "$(GPUS)" --gpus-per-member $(GPUS_PER_MEMBER) --cpu-procs $(CPU_PROCS)
+	$(PY) -m members.launch.experiment -c $(EXPERIMENT) $(LOCAL_FLAGS) $(ARGS)
 else
 	$(error LAUNCHER=$(LAUNCHER): expected local or slurm)
 endif
 
+preflight: $(STAMP)  ## before a long run: data layout, disk, and per member a few real steps, a state, predictions; time estimates (ARGS="--random-weights")
+	$(PY) -m members.launch.preflight -c $(EXPERIMENT) $(LOCAL_FLAGS) $(ARGS)
+
 predict-all: $(STAMP)  ## re-predict EXPERIMENT's trained members at once, sharing backbones and reference work
 	$(PY) -m members.engine.predict_all -c $(EXPERIMENT)
 
-ensemble: $(STAMP)  ## fit the ensemble of EXPERIMENT's members (grouped CV) and write its report
-	$(PY) -m ensemble -c $(EXPERIMENT)
+ensemble: $(STAMP)  ## fit the ensemble of EXPERIMENT's members (grouped CV) and write its report; ARGS="--set ..."
+	$(PY) -m ensemble -c $(EXPERIMENT) $(ARGS)
 
-submit: $(STAMP)  ## write and check EXPERIMENT's submission zip (PHASE=valid: the development-phase zip)
-	$(PY) -m submission -c $(EXPERIMENT) --phase $(PHASE)
+submit: $(STAMP)  ## write and check EXPERIMENT's submission zip (PHASE=valid: the development-phase zip); ARGS
+	$(PY) -m submission -c $(EXPERIMENT) --phase $(PHASE) $(ARGS)
+
+# REPEATS=K: repeat k trains, predicts and fits into <runs_dir>/repeat_<k> with data.split_seed k (done
+# repeats are reused), then one table of mean ± std; ARGS then goes to every command, so only --set there.
+evaluate: $(STAMP)  ## SRCC/PLCC/KRCC with intervals of members and ensemble on the labelled test split (ARGS="--labels DIR", REPEATS=K)
+ifeq ($(REPEATS),1)
+	$(PY) -m ensemble.evaluate -c $(EXPERIMENT) $(ARGS)
+else
+	@runs="$$($(PY) -m ensemble.evaluate -c $(EXPERIMENT) $(ARGS) --repeats $(REPEATS) --print-runs-dir)" || exit 2; \
+	k=0; while [ $$k -lt $(REPEATS) ]; do \
+	  sets="--set runs_dir=$$runs/repeat_$$k --set members.data.split_seed=$$k"; \
+	  echo "repeat $$k of $(REPEATS): $$runs/repeat_$$k"; \
+	  $(PY) -m members.launch.experiment -c $(EXPERIMENT) $(LOCAL_FLAGS) $(ARGS) $$sets || exit 2; \
+	  $(PY) -m ensemble -c $(EXPERIMENT) $(ARGS) $$sets || exit 2; \
+	  k=$$((k + 1)); \
+	done; \
+	$(PY) -m ensemble.evaluate -c $(EXPERIMENT) $(ARGS) --repeats $(REPEATS)
+endif
 
 demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 	$(MAKE) --no-print-directory demo-data
 	$(MAKE) --no-print-directory train-members ensemble submit EXPERIMENT=$(DEMO)
 	$(MAKE) --no-print-directory submit EXPERIMENT=$(DEMO) PHASE=valid
-	@echo "demo scores (SRCC/PLCC against the synthetic proxy labels; test = hidden labels of other photos, README \"The demo\"):"
-	@$(PY) -m ensemble.hidden -c $(DEMO) --labels data/demo/demo_test_labels
+	@echo "demo scores (against the synthetic proxy labels; test = hidden labels of other photos, README \"The demo\"):"
+	@$(PY) -m ensemble.evaluate -c $(DEMO) --labels data/demo/demo_test_labels
 	@echo "report: runs/demo/ensemble/report.md  test-phase zip: runs/demo/submission.zip  development-phase zip: runs/demo/submission_valid.zip"
 
 score: $(STAMP)  ## score your own pairs: make score ARGS="--ensemble runs/demo DIS.png REF.png" (--help lists all)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from members.contract.metrics import logistic4
-from members.contract.stagefiles import REBUILD_ENSEMBLE, SCORE_DECIMALS
+from members.contract.stagefiles import SCORE_DECIMALS, rebuild_ensemble
 
 # Written scores are rounded to 6 decimals: a recomputed score may differ from its file by half a unit
 # there; one unit leaves room for float noise and still finds any real change.
@@ -216,5 +216,4 @@ def check_outputs(record: dict, members: Mapping[str, Mapping[str, float]], writ
 
 def rebuild_hint(experiment: str | Path | None) -> str:
     """What to do about a record that `check_outputs` or `ensemble_scores` refused."""
-    return (f"ensemble.json was edited, or its files come from another run: run {REBUILD_ENSEMBLE} "
-            f"EXPERIMENT={experiment or '<config>'}")
+    return f"ensemble.json was edited, or its files come from another run: run {rebuild_ensemble(experiment)}"

@@ -18,8 +18,8 @@ import numpy as np
 
 from members.contract.member import prediction_fingerprint
 from members.contract.schema import Experiment
-from members.contract.stagefiles import (REBUILD_MEMBERS, StageFileError, name_difference, read_labels,
-                                         read_member_meta, read_preds, sha256_file)
+from members.contract.stagefiles import (StageFileError, name_difference, read_labels, read_member_meta, read_preds,
+                                         rebuild_members, sha256_file)
 from members.data.splits import check_split_lists
 
 SPLITS = ("val", "test")
@@ -96,28 +96,61 @@ def _check_constant(scores: np.ndarray, path: Path) -> None:
                                  "carries no ranking information")
 
 
-def load_members(exp: Experiment) -> MemberData:
-    """Read, verify and cross-check the files of the experiment's members."""
-    dirs = [m.out for m in exp.members]
-    try:  # first: member files that match stale lists would still be stale
-        check_split_lists(exp.split_dir, exp.members[0].config.data)
-    except StageFileError as err:
-        raise EnsembleInputError(str(err)) from None
-    splits = SPLITS + ((VALID,) if (exp.split_dir / f"{VALID}.csv").is_file() else ())
+def _read_metas(exp: Experiment, splits: tuple[str, ...]) -> dict[tuple[str, str], dict]:
+    """Every member's verified `preds_<split>.json`, keyed by (member, split); every unusable or stale
+    one is listed in one error, with the command that rebuilds the members of this experiment."""
     metas, problems = {}, []
     for m in exp.members:
         for split in splits:
             try:
-                metas[m.name, split] = read_member_meta(m.out, split)
+                metas[m.name, split] = read_member_meta(m.out, split, exp.path)
             except StageFileError as err:
                 problems.append(str(err))
-        if (m.name, "val") in metas and f"labels_val.csv" not in metas[m.name, "val"]["files"]:
+        if (m.name, "val") in metas and "labels_val.csv" not in metas[m.name, "val"]["files"]:
             problems.append(f"{m.out / 'preds_val.json'}: the val split was predicted without labels")
     if not problems:
         problems = _stale(exp, metas, splits)
     if problems:
-        raise EnsembleInputError(f"member files that cannot be used (rebuild them with {REBUILD_MEMBERS}):\n  "
-                                 + "\n  ".join(problems))
+        raise EnsembleInputError(f"member files that cannot be used (rebuild them with "
+                                 f"{rebuild_members(exp.path)}):\n  " + "\n  ".join(problems))
+    return metas
+
+
+def _read_valid(dirs: list[Path]) -> tuple[list[str], np.ndarray]:
+    """The names and member scores (one column per member) of the NTIRE validation folder."""
+    try:
+        valid = [read_preds(d / f"preds_{VALID}.csv") for d in dirs]
+    except StageFileError as err:
+        raise EnsembleInputError(str(err)) from None
+    differ = [p for p in (name_difference(d / f"preds_{VALID}.csv", set(v), dirs[0] / f"preds_{VALID}.csv",
+                                          set(valid[0])) for d, v in zip(dirs[1:], valid[1:])) if p]
+    if differ:
+        raise EnsembleInputError("members do not cover the same images:\n  " + "\n  ".join(differ))
+    names = sorted(valid[0])
+    return names, np.array([[v[n] for v in valid] for n in names], dtype=np.float64)
+
+
+def _inputs(exp: Experiment, metas: dict[tuple[str, str], dict], splits: tuple[str, ...]) -> dict:
+    """The hashes of every file read (member files, split lists) and of the member configs: the
+    ensemble's manifest, which the later stages check against the files on disk."""
+    return {
+        "members": {m.name: {name: digest for split in splits for name, digest in
+                             [(f"preds_{split}.json", sha256_file(m.out / f"preds_{split}.json")),
+                              *metas[m.name, split]["files"].items()]} for m in exp.members},
+        "splits": {split: sha256_file(exp.split_dir / f"{split}.csv") for split in splits},
+        "member_configs": {m.name: prediction_fingerprint(m.config) for m in exp.members},
+    }
+
+
+def load_members(exp: Experiment) -> MemberData:
+    """Read, verify and cross-check the files of the experiment's members."""
+    dirs = [m.out for m in exp.members]
+    try:  # first: member files that match stale lists would still be stale
+        check_split_lists(exp.split_dir, exp.members[0].config.data, exp.path)
+    except StageFileError as err:
+        raise EnsembleInputError(str(err)) from None
+    splits = SPLITS + ((VALID,) if (exp.split_dir / f"{VALID}.csv").is_file() else ())
+    metas = _read_metas(exp, splits)
     try:
         val = [read_preds(d / "preds_val.csv") for d in dirs]
         labels = [read_labels(d / "labels_val.csv") for d in dirs]
@@ -141,28 +174,10 @@ def load_members(exp: Experiment) -> MemberData:
         _check_constant(x_test[:, j], d / "preds_test.csv")
     mos = np.array([labels[0][n][1] for n in val_names])
     _check_constant(mos, dirs[0] / "labels_val.csv")
-    valid_names = x_valid = None
-    if VALID in splits:
-        try:
-            valid = [read_preds(d / f"preds_{VALID}.csv") for d in dirs]
-        except StageFileError as err:
-            raise EnsembleInputError(str(err)) from None
-        differ = [p for p in (name_difference(d / f"preds_{VALID}.csv", set(v), dirs[0] / f"preds_{VALID}.csv",
-                                              set(valid[0])) for d, v in zip(dirs[1:], valid[1:])) if p]
-        if differ:
-            raise EnsembleInputError("members do not cover the same images:\n  " + "\n  ".join(differ))
-        valid_names = sorted(valid[0])
-        x_valid = np.array([[v[n] for v in valid] for n in valid_names], dtype=np.float64)
-    inputs = {
-        "members": {m.name: {name: digest for split in splits for name, digest in
-                             [(f"preds_{split}.json", sha256_file(m.out / f"preds_{split}.json")),
-                              *metas[m.name, split]["files"].items()]} for m in exp.members},
-        "splits": {split: sha256_file(exp.split_dir / f"{split}.csv") for split in splits},
-        "member_configs": {m.name: prediction_fingerprint(m.config) for m in exp.members},
-    }
+    valid_names, x_valid = _read_valid(dirs) if VALID in splits else (None, None)
     return MemberData(
         members=exp.member_names, dirs=dirs, val_names=val_names,
         refs=np.array([labels[0][n][0] for n in val_names]), mos=mos, x_val=x_val,
-        test_names=test_names, x_test=x_test, test_meta=test_meta, higher_is_better=hib.pop(), inputs=inputs,
-        valid_names=valid_names, x_valid=x_valid,
+        test_names=test_names, x_test=x_test, test_meta=test_meta, higher_is_better=hib.pop(),
+        inputs=_inputs(exp, metas, splits), valid_names=valid_names, x_valid=x_valid,
     )

@@ -1,4 +1,5 @@
-"""AHIQ members: model, data, training, prediction; `from members import Scorer` scores your own pairs."""
+"""AHIQ members: model, data, training, prediction; `from members import Scorer` scores your own pairs
+(a torch.nn.Module: `Scorer.from_ensemble(dir)(dis, ref)`, see members.engine.scorer)."""
 from __future__ import annotations
 
 __all__ = ["Scorer"]

@@ -27,8 +27,8 @@ from members.contract.atomic import atomic_path
 from members.data.splits import read_split
 from members.contract.member import prediction_fingerprint
 from members.contract.schema import PHASES, Experiment
-from members.contract.stagefiles import (REBUILD_ENSEMBLE, REBUILD_MEMBERS, StageFileError, read_json,
-                                         read_preds, read_stage_outputs, sha256_file)
+from members.contract.stagefiles import (REBUILD_ENSEMBLE, StageFileError, read_json, read_preds,
+                                         read_stage_outputs, rebuild_ensemble, rebuild_members, sha256_file)
 from members.data.splits import check_split_lists
 from submission.check import OUTPUT, README, Report, check_zip, names_in_dir, read_names_file
 from submission.readme import ReadmeInfo, format_readme
@@ -144,7 +144,7 @@ def verify_ensemble(exp: Experiment, needed: list[str]) -> dict:
     """`ensemble.json`, after proving that the ensemble's files are one set and were made from the
     experiment's current members, member files, split lists and ensemble settings."""
     try:
-        record = read_stage_outputs(exp.out_dir, "ensemble.json", needed, REBUILD_ENSEMBLE)
+        record = read_stage_outputs(exp.out_dir, "ensemble.json", needed, rebuild_ensemble(exp.path))
     except StageFileError as err:
         raise SubmissionInputError(str(err)) from None
     path = exp.out_dir / "ensemble.json"
@@ -165,15 +165,15 @@ def verify_ensemble(exp: Experiment, needed: list[str]) -> dict:
         if m.name in configs and configs[m.name] != prediction_fingerprint(m.config):
             problems.append(f"the config of member {m.name} ({m.path}) changed since the ensemble was fitted "
                             f"(config hash {configs[m.name]} -> {prediction_fingerprint(m.config)}); "
-                            f"run make train-members first")
+                            f"run {rebuild_members(exp.path)} first")
     for split, digest in manifest.get("inputs", {}).get("splits", {}).items():
         current = exp.split_dir / f"{split}.csv"
         if not current.is_file() or sha256_file(current) != digest:
             problems.append(f"{current} changed since the ensemble was fitted")
     if problems:
-        raise SubmissionInputError(f"{path} is stale; rerun {REBUILD_ENSEMBLE}:\n  " + "\n  ".join(problems))
+        raise SubmissionInputError(f"{path} is stale; rerun {rebuild_ensemble(exp.path)}:\n  " + "\n  ".join(problems))
     try:  # lists unchanged on disk, but the data moved on (a fixed label): the zip would be stale
-        check_split_lists(exp.split_dir, exp.members[0].config.data)
+        check_split_lists(exp.split_dir, exp.members[0].config.data, exp.path)
     except StageFileError as err:
         raise SubmissionInputError(str(err)) from None
     return record
@@ -186,7 +186,7 @@ def check_reproduced(exp: Experiment, record: dict, phase: str, rows: list[tuple
     try:
         members = {name: read_preds(exp.runs_dir / name / f"preds_{phase}.csv") for name in exp.member_names}
     except StageFileError as err:
-        raise SubmissionInputError(f"{err}; run {REBUILD_MEMBERS}") from None
+        raise SubmissionInputError(f"{err}; run {rebuild_members(exp.path)}") from None
     try:
         check_outputs(record, members, dict(rows), str(exp.out_dir / f"preds_{phase}.csv"))
     except CombineError as err:
@@ -198,7 +198,7 @@ def split_names(exp: Experiment, split: str) -> list[str]:
     try:
         return [p.name for p in read_split(exp.split_dir / f"{split}.csv")]
     except ValueError as err:
-        raise SubmissionInputError(f"{err}; run {REBUILD_MEMBERS}") from None
+        raise SubmissionInputError(f"{err}; run {rebuild_members(exp.path)}") from None
 
 
 def describe(ensemble: EnsembleMeta) -> str:
@@ -248,8 +248,8 @@ def write_submission(exp: Experiment, phase: str = "test") -> tuple[Path, Report
     preds = f"preds_{phase}.csv"
     if phase == "valid" and not (exp.split_dir / "valid.csv").is_file():
         raise SubmissionInputError(f"{exp.split_dir / 'valid.csv'}: no validation split; the data has no NTIRE "
-                                   "validation folder (data.valid_dis / data.valid_ref), or run make train-members "
-                                   "after adding it")
+                                   "validation folder (data.valid_dis / data.valid_ref), or run "
+                                   f"{rebuild_members(exp.path)} after adding it")
     record = verify_ensemble(exp, [preds])
     rows = read_predictions(exp.out_dir / preds)
     check_reproduced(exp, record, phase, rows)

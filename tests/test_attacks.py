@@ -23,7 +23,8 @@ from members.contract.member import (MemberConfig, StaleMemberError, check_membe
                                      prediction_fingerprint)
 from members.contract.schema import load_experiment
 from members.engine.score import main as score_main, read_pairs_csv
-from members.engine.scorer import Scorer, ScorerError, _image
+from members.engine.inputs import as_image
+from members.engine.scorer import Scorer, ScorerError
 from members.contract.stagefiles import read_member_meta, sha256_file, write_member_split, write_stage_outputs
 from submission.__main__ import main as submission_main
 from ensemble.io import EnsembleInputError, load_members
@@ -246,7 +247,7 @@ def test_the_scorer_checks_its_device_and_images_first(tmp_path):
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     with pytest.raises(ScorerError) as err:
-        _image(empty, 0, 1, "distorted image 0")
+        as_image(empty, 0, 1, "distorted image 0")
     assert "cannot read" in str(err.value) and "passed the check" not in str(err.value)
     good, ref = tmp_path / "d.png", tmp_path / "r.png"
     write_img(good, 1, 40, 40)

@@ -14,7 +14,8 @@ from scipy.stats import spearmanr
 
 from members.data import demo_data
 from members.data.splits import DataConfig, build_splits
-from members.data.demo_data import MARKER, REF_GROUPS, DemoDataError, build, main, proxy_quality
+from members.data.demo_data import (MARKER, REF_GROUPS, TABLE, TABLE_GROUPS, DemoDataError, build, main,
+                                    proxy_quality)
 
 TRAIN_DIS = [f"Distortion_{i}" for i in range(1, 5)]
 TRAIN_NAME = re.compile(r"^A\d{4}_0[0-6]_\d{2}\.bmp$")
@@ -56,7 +57,8 @@ def test_layout_and_names(demo: Path) -> None:
     top = {p.name for p in demo.iterdir()}
     assert top == {"Train_Ref", "Train_Label", *TRAIN_DIS, "NTIRE2022_FR_Testing_Ref",
                    "NTIRE2022_FR_Testing_Dis", "demo_test_labels", "NTIRE2022_FR_Valid_Ref",
-                   "NTIRE2022_FR_Valid_Dis", "demo_valid_labels", REF_GROUPS, "README.txt", MARKER}
+                   "NTIRE2022_FR_Valid_Dis", "demo_valid_labels", REF_GROUPS, TABLE, TABLE_GROUPS, "README.txt",
+                   MARKER}
     train = names_in(demo, TRAIN_DIS)
     assert 12 * 8 <= len(train) and all(TRAIN_NAME.match(n) for n in train)
     assert all((demo / "Train_Ref" / f"{n[:5]}.bmp").is_file() for n in train)
@@ -182,7 +184,7 @@ def test_idempotent_with_marker(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert build(out, size=32) is True
     marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    assert marker["params"] == {"generator": "members.data.demo_data", "format_version": 3, "size": 32, "seed": 0}
+    assert marker["params"] == {"generator": "members.data.demo_data", "format_version": 4, "size": 32, "seed": 0}
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert build(out, size=32) is False
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

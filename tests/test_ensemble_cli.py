@@ -117,6 +117,21 @@ def test_missing_member_file(tmp_path, capsys):
     run_fails(config, capsys, "member files that cannot be used", str(missing), "make train-members")
 
 
+def test_refusal_names_the_experiment_to_rebuild(tmp_path):
+    """The fix-it hint is runnable as printed: without EXPERIMENT=, make would run the Makefile's
+    default experiment, not this one."""
+    make_experiment(tmp_path, relative=True)
+    (tmp_path / "runs" / "demo" / "m1" / "preds_test.csv").unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "ensemble", "-c", "configs/exp.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) >= 2
+    assert "rebuild them with make train-members EXPERIMENT=configs/exp.yaml " \
+           "(or make predict-all EXPERIMENT=configs/exp.yaml)" in done.stderr
+    assert "; run make train-members EXPERIMENT=configs/exp.yaml" in done.stderr  # the file's own line too
+    assert "Traceback" not in done.stderr
+
+
 def test_edited_member_file_is_refused(tmp_path, capsys):
     """A file that does not match its member's manifest (edited, or from an interrupted run) is never read."""
     config = make_experiment(tmp_path)

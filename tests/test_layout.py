@@ -3,8 +3,9 @@
 - The stage contract (`members.contract`), the ensemble and the submission stages load no torch.
 - No import circles between the kit's modules, counting imports inside functions too.
 - Data flows one way: members -> ensemble -> submission. The one documented exception is the scoring
-  API's `Scorer.from_ensemble`, which applies a fitted ensemble through `ensemble.combine`, the one
-  place that defines what an ensemble record computes.
+  API's `Scorer.from_ensemble` (members.engine.scorer, and its checks in members.engine.loading), which
+  applies a fitted ensemble through `ensemble.combine`, the one place that defines what an ensemble
+  record computes.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("members", "ensemble", "submission")
 STAGE = {"members": 0, "ensemble": 1, "submission": 2}
 # (importing module, imported module): the documented exceptions to "no earlier stage imports a later one"
-LATER_STAGE_ALLOWED = {("members.engine.scorer", "ensemble.combine")}
+LATER_STAGE_ALLOWED = {("members.engine.scorer", "ensemble.combine"), ("members.engine.loading", "ensemble.combine")}
 
 
 def _module_name(path: Path) -> str:

@@ -1,4 +1,5 @@
-"""`pip install -e .` works (offline) and the package's dependencies are requirements.txt's."""
+"""`pip install -e .` works (offline), with its `ahiq-kit` script; the package's dependencies are
+requirements.txt's, except torch and torchvision, which requirements.txt pins inside the package's ranges."""
 from __future__ import annotations
 
 import os
@@ -16,15 +17,42 @@ def _project() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
 
 
+def _requirements() -> list[str]:
+    return [line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
 def test_dependencies_are_requirements_txt():
-    """requirements.txt (what `make install` and CI install) = the dependencies + the dev extra."""
-    required = {line.strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-                if line.strip() and not line.startswith("#")}
+    """requirements.txt (what `make install` and CI install) = the dependencies + the dev extra, except
+    that it pins torch and torchvision where the package gives a range (test below)."""
+    requirement = pytest.importorskip("packaging.requirements").Requirement
+    pinned = {"torch", "torchvision"}
+    required = {r for r in _requirements() if requirement(r).name not in pinned}
     project = _project()
     extras = project["optional-dependencies"]
-    assert required == set(project["dependencies"]) | set(extras["dev"])
+    deps = {d for d in project["dependencies"] if requirement(d).name not in pinned}
+    assert required == deps | set(extras["dev"])
     assert {"cluster", "tensorboard", "dev"} <= set(extras) and extras["cluster"] == ["submitit>=1.5"]
-    assert "torch==2.14.1" in project["dependencies"] and "torchvision==0.29.1" in project["dependencies"]
+    assert {requirement(d).name for d in project["dependencies"]} >= pinned
+
+
+def test_the_pins_lie_in_the_package_ranges():
+    """Before: pyproject.toml pinned torch==2.14.1 too, so `pip install -e .` replaced any other torch
+    (GBs). Now the package gives a range, and requirements.txt's exact pins must satisfy it."""
+    requirement = pytest.importorskip("packaging.requirements").Requirement
+    ranges = {requirement(d).name: requirement(d).specifier for d in _project()["dependencies"]}
+    pins = {r.name: r.specifier for r in map(requirement, _requirements()) if r.name in ("torch", "torchvision")}
+    assert set(pins) == {"torch", "torchvision"}
+    for name, pin in pins.items():
+        (exact,) = list(pin)
+        assert exact.operator == "==", f"requirements.txt pins {name} exactly"
+        assert ranges[name].contains(exact.version), f"{name}=={exact.version} is outside pyproject's {ranges[name]}"
+        assert not any(s.operator == "==" for s in ranges[name]), f"pyproject.toml gives {name} a range, not a pin"
+        assert ranges[name].contains("2.5.0" if name == "torch" else "0.20.0")  # the oldest the kit supports
+
+
+def test_console_script_is_the_kit_dispatcher():
+    assert _project()["scripts"] == {"ahiq-kit": "members.launch.kit:main"}
 
 
 @pytest.mark.slow
@@ -46,6 +74,10 @@ def test_editable_install_into_a_fresh_venv(tmp_path):
     probe = ("import importlib.metadata as m, members, ensemble, submission; from members import Scorer; "
              "from members.launch.jobs import ClusterConfig; d = m.distribution('ahiq-ntire-kit'); "
              "print(members.__file__); print(d.locate_file('')); print(sorted(d.metadata.get_all('Provides-Extra')))")
+    # the console script pip wrote into the venv runs the dispatcher
+    kit = subprocess.run([str(venv / "bin" / "ahiq-kit"), "--help"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert kit.returncode == 0 and "score" in kit.stdout and "submit" in kit.stdout, kit.stdout + kit.stderr
     out = subprocess.run([str(python), "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     module, where, extras = out.stdout.splitlines()

@@ -11,7 +11,7 @@ import yaml
 from scipy.stats import pearsonr, spearmanr
 
 from ensemble.__main__ import main as ensemble_main
-from ensemble.hidden import main as hidden_main
+from ensemble.evaluate import main as evaluate_main
 from members.launch.experiment import main as experiment_main
 from submission.__main__ import main as submission_main
 from submission.check import main as check_main
@@ -59,18 +59,23 @@ def test_experiment_ensemble_and_submission(member_yaml, tmp_path, capsys):
     labels = Path(base["data"]["root"]) / "demo_test_labels"
     truth = dict(line.split(",") for f in sorted(labels.glob("*.txt")) for line in f.read_text().split())
     capsys.readouterr()
-    assert hidden_main(["-c", str(exp_path), "--labels", str(labels)]) == 0
-    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert evaluate_main(["-c", str(exp_path), "--labels", str(labels), "--n-boot", "50"]) == 0
+    table = capsys.readouterr().out
+    rows = json.loads((runs / "ensemble" / "evaluation_test.json").read_text())["rows"]
     assert list(rows) == ["tiny_a", "tiny_b", "ensemble"]
     for name in rows:
+        assert f"| {'member ' if name != 'ensemble' else ''}{name} | {rows[name]['srcc']['value']:.4f} [" in table
         preds = dict(line.split(",") for line in (runs / name / "preds_test.csv").read_text().split()[1:])
         y, p = np.array([float(truth[n]) for n in sorted(preds)]), np.array([float(preds[n]) for n in sorted(preds)])
-        assert float(rows[name][2]) == pytest.approx(spearmanr(p, y)[0], abs=6e-4)
-        assert float(rows[name][3]) == pytest.approx(pearsonr(p, y)[0], abs=6e-4)
+        assert rows[name]["srcc"]["value"] == pytest.approx(spearmanr(p, y)[0], abs=1e-9)
+        assert rows[name]["plcc"]["value"] == pytest.approx(pearsonr(p, y)[0], abs=1e-9)
+    # the demo's test split is unlabelled: without --labels there is nothing to score against
+    assert evaluate_main(["-c", str(exp_path)]) == 2
+    assert "the test split is unlabelled" in capsys.readouterr().err
     # labels of other images, or of too few, are refused with the folder named
     wrong = tmp_path / "wrong_labels"
     wrong.mkdir()
     first = sorted(labels.glob("*.txt"))[0]
     (wrong / first.name).write_text(first.read_text())
-    assert hidden_main(["-c", str(exp_path), "--labels", str(wrong)]) == 2
+    assert evaluate_main(["-c", str(exp_path), "--labels", str(wrong)]) == 2
     assert "does not match the test split" in capsys.readouterr().err

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from members.train import loop as train_mod
+from members.train import states as states_mod
 from members.launch.experiment import launch_command
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeAccelerator:
-    """Just what `_save_state` uses, on one process: `save_state` writes a weights file."""
+    """Just what `save_state` uses, on one process: `save_state` writes a weights file."""
 
     is_main_process = True
 
@@ -41,7 +41,7 @@ def test_a_kill_while_replacing_a_same_step_state_leaves_a_loadable_pointer(tmp_
     states = tmp_path / "states"
     states.mkdir()
     acc = FakeAccelerator()
-    train_mod._save_state(acc, states, progress(3, 0, 3), keep=2)  # mid-epoch state, step 3
+    states_mod.save_state(acc, states, progress(3, 0, 3), keep=2)  # mid-epoch state, step 3
     real_replace = os.replace
 
     def killed(src, dst):  # the process dies where the new state would be renamed into place
@@ -49,18 +49,18 @@ def test_a_kill_while_replacing_a_same_step_state_leaves_a_loadable_pointer(tmp_
             raise KeyboardInterrupt("kill -9")
         real_replace(src, dst)
 
-    monkeypatch.setattr(train_mod.os, "replace", killed)
+    monkeypatch.setattr(states_mod.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        train_mod._save_state(acc, states, progress(3, 1, 0), keep=2)  # end of epoch, same step
-    monkeypatch.setattr(train_mod.os, "replace", real_replace)
-    latest = train_mod._latest_state(states)
+        states_mod.save_state(acc, states, progress(3, 1, 0), keep=2)  # end of epoch, same step
+    monkeypatch.setattr(states_mod.os, "replace", real_replace)
+    latest = states_mod.latest_state(states)
     assert latest is not None and (latest / "model.bin").is_file()
     assert json.loads((latest / "progress.json").read_text())["step"] == 3
     # the next save completes and the pointer moves to the end-of-epoch state
-    train_mod._save_state(acc, states, progress(3, 1, 0), keep=2)
-    latest = train_mod._latest_state(states)
+    states_mod.save_state(acc, states, progress(3, 1, 0), keep=2)
+    latest = states_mod.latest_state(states)
     assert json.loads((latest / "progress.json").read_text())["epoch"] == 1
-    train_mod._save_state(acc, states, progress(6, 2, 3), keep=1)
+    states_mod.save_state(acc, states, progress(6, 2, 3), keep=1)
     assert [p.name for p in states.glob("step-*")] == ["step-00000006"]
 
 
@@ -69,21 +69,21 @@ def test_truncated_pointer_or_progress_falls_back_to_the_newest_complete_state(t
     states.mkdir()
     acc = FakeAccelerator()
     for step in (3, 6):
-        train_mod._save_state(acc, states, progress(step, 0, step), keep=3)
+        states_mod.save_state(acc, states, progress(step, 0, step), keep=3)
     (states / "latest.txt").write_text("step-000")  # torn write
-    assert train_mod._latest_state(states).name == "step-00000006"
+    assert states_mod.latest_state(states).name == "step-00000006"
     assert "not a complete state" in capsys.readouterr().out
     (states / "latest.txt").write_text("step-00000006\n")
     (states / "step-00000006" / "progress.json").write_text('{"epoch": 0, "st')  # torn progress.json
-    assert train_mod._latest_state(states).name == "step-00000003"
+    assert states_mod.latest_state(states).name == "step-00000003"
 
 
 def test_no_complete_state_is_one_clear_error(tmp_path):
     states = tmp_path / "states"
     states.mkdir()
     (states / "latest.txt").write_bytes(b"\xff\xfe garbage")
-    with pytest.raises(train_mod.StateError, match="latest.txt.*delete"):
-        train_mod._latest_state(states)
+    with pytest.raises(states_mod.StateError, match="latest.txt.*delete"):
+        states_mod.latest_state(states)
 
 
 def _env() -> dict[str, str]:
@@ -220,7 +220,7 @@ def test_experiment_ctrl_c_and_kill_9_leave_no_training_behind(member_yaml, tmp_
             assert err.strip().splitlines()[-1] == "interrupted; rerun the same command to resume"
 
 
-@pytest.mark.parametrize("module", ["ensemble", "submission", "ensemble.hidden"])
+@pytest.mark.parametrize("module", ["ensemble", "submission", "ensemble.evaluate"])
 def test_ctrl_c_where_nothing_resumes_says_so(module, monkeypatch, capsys):
     import runpy
 
@@ -231,7 +231,7 @@ def test_ctrl_c_where_nothing_resumes_says_so(module, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(members.contract.schema, "load_experiment", interrupt)
-    monkeypatch.setattr(sys, "argv", [module, "-c", "x.yaml", "--labels", "y"][: 5 if "hidden" in module else 3])
+    monkeypatch.setattr(sys, "argv", [module, "-c", "x.yaml", "--labels", "y"][: 5 if "evaluate" in module else 3])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module(module, run_name="__main__", alter_sys=False)
     assert exit_.value.code == 130

@@ -2,9 +2,15 @@
 files, every input kind gives the same score, and the ensemble applies `ensemble.json` exactly."""
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
+import math
+import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -30,6 +36,7 @@ from members.contract.stagefiles import _sealed, read_labels, read_preds
 from submission.__main__ import main as submission_main
 
 TOL = 1e-5
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _heads(cfg, seed: int, flip: bool):
@@ -232,3 +239,158 @@ def test_rank_mean_ensemble_scores_one_pair_as_the_whole_set(fitted):
     assert np.abs(got - want[:3]).max() <= TOL and np.ptp(want) > 100 * TOL
     with pytest.raises(ScorerError, match="rank_reference"):
         Scorer(members, ensemble={**record, "rank_reference": None}).score_pairs([(pairs[0].dis, pairs[0].ref)])
+
+
+# ------------------------------------------------------------------------ the module API (pyiqa-style)
+def test_the_scorer_is_a_torch_module(fitted):
+    exp = load_experiment(fitted)
+    pairs = read_split(exp.split_dir / "test.csv")[:3]
+    scorer = Scorer.from_ensemble(exp.runs_dir)
+    assert isinstance(scorer, torch.nn.Module) and scorer.lower_better is False
+    want = read_preds(exp.out_dir / "preds_test.csv")
+    got = scorer([p.dis for p in pairs], [p.ref for p in pairs])  # paths: a CPU tensor
+    assert isinstance(got, torch.Tensor) and got.shape == (3,) and got.dtype == torch.float64
+    assert got.device.type == "cpu" and np.abs(got.numpy() - [want[p.name] for p in pairs]).max() <= TOL
+    as_tensor = [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255
+                 for p in pairs for f in (p.dis, p.ref)]
+    batch = scorer(torch.stack(as_tensor[0::2]), torch.stack(as_tensor[1::2]))
+    assert torch.allclose(batch, got, atol=1e-6)
+    # frozen, in eval mode whatever is asked, and movable
+    assert list(scorer.parameters()) and not any(p.requires_grad for p in scorer.parameters())
+    assert not any(m.training for m in scorer.train().modules())
+    assert scorer.to("cpu") is scorer and scorer.device.type == "cpu"
+    with pytest.raises(ScorerError, match="precision="):
+        scorer.double()
+    assert all(p.dtype == torch.float32 for p in scorer.parameters())  # the cast was undone
+    assert torch.equal(scorer(torch.stack(as_tensor[0::2]), torch.stack(as_tensor[1::2])), batch)
+
+
+def test_a_tensor_that_requires_grad_is_refused(fitted):
+    """Before: the tensor was detached silently, and a loss built on the score had no gradient."""
+    scorer = Scorer.from_member(load_experiment(fitted).members[0].out)
+    dis = torch.rand(3, 40, 40, requires_grad=True)
+    with pytest.raises(ScorerError, match="distorted image 0: the tensor requires grad, but the Scorer is not "
+                                          "differentiable"):
+        scorer(dis, torch.rand(3, 40, 40))
+    with pytest.raises(ScorerError, match="not differentiable"):
+        scorer.score(torch.rand(2, 3, 40, 40), torch.rand(2, 3, 40, 40).requires_grad_())
+    assert torch.isfinite(scorer(dis.detach(), torch.rand(3, 40, 40))).all()
+
+
+def _noise_pair(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(3, 40, 40, generator=gen), torch.rand(3, 40, 40, generator=gen)
+
+
+def test_score_range_holds_for_random_noise(fitted):
+    """`score_range` is what the scores can be, not what the training data gave: a member and an
+    uncalibrated rank_mean ensemble are unbounded (noise scores outside 0..1 on both), a calibration
+    bounds the scores within its levels."""
+    exp = load_experiment(fitted)
+    member = Scorer.from_member(exp.members[0].out)
+    assert member.score_range == (-math.inf, math.inf)
+    val = read_preds(exp.members[0].out / "preds_val.csv").values()
+    assert member.validation_range == (min(val), max(val))
+    base = Scorer.from_ensemble(exp.runs_dir)
+    val = read_preds(exp.out_dir / "preds_val.csv").values()
+    assert base.validation_range == (min(val), max(val))
+    names = [m.name for m in exp.members]
+    members = [(cfg, base.checkpoints[cfg.name]) for cfg in base.configs]
+    # validation scores squeezed together: the noise pair lies far past the ends of their CDF, where
+    # rank_mean continues it linearly (what a random image does to a real ensemble, made certain here)
+    squeezed = {n: [0.001 * k for k in range(-5, 6)] for n in names}
+    rank = {**base.ensemble, "method": "rank_mean", "weights": {n: 0.5 for n in names},
+            "calibration": {"kind": "none"}, "rank_reference": squeezed}
+    dis, ref = _noise_pair(0)
+    scorer = Scorer(members, ensemble=rank)
+    (s,) = scorer.score(dis, ref)
+    assert not 0 <= s <= 1  # a quantile is not confined to [0, 1] ...
+    assert scorer.score_range == (-math.inf, math.inf)  # ... and the range says so
+    for calibration, bounds in (
+            ({"kind": "isotonic", "x": [0.2, 0.8], "y": [10.0, 20.0], "tail_margin": 1.5, "tail_scale": 0.6},
+             (8.5, 21.5)),
+            ({"kind": "logistic", "params": [30.0, 5.0, 0.5, 0.1]}, (5.0, 30.0))):
+        calibrated = Scorer(members, ensemble={**rank, "calibration": calibration})
+        assert calibrated.score_range == bounds
+        (c,) = calibrated.score(dis, ref)
+        assert bounds[0] <= c <= bounds[1]
+        if calibration["kind"] == "isotonic":  # in a tail: past the end levels, within the margin
+            assert not 10.0 <= c <= 20.0
+    for seed in range(3):
+        (m,) = member.score(*_noise_pair(seed))
+        assert member.score_range[0] <= m <= member.score_range[1] and math.isfinite(m)
+
+
+# ------------------------------------------------------------------------ the CLI: stdout, pairs files
+def _cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "members.engine.score", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_stdout_holds_the_csv_alone(fitted, tmp_path):
+    """Before: "loaded heads from ..." lines were printed on stdout, so `score ... > out.csv` began
+    with them. The run reads a split list the pipeline wrote (before: refused as not 'dis,ref')."""
+    exp = load_experiment(fitted)
+    out = _cli("--ensemble", str(exp.runs_dir), "--pairs", str(exp.split_dir / "test.csv"))
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.reader(io.StringIO(out.stdout)))
+    assert rows[0] == ["name", "score"] and all(len(r) == 2 for r in rows)
+    want = read_preds(exp.out_dir / "preds_test.csv")
+    got = {name: float(score) for name, score in rows[1:]}
+    assert set(got) == set(want) and max(abs(got[n] - want[n]) for n in want) <= 2e-6
+    assert "loaded heads from" in out.stderr
+    written = _cli("--member", str(exp.members[0].out), "--pairs", str(exp.split_dir / "test.csv"),
+                   "--out", str(tmp_path / "s.csv"))
+    assert written.returncode == 0 and written.stdout == "" and "wrote" in written.stderr
+    assert read_preds(tmp_path / "s.csv") == pytest.approx(read_preds(exp.members[0].out / "preds_test.csv"),
+                                                           abs=2e-6)
+
+
+def test_pairs_files_in_the_kits_formats(fitted, tmp_path, capsys):
+    exp = load_experiment(fitted)
+    root = Path(exp.members[0].config.data.root)
+    pairs = read_split(exp.split_dir / "test.csv")[:3]
+    rel = [(p.dis.relative_to(root).as_posix(), p.ref.relative_to(root).as_posix()) for p in pairs]
+    table = tmp_path / "table.csv"
+    table.write_text("dis_img_path,dis_type,ref_img_path,score\n" + "".join(f"{d},x,{r},1.0\n" for d, r in rel))
+    plain = tmp_path / "pairs.csv"
+    plain.write_text("dis,ref\n" + "".join(f"{d},{r}\n" for d, r in rel))
+    member = ["--member", str(exp.members[1].out)]
+    want = read_preds(exp.members[1].out / "preds_test.csv")
+    capsys.readouterr()
+    assert score_main([*member, "--pairs", str(table), "--root", str(root)]) == 0
+    got = read_preds_text(capsys.readouterr().out)
+    assert list(got) == [d for d, _ in rel]  # a table names its images by their path as written
+    assert all(abs(got[d] - want[p.name]) <= 2e-6 for (d, _), p in zip(rel, pairs))
+    assert score_main([*member, "--pairs", str(plain), "--root", str(root)]) == 0
+    assert list(read_preds_text(capsys.readouterr().out).values()) == list(got.values())
+    # relative paths without --root are relative to the working directory: not found from here
+    assert score_main([*member, "--pairs", str(table)]) == 2
+    err = capsys.readouterr().err
+    assert "image(s) not found" in err and f"relative to the working directory {Path.cwd()}" in err
+    assert "--root DIR" in err
+    assert score_main([*member, "--pairs", str(exp.split_dir / "test.csv"), "--root", str(root)]) == 2
+    assert "drop --root" in capsys.readouterr().err
+    for header in ("distorted,reference", "name,dis,ref", "image,dmos,extra"):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(f"{header}\na.png,b.png\n")
+        assert score_main([*member, "--pairs", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{bad}, line 1: unknown header '{header}'" in err
+        assert "name,dis,ref,ref_id,mos,source" in err and "dis_img_path,dis_type,ref_img_path,score" in err
+
+
+def read_preds_text(text: str) -> dict[str, float]:
+    rows = list(csv.reader(io.StringIO(text)))
+    assert rows[0] == ["name", "score"]
+    return {name: float(score) for name, score in rows[1:]}
+
+
+def test_scores_beyond_the_validation_range_are_noted(capsys):
+    from members.engine.score import _note_extrapolation
+
+    _note_extrapolation(np.array([0.5, 2.0, -1.0]), (0.0, 1.0))
+    assert "2 of 3 score(s) lie outside the validation scores' range [0.000000, 1.000000]" in capsys.readouterr().err
+    _note_extrapolation(np.array([0.5]), (0.0, 1.0))
+    _note_extrapolation(np.array([5.0]), None)
+    assert capsys.readouterr().err == ""

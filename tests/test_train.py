@@ -56,8 +56,9 @@ def uninterrupted(member_yaml, tmp_path_factory) -> Path:
 
 
 def test_training_writes_everything_and_is_not_repeated(uninterrupted, member_yaml):
-    for name in ("config.yaml", "log.csv", "best.pth", "last.pth", "done.json", "states/latest.txt"):
+    for name in ("config.yaml", "log.csv", "best.pth", "last.pth", "done.json"):
         assert (uninterrupted / name).is_file(), name
+    assert not (uninterrupted / "states").exists()  # a finished member's resumable states are dropped
     log = list(csv.DictReader(open(uninterrupted / "log.csv")))
     assert [r["step"] for r in log if r["loss"]] == [str(i) for i in range(1, len(log) - 1)]
     assert sum(1 for r in log if r["main"]) == 2  # one validation per epoch
@@ -78,6 +79,10 @@ def test_killed_run_resumes_to_identical_weights(uninterrupted, member_yaml, tmp
     assert all(torch.equal(straight[k], again[k]) for k in straight)
     steps = [r["step"] for r in csv.DictReader(open(out / "log.csv")) if r["loss"]]
     assert steps == sorted(set(steps), key=int)  # the crashed run's extra rows were dropped
+    # once finished, its states are dropped, and the member is never resumed or retrained
+    assert (out / "done.json").is_file() and not (out / "states").exists()
+    again = run("members.train.loop", args)
+    assert "already trained" in again.stdout and "resuming" not in again.stdout
 
 
 def test_two_process_training_and_prediction_match_one_process(uninterrupted, member_yaml, tmp_path):

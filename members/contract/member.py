@@ -55,7 +55,10 @@ class TrainConfig:
     num_workers: int = 2
     val_every: int = 1  # epochs between validations (the last epoch is always validated)
     state_every: int = 0  # optimizer steps between resumable states (0: end of epoch only)
-    keep_states: int = 2
+    keep_states: int = 2  # resumable states kept while training
+    # A finished member's states/ (several times the size of its heads) are dropped once done.json is
+    # written; true keeps them (as --keep-states of members.train.loop and members.launch.experiment does).
+    keep_states_when_done: bool = False
     log_with: str | None = None  # "tensorboard" when installed
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # all: every head layer trains from PyTorch's default init (the release). readout: for a few
@@ -138,9 +141,11 @@ class MemberConfig:
 # Settings that change how a member runs but not what it computes; a change to any other setting
 # makes its trained heads (training) or its prediction files (prediction) stale.
 NOT_IN_TRAINING = ("output_dir", "split_dir", "predict", "train.num_workers", "train.val_every",
-                   "train.state_every", "train.keep_states", "train.log_with", "data.upscale_small")
+                   "train.state_every", "train.keep_states", "train.keep_states_when_done", "train.log_with",
+                   "data.upscale_small")
 NOT_IN_PREDICTION = ("output_dir", "split_dir", "predict.batch_size", "predict.num_workers", "train.num_workers",
-                     "train.val_every", "train.state_every", "train.keep_states", "train.log_with")
+                     "train.val_every", "train.state_every", "train.keep_states", "train.keep_states_when_done",
+                     "train.log_with")
 
 
 def _without(data: dict, dotted: tuple[str, ...]) -> dict:

@@ -11,6 +11,8 @@
 so an unknown key at any level (member configs included) is an error in every stage, with its file and
 line, and `--set KEY=VALUE` means the same everywhere: KEY is a dotted path from the experiment's top
 level (`--set ensemble.folds=3`, `--set submission.out=x.zip`); a KEY that matches no field is an error.
+`--set members.KEY=VALUE` sets KEY (dotted inside a member config, e.g. `members.train.epochs=1`,
+`members.data.split_seed=3`) in EVERY member config of the experiment.
 
 Path rule: a path to another config file (`members:` entries, `base:` in member configs) is relative to
 the folder of the file that names it. Data and output paths (`runs_dir`, `data.root`, `submission.out`,
@@ -22,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -214,7 +216,10 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     from members.contract.member import load_member_config
 
     path = Path(path)
-    data = apply_overrides(_utf8(load_yaml, path), list(overrides))
+    member_sets = _member_overrides(overrides)
+    top = [o for o in overrides if not o.startswith(MEMBER_PREFIX)]
+    _hint_member_keys(top, path)
+    data = apply_overrides(_utf8(load_yaml, path), top)
     cfg = from_dict(ExperimentConfig, data)
     line = getattr(data, "lines", {}).get("members", "?")
     where = f"{path}, line {line}" if isinstance(line, int) else f"{path} ({line})"
@@ -224,7 +229,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     stage_dirs = {_same(exp.split_dir): "the split lists' folder", _same(exp.out_dir): "the ensemble's folder"}
     for raw in cfg.members:
         member_path = _member_path(raw, path, where)
-        name = _utf8(load_member_config, member_path, " (or a file its 'base:' names)").name
+        name = _load_member(load_member_config, member_path, member_sets, member_sets).name
         if not name or "/" in name or name in (".", ".."):
             raise ConfigError(f"{member_path}: 'name' must be a plain folder name, got {name!r}")
         if name in seen:
@@ -234,11 +239,52 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             raise ConfigError(f"{member_path}: member name {name!r} makes its folder {out} {stage_dirs[_same(out)]}; "
                               "rename the member (or set ensemble.out_dir elsewhere)")
         seen[name] = member_path
-        sets = [f"output_dir={out}", f"split_dir={Path(cfg.runs_dir) / 'splits'}"]
-        members.append(MemberEntry(member_path, load_member_config(member_path, sets), sets))
+        sets = [*member_sets, f"output_dir={out}", f"split_dir={Path(cfg.runs_dir) / 'splits'}"]
+        members.append(MemberEntry(member_path, _load_member(load_member_config, member_path, sets, member_sets),
+                                   sets))
     if _same(exp.out_dir) == _same(exp.split_dir):
         raise ConfigError(f"{path}: ensemble.out_dir {exp.out_dir} is the split lists' folder; choose another folder")
     return exp
+
+
+MEMBER_PREFIX = "members."
+_SET_BY_EXPERIMENT = ("name", "output_dir", "split_dir")  # a member's folders follow runs_dir and its name
+
+
+def _member_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """`members.KEY=VALUE` overrides as the member loader takes them (`KEY=VALUE`)."""
+    sets = [o[len(MEMBER_PREFIX):] for o in overrides if o.startswith(MEMBER_PREFIX)]
+    for item in sets:
+        key = item.partition("=")[0]
+        if key in _SET_BY_EXPERIMENT:
+            raise ConfigError(f"override 'members.{item}': a member's {key} is set by the experiment (its folder is "
+                              "<runs_dir>/<name>); set runs_dir instead, or edit the member's own config")
+    return sets
+
+
+def _hint_member_keys(overrides: list[str], path: Path) -> None:
+    """A member key set at the top level (`train.epochs=1`) gets the `members.` form in its error."""
+    from members.contract.member import MemberConfig
+
+    top = {f.name for f in fields(ExperimentConfig)}
+    for item in overrides:
+        key = item.partition("=")[0].split(".")[0]
+        if key not in top and key in {f.name for f in fields(MemberConfig)}:
+            raise ConfigError(f"{path} (--set {item}): '{key}' is a member setting, not an experiment key; write "
+                              f"--set members.{item} to set it in every member config")
+
+
+def _load_member(load: Callable[[Path, list[str]], T], path: Path, sets: list[str], typed: list[str]) -> T:
+    """`load(path, sets)`, with errors about one of the `members.` overrides `typed` naming it as typed."""
+    try:
+        return _utf8(lambda p: load(p, sets), path, " (or a file its 'base:' names)")
+    except ConfigError as err:
+        message = str(err)
+        for item in typed:
+            message = message.replace(f"(--set {item})", f"(--set {MEMBER_PREFIX}{item})")
+        if message == str(err):
+            raise
+        raise ConfigError(message) from None
 
 
 def _same(path: Path) -> Path:

@@ -21,14 +21,33 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shlex
 from pathlib import Path
 
 from members.contract.atomic import atomic_write_bytes, atomic_write_text
 
 _SHOW = 5  # names shown per difference; more would drown the message
 SCORE_DECIMALS = 6  # scores are written with %.6f; the ensemble fits on the written values
-REBUILD_MEMBERS = "make train-members (or make predict-all)"
-REBUILD_ENSEMBLE = "make ensemble"
+
+
+def make_command(target: str, experiment: str | Path | None = None) -> str:
+    """`make <target> EXPERIMENT=<experiment>`, runnable as printed: without EXPERIMENT, make runs the
+    Makefile's default experiment, not the one that failed. A placeholder when the caller does not know it."""
+    return f"make {target} EXPERIMENT={shlex.quote(str(experiment)) if experiment else '<your config>'}"
+
+
+def rebuild_members(experiment: str | Path | None = None) -> str:
+    """The commands that rebuild the members' files of `experiment` (its config path, when known)."""
+    return f"{make_command('train-members', experiment)} (or {make_command('predict-all', experiment)})"
+
+
+def rebuild_ensemble(experiment: str | Path | None = None) -> str:
+    """The command that rebuilds the ensemble's files of `experiment` (its config path, when known)."""
+    return make_command("ensemble", experiment)
+
+
+REBUILD_MEMBERS = rebuild_members()  # for callers that do not know the experiment
+REBUILD_ENSEMBLE = rebuild_ensemble()
 SELF_HASH = "self_sha256"  # a manifest's hash of its own content
 
 
@@ -186,24 +205,26 @@ def write_member_split(out: Path, split: str, rows: list[tuple[str, float]],
     atomic_write_text(out / f"preds_{split}.json", _sealed(manifest))
 
 
-def read_member_meta(member_dir: Path, split: str) -> dict:
-    """A member's `preds_<split>.json`, verified against the files it lists."""
+def read_member_meta(member_dir: Path, split: str, experiment: str | Path | None = None) -> dict:
+    """A member's `preds_<split>.json`, verified against the files it lists; errors name the command
+    that rebuilds it for `experiment` (the experiment config's path, when the caller knows it)."""
     path = Path(member_dir) / f"preds_{split}.json"
-    meta = read_json(path, REBUILD_MEMBERS)
+    rebuild = rebuild_members(experiment)
+    meta = read_json(path, rebuild)
     files = meta.get("files")
     if not isinstance(files, dict) or f"preds_{split}.csv" not in files:
         raise StageFileError(f"{path}: no manifest of its files (written by an older kit or by hand); "
-                             f"run {REBUILD_MEMBERS}")
+                             f"run {rebuild}")
     if not isinstance(meta.get("higher_is_better"), bool):
-        raise StageFileError(f"{path}: expected a boolean 'higher_is_better'; run {REBUILD_MEMBERS}")
-    _check_seal(meta, path, REBUILD_MEMBERS, required=False)  # after the checks that say more
+        raise StageFileError(f"{path}: expected a boolean 'higher_is_better'; run {rebuild}")
+    _check_seal(meta, path, rebuild, required=False)  # after the checks that say more
     for name, digest in files.items():
         file = path.parent / name
         if not file.is_file():
-            raise StageFileError(f"{file}: missing, but {path.name} lists it; run {REBUILD_MEMBERS}")
+            raise StageFileError(f"{file}: missing, but {path.name} lists it; run {rebuild}")
         if sha256_file(file) != digest:
             raise StageFileError(f"{file}: changed since {path.name} was written (edited, or a prediction run "
-                                 f"was interrupted); run {REBUILD_MEMBERS}")
+                                 f"was interrupted); run {rebuild}")
     return meta
 
 

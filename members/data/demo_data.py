@@ -23,6 +23,10 @@ Layout written under `--out` (as PIPAL ships it, plus three demo-only items):
     demo_valid_labels/A0020.txt          NOT part of the real layout: hidden proxy labels of the
     demo_test_labels/A0015.txt           validation and test images (NTIRE never released them)
     demo_ref_groups.csv                  lines `A0001,astronaut`: the photo of every reference
+    demo_table.csv                       NOT PIPAL: every image above (train, valid, test, with the
+                                         proxy labels) as one `dis_img_path,dis_type,ref_img_path,score`
+                                         table, paths relative to the dataset folder (data.format csv)
+    demo_table_groups.csv                lines `Train_Ref/A0001.bmp,astronaut`: its ref_groups file
     README.txt, demo_data.json           description; parameters, written last as completion marker
 
 Usage: python -m members.data.demo_data --out data/demo [--size 80] [--seed 0]
@@ -49,9 +53,11 @@ from tqdm import tqdm
 from members.contract.atomic import atomic_write_text
 from members.contract.cli import run_main
 
-FORMAT_VERSION = 3  # 2: adds the validation folder; 3: adds the reference group file
+FORMAT_VERSION = 4  # 2: adds the validation folder; 3: the reference group file; 4: the csv table
 MARKER = "demo_data.json"
 REF_GROUPS = "demo_ref_groups.csv"  # for data.ref_groups: crops of one photo must not span two splits
+TABLE = "demo_table.csv"  # the same images as one csv table (data.format csv), for configs/csv_demo.yaml
+TABLE_GROUPS = "demo_table_groups.csv"  # REF_GROUPS keyed by the table's reference paths
 TEST_GROUP = 10
 TRAIN_LEVELS = (0, 2)  # indices into Distortion.levels; test uses the in-between and the extreme
 TEST_LEVELS = (1, 3)  # also the validation levels: NTIRE uses one method list for both
@@ -229,6 +235,7 @@ def generate(root: Path, size: int, seed: int, progress: bool = False) -> dict[s
     for d in dirs:
         (root / d).mkdir()
     labels: dict[str, dict[int, list[tuple[str, float]]]] = {split: {} for split in SPLITS}
+    table = ["dis_img_path,dis_type,ref_img_path,score\n"]
     counts = {f"{split}_{what}": 0 for split in SPLITS for what in ("refs", "images")}
     for ref_id, split, ref in tqdm(refs, desc="demo data", unit="ref", disable=not progress):
         _, ref_dir, dis_dir, _ = SPLITS[split]
@@ -240,11 +247,16 @@ def generate(root: Path, size: int, seed: int, progress: bool = False) -> dict[s
             dis, mos = make_distorted(ref, item, seed)
             _save_bmp(root / dis_dir / item.name, dis)
             rows.append((item.name, mos))
+            table.append(f"{dis_dir}/{item.name},{DISTORTIONS[item.distortion].name},"
+                         f"{ref_dir}/A{ref_id:04d}.bmp,{mos:.4f}\n")  # the label files' rounding
         counts[f"{split}_refs"] += 1
         counts[f"{split}_images"] += len(rows)
     for split, (*_, label_dir) in SPLITS.items():
         _write_labels(root / label_dir, labels[split])
     (root / REF_GROUPS).write_text("".join(groups), encoding="utf-8", newline="\n")
+    (root / TABLE).write_text("".join(table), encoding="utf-8", newline="\n")
+    table_groups = [f"{SPLITS[split][1]}/{line.replace(',', '.bmp,', 1)}" for (_, split, _), line in zip(refs, groups)]
+    (root / TABLE_GROUPS).write_text("".join(table_groups), encoding="utf-8", newline="\n")
     (root / "README.txt").write_text(_readme(size, seed, counts), encoding="utf-8", newline="\n")
     return counts
 

@@ -30,7 +30,7 @@ from members.contract.atomic import atomic_write_text
 from members.contract.config import to_dict
 from members.data.index import (DataError, Pair, check_pairs, check_unique, read_csv_table,
                                 read_ntire_folder, read_pipal_labels, read_ref_groups)
-from members.contract.stagefiles import REBUILD_MEMBERS, StageFileError, sha256_file
+from members.contract.stagefiles import StageFileError, rebuild_members, sha256_file
 
 if TYPE_CHECKING:
     from members.contract.member import MemberConfig
@@ -396,7 +396,7 @@ def splits_content(split_dir: Path, key: str = "content") -> str | None:
         return None
 
 
-def check_split_lists(split_dir: Path, data_cfg: object) -> None:
+def check_split_lists(split_dir: Path, data_cfg: object, experiment: str | Path | None = None) -> None:
     """Refuse split lists that the data has moved away from: a score fixed in a label file, images
     added or removed. The members' manifests only prove that they predicted these lists; the lists
     must also still be what the data says, or the ensemble would fit (and the zip come from) stale MOS.
@@ -404,7 +404,8 @@ def check_split_lists(split_dir: Path, data_cfg: object) -> None:
     The lists are rebuilt in memory from the label files and folders and compared with the content
     fingerprint `prepare_splits` recorded, images hashed as there (through the split folder's cache,
     so an image replaced by one of the same size is seen). Skipped when the lists carry no record
-    (written by hand) or the data is not on this machine (the ensemble needs no images).
+    (written by hand) or the data is not on this machine (the ensemble needs no images). Errors name the
+    command that rebuilds the members of `experiment` (its config path, when the caller knows it).
     """
 
     recorded = splits_content(Path(split_dir))
@@ -415,12 +416,12 @@ def check_split_lists(split_dir: Path, data_cfg: object) -> None:
         current = content_fingerprint(build_splits(data_cfg), Path(split_dir))
     except DataError as err:
         raise StageFileError(f"{split_dir}: cannot compare the split lists with the data they were made from: "
-                             f"{err}; fix the data, then run {REBUILD_MEMBERS}") from None
+                             f"{err}; fix the data, then run {rebuild_members(experiment)}") from None
     if current != recorded:
         raise StageFileError(f"{split_dir}: the data in {source} changed since these split lists were written "
                              f"(a label edited, images added, removed or replaced; data fingerprint {recorded} -> "
-                             f"{current}); run {REBUILD_MEMBERS} to rebuild the lists and the members made from "
-                             "them, then this stage again")
+                             f"{current}); run {rebuild_members(experiment)} to rebuild the lists and the members "
+                             "made from them, then this stage again")
 
 
 def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], LabelStats]:

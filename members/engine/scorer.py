@@ -3,134 +3,108 @@
     from members import Scorer
     member = Scorer.from_member("runs/ahiq_c/ahiq_p8_s1919")       # or Scorer.from_checkpoint(path, config)
     ens = Scorer.from_ensemble("runs/ahiq_c")                       # applies ensemble.json
-    ens.score(dis, ref)              # tensors (B,3,H,W) or (3,H,W) in [0,1], PIL images or paths
-    ens.score_pairs([(dis_path, ref_path), ...], batch_size=8, progress=True)
+    ens(dis, ref)                    # torch.nn.Module call: a float64 tensor of shape (N,)
+    ens.score(dis, ref)              # the same scores as a numpy array
+    ens.score_pairs([(dis_path, ref_path), ...], batch_size=8, progress=True)   # numpy, from files
 
-Scores are higher = better. A member's score is on its normalised training scale, exactly what its
-`preds_<split>.csv` holds; an ensemble's is what its `preds_<split>.csv` holds (standardised members
-combined with the fitted weights, then the calibration), so scoring the test images reproduces
-`preds_test.csv`. Scoring runs through the same reference-grouped engine as prediction
-(`members.engine.shared.SharedScorer`), with each member's own crop, test-time views and upscaling rule;
-an image smaller than the crop is an error unless the member was trained with `data.upscale_small`.
+Inputs: tensors (B,3,H,W) or (3,H,W) in [0, 1], PIL images or paths. `scorer(dis, ref)` returns its
+tensor on the device of the inputs when they are tensors, on the CPU for paths and PIL images; it is
+float64 because ensemble scores sit on a MOS-like scale where float32 would lose the 6th decimal the
+prediction files hold. The Scorer is not differentiable (the engine runs under `torch.no_grad` and the
+ensemble rule in numpy): an input that requires grad is an error, not a silently detached score.
+
+Scores are higher = better (`lower_better` is False). A member's score is on its normalised training
+scale, exactly what its `preds_<split>.csv` holds; an ensemble's is what its `preds_<split>.csv` holds
+(standardised members combined with the fitted weights, then the calibration), so scoring the test
+images reproduces `preds_test.csv`. `score_range` is the (low, high) every score lies in, infinite
+where nothing bounds it; `validation_range` the span of the validation split's scores, outside which a
+score is an extrapolation (see `members.engine.loading.score_range_of`). Scoring runs through the same reference-grouped engine
+as prediction (`members.engine.shared.SharedScorer`), with each member's own crop, test-time views and
+upscaling rule; an image smaller than the crop is an error unless the member was trained with
+`data.upscale_small`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence, Union
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from torch import nn
 
-from members.contract.config import ConfigError, from_dict, load_yaml
-from members.data.index import DataError, Pair
-from members.engine.shared import FastOptions, SharedScorer, build_group, group_members, precision_of
-from members.data.index import as_rgb, check_pairs
-from members.contract.member import MemberConfig, load_member_config, prediction_fingerprint
+from members.contract.member import MemberConfig, load_member_config
+from members.contract.stagefiles import REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json, read_stage_outputs, sha256_file
 from members.data.datasets import RefGroupPairs
-from members.contract.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json,
-                                         read_member_meta, read_preds, read_stage_outputs, sha256_file)
+from members.data.index import DataError, Pair, check_pairs
 from members.data.views import apply_view, make_views
-
-ImageLike = Union[str, Path, Image.Image, torch.Tensor]
-
-
-class ScorerError(ValueError):
-    """A member or ensemble cannot be loaded, or an input cannot be scored; the message says why."""
+from members.engine.inputs import ImageLike, ScorerError, as_device, as_image, as_list
+from members.engine.loading import (check_ensemble_outputs, member_config, prediction_config, score_range_of,
+                                    value_span)
+from members.engine.shared import FastOptions, SharedScorer, build_group, group_members, precision_of
 
 
-def _image(x: ImageLike, min_size: int, crop: int, what: str) -> torch.Tensor:
-    """(3, H, W) float in [0, 1], upscaled when a side is below `min_size` (the member's rule)."""
-    if isinstance(x, (str, Path)):
-        if not Path(x).is_file():
-            raise ScorerError(f"{what}: {x} not found")
-        x, what = _open(Path(x), what), f"{what} ({x})"  # then as any PIL image
-    if isinstance(x, Image.Image):
-        try:
-            rgb = as_rgb(x, Path(what))
-        except DataError as err:
-            raise ScorerError(str(err)) from None
-        img = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
-        if min(img.shape[1:]) < min_size:
-            img = upscale(img, min_size)
-    elif isinstance(x, torch.Tensor):
-        if x.ndim != 3 or x.shape[0] != 3 or not x.is_floating_point():
-            raise ScorerError(f"{what}: expected a float tensor (3, H, W) in [0, 1], got {tuple(x.shape)} {x.dtype}")
-        if not bool(torch.isfinite(x).all()):  # NaN compares false with both bounds below
-            bad = int((~torch.isfinite(x)).sum())
-            raise ScorerError(f"{what}: {bad} value(s) are NaN or infinite; values must be finite, in [0, 1]")
-        if float(x.min()) < 0 or float(x.max()) > 1:
-            raise ScorerError(f"{what}: values must be in [0, 1] (got {float(x.min()):.3g}..{float(x.max()):.3g})")
-        img = x.detach().float().cpu()
-        if min(img.shape[1:]) < min_size:
-            img = upscale(img, min_size)
-    else:
-        raise ScorerError(f"{what}: expected a path, a PIL image or a tensor, got {type(x).__name__}")
-    if min(img.shape[1:]) < crop:
-        raise ScorerError(f"{what}: {tuple(img.shape[1:])} is smaller than the member's {crop}px crop; use larger "
-                          "images, or a member trained with data.upscale_small: true")
-    return img
 
 
-def _open(path: Path, what: str) -> Image.Image:
-    """A decoded image file, or a ScorerError saying why it cannot be read (load_rgb's message would
-    speak of a check at the start of a run, which the scorer never made)."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except Exception as err:  # PIL raises many types for corrupt files; all mean "cannot use it"
-        raise ScorerError(f"{what}: cannot read {path} as an image ({type(err).__name__}: {err})") from None
-
-
-def _device(text: str) -> torch.device:
-    """The device to score on, checked now: a typo or a missing GPU is one line, not a traceback
-    from deep inside torch after the models were built."""
-    try:
-        device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, ValueError):
-        raise ScorerError(f"device {text!r}: expected cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ScorerError(f"device {text!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise ScorerError(f"device {text!r}: no such CUDA GPU is visible here "
-                          f"({torch.cuda.device_count()} visible); use --device cpu")
-    return device
-
-
-def upscale(img: torch.Tensor, min_size: int) -> torch.Tensor:
-    """The upscaling `load_rgb` applies to small files, for an image already in memory."""
-    pil = Image.fromarray(img.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
-    scale = min_size / min(pil.size)
-    pil = pil.resize(tuple(max(min_size, round(s * scale)) for s in pil.size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
-
-
-def _as_list(x: ImageLike | Sequence[ImageLike]) -> list[ImageLike]:
-    if isinstance(x, torch.Tensor):
-        return list(x) if x.ndim == 4 else [x]
-    if isinstance(x, (str, Path, Image.Image)):
-        return [x]
-    return list(x)
-
-
-class Scorer:
+class Scorer(nn.Module):
     """Full-reference quality of (distorted, reference) pairs from one or more members, optionally
-    combined as a fitted ensemble (`combine`: the `ensemble.json` record)."""
+    combined as a fitted ensemble (`ensemble`: the `ensemble.json` record)."""
+
+    lower_better = False  # higher = better, for members and ensembles alike
 
     def __init__(self, members: list[tuple[MemberConfig, str]], ensemble: dict | None = None,
-                 device: str = "", precision: str = "member") -> None:
+                 device: str = "", precision: str = "member", validation_range: tuple[float, float] | None = None
+                 ) -> None:
+        super().__init__()
         self.configs = [cfg for cfg, _ in members]
         self.checkpoints = {cfg.name: str(ckpt) for cfg, ckpt in members}
         self.ensemble = ensemble
-        self.device = _device(device)
+        self.device = as_device(device)
         self.opts = FastOptions(precision=precision, device=device)
-        self.groups = []
-        for group in group_members(self.configs, self.opts):
-            models = build_group(group, [self.checkpoints[c.name] for c in group])
-            self.groups.append((group, SharedScorer(models, self.device, precision_of(group[0], self.opts))))
+        self.score_range = score_range_of(ensemble)
+        self.validation_range = validation_range
+        self.group_configs = group_members(self.configs, self.opts)
+        with contextlib.redirect_stdout(sys.stderr):  # loading notes are logs: stdout may be a CSV being written
+            self.models = nn.ModuleList(nn.ModuleList(build_group(group, [self.checkpoints[c.name] for c in group]))
+                                        for group in self.group_configs)
+        self.requires_grad_(False)
+        self._build_engines()
+
+    def _build_engines(self) -> None:
+        """One engine per backbone group, on `self.device` (rebuilt when the module moves: the engine
+        keeps tensors derived from the heads)."""
+        self.groups = [(group, SharedScorer(list(models), self.device, precision_of(group[0], self.opts)))
+                       for group, models in zip(self.group_configs, self.models)]
+
+    # ------------------------------------------------------------------------------------ nn.Module
+    def train(self, mode: bool = True) -> Scorer:
+        """Always in eval mode: a Scorer scores, it never trains (dropout or batch statistics would
+        change the scores)."""
+        return super().train(False)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if not hasattr(self, "group_configs"):  # during __init__
+            return self
+        params = list(self.parameters())
+        if any(p.dtype != torch.float32 for p in params):
+            super()._apply(lambda t: t.float() if t.is_floating_point() else t)
+            raise ScorerError("a Scorer's weights stay float32: choose the compute precision with "
+                              "precision='bf16' (or 'fp16', 'no') when creating it")
+        if params and params[0].device != self.device:
+            self.device = params[0].device
+            self._build_engines()
+        return self
+
+    def forward(self, dis: ImageLike | Sequence[ImageLike], ref: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """Scores as a float64 tensor of shape (N,): on the inputs' device when they are tensors, else
+        on the CPU."""
+        scores = self.score(dis, ref)
+        scores = scores if scores.ndim == 1 else scores[:, 0]
+        device = dis.device if isinstance(dis, torch.Tensor) else torch.device("cpu")
+        return torch.from_numpy(np.ascontiguousarray(scores)).to(device)
 
     # ------------------------------------------------------------------------------------ loading
     @classmethod
@@ -159,7 +133,8 @@ class Scorer:
                 raise ScorerError(f"{unfinished}; finish it with make train-members EXPERIMENT=<config> (training "
                                   "resumes), or score it as it is with --allow-unfinished (allow_unfinished=True)")
             print(f"warning: {unfinished}; scoring them anyway (--allow-unfinished)", file=sys.stderr)
-        return cls([(_member_config(member_dir), str(best))], **kwargs)
+        return cls([(member_config(member_dir), str(best))],
+                   validation_range=value_span(member_dir / "preds_val.csv"), **kwargs)
 
     @classmethod
     def from_ensemble(cls, path: str | Path, **kwargs) -> Scorer:
@@ -182,7 +157,7 @@ class Scorer:
             if not meta_path.is_file() or (recorded and sha256_file(meta_path) != recorded):
                 raise ScorerError(f"{meta_path}: not the member files the ensemble was fitted on; rerun make ensemble")
             dirs[name], metas[name] = member_dir, read_json(meta_path, REBUILD_ENSEMBLE)
-        _check_ensemble_outputs(folder, record, dirs)  # before any model is built
+        check_ensemble_outputs(folder, record, dirs)  # before any model is built
         members = []
         for name, member_dir in dirs.items():
             meta = metas[name]
@@ -190,19 +165,18 @@ class Scorer:
             if not best.is_file() or sha256_file(best) != meta.get("checkpoint_sha256"):
                 raise ScorerError(f"{best}: not the heads the ensemble's predictions were made with; "
                                   "rerun make train-members and make ensemble")
-            members.append((_prediction_config(member_dir, meta, record["manifest"].get("experiment")), str(best)))
-        return cls(members, ensemble=record, **kwargs)
+            members.append((prediction_config(member_dir, meta, record["manifest"].get("experiment")), str(best)))
+        return cls(members, ensemble=record, validation_range=value_span(folder / "preds_val.csv"), **kwargs)
 
     # ------------------------------------------------------------------------------------ scoring
     def score(self, dis: ImageLike | Sequence[ImageLike], ref: ImageLike | Sequence[ImageLike]) -> np.ndarray:
-        """Scores of aligned (distorted, reference) images; one per pair."""
-        dis, ref = _as_list(dis), _as_list(ref)
+        """Scores of aligned (distorted, reference) images; one per pair (float64 numpy)."""
+        dis, ref = as_list(dis), as_list(ref)
         if len(dis) != len(ref):
             raise ScorerError(f"{len(dis)} distorted images but {len(ref)} references")
         columns = np.zeros((len(dis), len(self.configs)))
         for group, scorer in self.groups:
-            lead = group[0]
-            items = list(self._items(dis, ref, lead))
+            items = list(self._items(dis, ref, group[0]))
             scores = scorer.score(items, len(dis), reuse_reference=True, progress=False)
             for cfg, s in zip(group, scores):
                 columns[:, self.configs.index(cfg)] = s
@@ -238,8 +212,8 @@ class Scorer:
         """Reference-grouped items (the engine's input) for images in memory; one pair per item."""
         min_size = cfg.model.crop if cfg.data.upscale_small else 0
         for i, (d, r) in enumerate(zip(dis, ref)):
-            r_img = _image(r, min_size, cfg.model.crop, f"reference {i}")
-            d_img = _image(d, min_size, cfg.model.crop, f"distorted image {i}")
+            r_img = as_image(r, min_size, cfg.model.crop, f"reference {i}")
+            d_img = as_image(d, min_size, cfg.model.crop, f"distorted image {i}")
             if d_img.shape != r_img.shape:
                 raise ScorerError(f"pair {i}: distorted {tuple(d_img.shape[1:])} and reference "
                                   f"{tuple(r_img.shape[1:])} differ in size")
@@ -253,62 +227,12 @@ class Scorer:
         from the members' written (6-decimal) scores."""
         if self.ensemble is None:
             return columns[:, 0].copy() if columns.shape[1] == 1 else columns
-        from ensemble.combine import CombineError, ensemble_scores  # the ensemble's rule, applied as fitted
+        # The one documented reach from members/ into a later stage (tests/test_layout.py): what an
+        # ensemble record computes is defined once, in ensemble/combine.py, and applied here as fitted.
+        from ensemble.combine import CombineError, ensemble_scores
 
         try:
             x = np.round(columns, SCORE_DECIMALS)  # the stage combined the members' written scores
             return ensemble_scores(self.ensemble, {c.name: x[:, j] for j, c in enumerate(self.configs)})
         except CombineError as err:
             raise ScorerError(f"ensemble.json: {err}; run make ensemble") from None
-
-
-def _check_ensemble_outputs(folder: Path, record: dict, dirs: dict[str, Path]) -> None:
-    """Refuse an ensemble.json whose weights, standardisation and calibration, applied to its members'
-    preds_test.csv, do not give its preds_test.csv: resealed after an edit, it would score every pair
-    with another rule than the one its files (and the submission zip) were made with."""
-    from ensemble.combine import CombineError, check_outputs, rebuild_hint
-
-    try:
-        members = {}
-        for name, member_dir in dirs.items():
-            read_member_meta(member_dir, "test")  # its preds_test.csv is the one its json vouches for
-            members[name] = read_preds(member_dir / "preds_test.csv")
-        written = read_preds(folder / "preds_test.csv")
-    except StageFileError as err:
-        raise ScorerError(str(err)) from None
-    try:
-        check_outputs(record, members, written, str(folder / "preds_test.csv"))
-    except CombineError as err:
-        raise ScorerError(f"{folder / 'ensemble.json'}: {err}; {rebuild_hint(record['manifest'].get('experiment'))}"
-                          ) from None
-
-
-def _prediction_config(member_dir: Path, meta: dict, experiment: str | None) -> MemberConfig:
-    """The member config its predictions were made with (same `prediction_fingerprint`): its folder's
-    `config.yaml` (written when training started), else the experiment's current entry (views may have
-    changed since training, and the member was predicted again). Another config (other views, crop,
-    upscaling) would give other scores than the ensemble's files, silently."""
-    wanted = meta.get("prediction_fingerprint")
-    cfg = _member_config(member_dir)
-    if prediction_fingerprint(cfg) == wanted:
-        return cfg
-    if experiment and Path(experiment).is_file():
-        from members.contract.schema import load_experiment
-
-        try:
-            entry = next((m for m in load_experiment(experiment).members if m.name == cfg.name), None)
-        except ConfigError:
-            entry = None
-        if entry is not None and prediction_fingerprint(entry.config) == wanted:
-            return entry.config
-    raise ScorerError(f"{member_dir / 'config.yaml'}: not the config {member_dir / 'preds_test.json'} was predicted "
-                      f"with (config hash {prediction_fingerprint(cfg)}, predictions {wanted}), and the experiment "
-                      f"{experiment or '(unknown)'} does not give it either; restore the member config, or rerun "
-                      "make train-members and make ensemble")
-
-
-def _member_config(member_dir: Path) -> MemberConfig:
-    try:
-        return from_dict(MemberConfig, load_yaml(member_dir / "config.yaml"))
-    except ConfigError as err:
-        raise ScorerError(str(err)) from None

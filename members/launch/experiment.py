@@ -7,9 +7,11 @@ under `accelerate launch`:
 - no GPUs: one member after another, each on --cpu-procs CPU processes (gloo DDP);
 - --gpus-per-member all: one member after another, DDP over all the GPUs;
 - --gpus-per-member K: members side by side, each on its own K GPUs (logs in <member>/run.log).
-Finished members (done.json) are not retrained, interrupted ones resume, and predictions are redone
-only when missing or older than the member's best.pth. The members that need predictions are
-predicted together once training is over (`members.engine.predict_all` under `accelerate launch`, on all
+Finished members (done.json) are not retrained (their resumable states/ are dropped then, unless
+--keep-states), interrupted ones resume, and predictions are redone only when missing or older than
+the member's best.pth. A line says which member starts ("member k of N") and, once one has finished,
+about how long the others will take. The members that need predictions are predicted together once
+training is over (`members.engine.predict_all` under `accelerate launch`, on all
 the GPUs or --cpu-procs CPU processes: backbones shared, each reference's part computed once).
 """
 from __future__ import annotations
@@ -73,10 +75,11 @@ def needs_prediction(cfg: MemberConfig) -> bool:
     return False
 
 
-def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str]) -> list[tuple[str, list[str]]]:
+def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
+                keep_states: bool = False) -> list[tuple[str, list[str]]]:
     """The (module, args) runs this member still needs: its training. Prediction is not a member's job:
     the members that `needs_prediction` are predicted together by `members.engine.predict_all`."""
-    sets = [a for o in overrides for a in ("--set", o)]
+    sets = [a for o in overrides for a in ("--set", o)] + (["--keep-states"] if keep_states else [])
     return [("members.train.loop", ["-c", member_path, *sets])] if needs_training(cfg) else []
 
 
@@ -127,13 +130,52 @@ def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple
     return slots, per_member
 
 
-def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | None, cpu_procs: int) -> list[str]:
+def duration(seconds: float) -> str:
+    """A rough human duration: 40 s, 12 min, 3 h 05 min."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+class Progress:
+    """One line as each member starts ("member k of N: NAME") and as each finishes, with the time left
+    for the others once one has finished: the mean time of the finished members x those left, over the
+    slots that run them side by side."""
+
+    def __init__(self, total: int, slots: int) -> None:
+        self.total, self.slots = total, slots
+        self.started_at: dict[str, float] = {}
+        self.seconds: list[float] = []  # of the members that finished well
+        self.ended = 0
+
+    def start(self, name: str, where: str) -> None:
+        self.started_at[name] = time.time()
+        print(f"member {len(self.started_at)} of {self.total}: {name} (training on {where})", flush=True)
+
+    def end(self, name: str, failed_line: str | None = None) -> None:
+        """`failed_line`: what to print instead when the member failed (its time then predicts nothing)."""
+        self.ended += 1
+        if failed_line is not None:
+            print(failed_line, flush=True)
+            return
+        self.seconds.append(time.time() - self.started_at[name])
+        left = self.total - self.ended
+        eta = sum(self.seconds) / len(self.seconds) * left / min(self.slots, left) if left else 0.0
+        print(f"{name}: trained in {duration(self.seconds[-1])}, {self.ended} of {self.total} done"
+              + (f"; about {duration(eta)} left for the other {left}" if left else ""), flush=True)
+
+
+def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | None, cpu_procs: int,
+                keep_states: bool = False) -> list[str]:
     """Run every member's training jobs; returns the failed members."""
     slots, processes = plan_slots(gpus, per_member, cpu_procs)
     threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
-    queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides),
+    queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides, keep_states),
               "trained and predicted already" if not needs_prediction(m.config) else "trained already")
              for m in members]
+    progress = Progress(sum(1 for entry in queue if entry[2]), len(slots))
     running: dict[int, tuple[str, Path, subprocess.Popen, list, Any]] = {}
     failed: list[str] = []
     side_by_side = len(slots) > 1
@@ -149,8 +191,8 @@ def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | N
                 out.mkdir(parents=True, exist_ok=True)
                 log = open(out / "run.log", "a") if side_by_side else None
                 module, args = jobs[0]
-                where = f"GPUs {','.join(slots[slot])}" if slots[slot] else f"{processes} CPU processes"
-                print(f"{name}: {module} on {where}", flush=True)
+                progress.start(name, f"GPUs {','.join(slots[slot])}" if slots[slot]
+                               else f"{processes} CPU process{'es' if processes > 1 else ''}")
                 proc = spawn(launch_command(module, args, processes, not slots[slot]),
                              env=_env(slots[slot], threads), stdout=log, stderr=subprocess.STDOUT if log else None)
                 running[slot] = (name, out, proc, jobs[1:], log)
@@ -163,9 +205,12 @@ def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | N
                     log.close()
                 if proc.returncode != 0:
                     failed.append(name)
-                    print(f"{name}: FAILED (exit {proc.returncode})" + (f", see {out / 'run.log'}" if log else ""))
+                    progress.end(name, f"{name}: FAILED (exit {proc.returncode})"
+                                 + (f", see {out / 'run.log'}" if log else ""))
                 elif jobs:
                     queue.insert(0, (name, out, jobs, ""))
+                else:
+                    progress.end(name)
     except BaseException:  # Ctrl-C or a crash here: no member keeps training unwatched
         for _, _, proc, _, _ in running.values():
             stop(proc)
@@ -204,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-procs", type=int, default=2, help="processes per member without GPUs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an experiment key, dotted from the top level (e.g. --set runs_dir=runs/x)")
+    parser.add_argument("--keep-states", action="store_true",
+                        help="keep the resumable states/ of finished members (default: dropped once trained)")
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.config, args.overrides)
@@ -229,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     per_member = args.gpus_per_member
     started = time.time()
     to_predict = [m.name for m in members if needs_prediction(m.config)]
-    failed = run_members(members, gpus, per_member, args.cpu_procs)
+    failed = run_members(members, gpus, per_member, args.cpu_procs, args.keep_states)
     to_predict = [name for name in to_predict if name not in failed]
     if to_predict and not predict_shared(args.config, args.overrides, to_predict, gpus, args.cpu_procs):
         failed += to_predict

@@ -1,7 +1,8 @@
 """SLURM jobs of the kit, through submitit (settings: `members.contract.cluster`): the job that runs
 one stage command (StageJob: `accelerate launch` across the job's nodes, requeued when SLURM signals
 it), the sbatch parameters of each job, and the executors (SlurmExecutor, LocalExecutor for tests).
-submitit is imported only where a job is made or run (`pip install -e .[cluster]`). The driver is `members.launch.slurm`.
+submitit is imported only where a job is made or run (`pip install -e .[cluster]`). The driver is
+`members.launch.slurm`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from typing import Any, Mapping
 from members.contract.cluster import ClusterConfig, ClusterError
 
 INSTALL = "submitit is not installed: pip install -e .[cluster]"
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list: "gpu[007-008,012],cpu3" -> "gpu007"."""
     head = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())

@@ -1,14 +1,16 @@
 """Train one AHIQ member with Hugging Face Accelerate; resumable, exact on restart.
 
-    accelerate launch -m members.train.loop -c configs/members/demo_p16_s1.yaml [--set train.epochs=3]
+    accelerate launch -m members.train.loop -c configs/members/demo_s1.yaml [--set train.epochs=3]
     # two CPU processes on a machine without GPUs:
-    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 \
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 \\
         -m members.train.loop -c ...
 
-Outputs in the member's output_dir: config.yaml (resolved), log.csv, states/ (resumable), best.pth
-(heads with the best validation main score = PLCC + SRCC with their signs, so that an epoch that ranks
-backwards never wins; its metrics also give the published sign-free abs_main), last.pth, done.json.
-Rerunning the same command resumes from the latest state; a finished member is not retrained.
+Outputs in the member's output_dir: config.yaml (resolved), log.csv, best.pth (heads with the best
+validation main score = PLCC + SRCC with their signs, so that an epoch that ranks backwards never wins;
+its metrics also give the published sign-free abs_main), last.pth, done.json, and while training
+states/ (resumable; dropped once done.json is written, unless --keep-states or
+train.keep_states_when_done). Rerunning the same command resumes from the latest state; a finished
+member is not retrained.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from members.contract.cli import die_with_parent, quiet_start
@@ -37,107 +39,25 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from members.contract.atomic import atomic_write_text, sweep_temps
-from members.model.backbones import WeightsError
-from members.model.checkpoint import CheckpointError, save_heads
 from members.contract.cli import hold_folder_lock, one_line, run_main
 from members.contract.config import dump_yaml, to_dict
-from members.data.datasets import TrainPairs
 from members.contract.member import (MemberConfig, check_member_folder, load_member_config,
                                      write_training_record)
-from members.data.splits import prepare_member_data
 from members.contract.metrics import MetricError, evaluate
+from members.data.datasets import RefGroupPairs, TrainPairs
+from members.data.index import Pair
+from members.data.splits import LabelStats, prepare_member_data
 from members.engine.shared import SharedScorer
 from members.model.ahiq import AHIQ, build_model, start_readout
-from members.data.datasets import RefGroupPairs
+from members.model.backbones import WeightsError
+from members.model.checkpoint import CheckpointError, save_heads
+from members.train.states import StateError, drop_states, latest_state, read_progress, save_state, sweep_states
 
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
-
-
-class StateError(RuntimeError):
-    """The resumable state of a member cannot be read; the message says what to delete."""
-
-
-def _read_progress(state: Path) -> dict | None:
-    """A state folder's progress.json, or None when it is missing or torn (a killed write)."""
-    try:
-        progress = json.loads((state / "progress.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return progress if isinstance(progress, dict) and isinstance(progress.get("step"), int) else None
-
-
-def _complete_states(states: Path) -> list[Path]:
-    """State folders whose progress.json is whole, oldest first (by step; a '-b' twin after its base)."""
-    found = [p for p in states.glob("step-*") if p.is_dir() and _read_progress(p) is not None]
-    return sorted(found, key=lambda p: (_read_progress(p)["step"], p.name))
-
-
-def _latest_state(states: Path) -> Path | None:
-    """The state to resume from: the one latest.txt names, or, when latest.txt or that state is
-    unreadable (a torn write, a hand edit), the newest complete state, with a warning."""
-    pointer = states / "latest.txt"
-    if not pointer.exists():
-        return None
-    try:
-        name = pointer.read_text(encoding="utf-8").strip()
-    except (OSError, ValueError):
-        name = ""
-    if name.startswith("step-") and "/" not in name and _read_progress(states / name) is not None:
-        return states / name
-    complete = _complete_states(states)
-    if not complete:
-        raise StateError(f"{pointer}: names {name[:60]!r}, which is not a complete state, and {states} holds "
-                         f"no other; delete {states} (and log.csv) to train this member from the start")
-    print(f"warning: {pointer}: names {name[:60]!r}, which is not a complete state; resuming from the newest "
-          f"complete one, {complete[-1].name}")
-    return complete[-1]
-
-
-def _save_state(accelerator: Accelerator, states: Path, progress: dict, keep: int) -> None:
-    """`save_state` into a temporary folder, then rename it into place and move the pointer, so a
-    crash at any moment leaves a complete state that latest.txt names.
-
-    The end-of-epoch state can have the same step as a mid-epoch one; the folder latest.txt names
-    is never deleted before the new state is in place: the new one then takes a '-b' twin name."""
-    base = f"step-{progress['step']:08d}"
-    pointer = states / "latest.txt"
-    current = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
-    name = base if current != base else f"{base}-b"
-    tmp = states / f".tmp-{name}"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-    except Exception as err:  # safetensors reports a full disk or a file-size limit as its own error type
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise StateError(f"{tmp}: could not save the training state ({err.__class__.__name__}: {str(err)[:200]}); "
-                         f"free disk space or raise the file-size limit (ulimit -f), then rerun to resume from "
-                         f"the previous state, which is kept") from None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_text(tmp / "progress.json", json.dumps(progress, indent=2))
-        if (states / name).exists():  # a leftover twin that latest.txt does not name
-            shutil.rmtree(states / name)
-        os.replace(tmp, states / name)
-        atomic_write_text(pointer, name + "\n")
-        older = [p for p in _complete_states(states) if p.name != name]
-        for old in older[:max(len(older) - keep + 1, 0)]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def _sweep_states(states: Path) -> None:
-    """Remove the temporary folders and torn states a killed run left (the main process, at start)."""
-    if not states.is_dir():
-        return
-    for entry in states.iterdir():
-        if entry.is_dir() and entry.name.startswith(".tmp-"):
-            shutil.rmtree(entry, ignore_errors=True)
+    """A training loss or a validation score is NaN or infinite; the message says what to change."""
 
 
 def flat_config(data: dict, prefix: str = "") -> dict[str, int | float | str | bool]:
@@ -199,39 +119,47 @@ def _validation_scores(net: AHIQ, loader: DataLoader, n: int, accelerator: Accel
         net.train(was_training)
 
 
-def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | None:
-    out, tc = cfg.out, cfg.train
-    if (out / "done.json").is_file():
-        print(f"{cfg.name}: already trained ({out / 'done.json'}); delete it to train again")
-        return None
-    if int(os.environ.get("RANK", "0")) == 0:  # the run's main process owns the folder until it exits
-        hold_folder_lock(out, f"training of member '{cfg.name}'")
-        sweep_temps(out)  # litter of writes a killed run left behind
-        _sweep_states(out / "states")
-    accelerator = Accelerator(
-        mixed_precision=tc.mixed_precision,
-        gradient_accumulation_steps=tc.grad_accum,
-        # a seedable sampler + set_epoch gives the same order after a restart
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        log_with=tc.log_with,
-        project_dir=str(out),
-    )
-    set_seed(cfg.seed)  # identical head init everywhere; crops are keyed by (seed, epoch, index)
+@dataclass
+class Setup:
+    """What the loop trains and validates with, built by `_setup`."""
+
+    model: torch.nn.Module  # wrapped by accelerator.prepare
+    optimizer: torch.optim.Optimizer
+    train_set: TrainPairs
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_labels: np.ndarray  # normalised MOS of the validation pairs
+    steps_per_epoch: int
+
+
+def _claim_folder(cfg: MemberConfig) -> None:
+    """The run's main process owns the member folder until it exits, and clears what a killed run left."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        hold_folder_lock(cfg.out, f"training of member '{cfg.name}'")
+        sweep_temps(cfg.out)
+        sweep_states(cfg.out / "states")
+
+
+def _prepare_data(cfg: MemberConfig, accelerator: Accelerator) -> tuple[dict, LabelStats]:
+    """The member's checked split lists and label statistics; records in its folder what it is trained from."""
     splits, stats = prepare_member_data(cfg)
     check_member_folder(cfg)  # never resume states trained from another config or other labels
     if any(p.mos is None for p in splits["val"]):
         raise ValueError(f"{cfg.name}: the validation split has no labels, so no checkpoint can be chosen; "
                          "use data.val_source: holdout, or give data.valid_labels")
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, out / "config.yaml")
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, cfg.out / "config.yaml")
         write_training_record(cfg)
+    return splits, stats
 
+
+def _setup(cfg: MemberConfig, accelerator: Accelerator) -> Setup:
+    """Data, model, optimizer and loaders, prepared by Accelerate."""
+    tc = cfg.train
+    splits, stats = _prepare_data(cfg, accelerator)
     model = build_model(cfg.model)
-    params = model.head_parameters()
-    if tc.heads == "readout":  # before prepare(): DDP registers the parameters that need gradients
-        params = start_readout(model, float(np.mean(stats.normalise(np.array([p.mos for p in splits["train"]])))))
-    optimizer = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = make_optimizer(model, cfg, stats, splits["train"])
     train_set = TrainPairs(splits["train"], cfg.model.crop, tc.augment, stats, cfg.seed,
                            upscale_small=cfg.data.upscale_small)
     # validation as prediction does it: this process's references, predict.batch_size images per chunk
@@ -248,95 +176,155 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.name}: {len(train_set)} training pairs make no full batch of "
                          f"{tc.batch_size} x {accelerator.num_processes} processes x {tc.grad_accum}")
-    val_labels = stats.normalise(torch.tensor([p.mos for p in splits["val"]], dtype=torch.float64).numpy())
+    val_labels = stats.normalise(np.array([p.mos for p in splits["val"]], dtype=np.float64))
+    return Setup(model, optimizer, train_set, train_loader, val_loader, val_labels, steps_per_epoch)
 
-    states, log_path = out / "states", out / "log.csv"
-    progress = {"epoch": 0, "step": 0, "batch": 0, "best_main": -math.inf, "best_epoch": None}
-    latest = _latest_state(states)
-    if latest is not None:
-        progress = _read_progress(latest)
-        try:
-            accelerator.load_state(str(latest))
-        except Exception as err:  # a torn or foreign state folder: say which, not a loader traceback
-            raise StateError(f"{latest}: cannot load this saved state ({err.__class__.__name__}: "
-                             f"{str(err)[:200]}); delete it (and {states / 'latest.txt'}) to resume from "
-                             "an older state, or delete the whole states folder to start over") from None
-        if accelerator.is_main_process:
-            _truncate_log(log_path, progress["step"])
-        accelerator.print(f"{cfg.name}: resuming from {latest} (epoch {progress['epoch']}, step {progress['step']})")
+
+def _resume(cfg: MemberConfig, accelerator: Accelerator) -> dict:
+    """The loop's position (epoch, step, batch, best so far): the start, or the latest saved state,
+    whose model, optimizer, RNG and sampler states are loaded into `accelerator`'s objects."""
+    states = cfg.out / "states"
+    latest = latest_state(states)
+    if latest is None:
+        return {"epoch": 0, "step": 0, "batch": 0, "best_main": -math.inf, "best_epoch": None}
+    progress = read_progress(latest)
+    try:
+        accelerator.load_state(str(latest))
+    except Exception as err:  # a torn or foreign state folder: say which, not a loader traceback
+        raise StateError(f"{latest}: cannot load this saved state ({err.__class__.__name__}: "
+                         f"{str(err)[:200]}); delete it (and {states / 'latest.txt'}) to resume from "
+                         "an older state, or delete the whole states folder to start over") from None
+    if accelerator.is_main_process:
+        _truncate_log(cfg.out / "log.csv", progress["step"])
+    accelerator.print(f"{cfg.name}: resuming from {latest} (epoch {progress['epoch']}, step {progress['step']})")
+    return progress
+
+
+def make_optimizer(model: AHIQ, cfg: MemberConfig, stats: LabelStats, train_pairs: list[Pair]) -> torch.optim.Optimizer:
+    """Adam over the head parameters that train. Call it before `accelerator.prepare`: with
+    train.heads: readout it starts the heads first, and DDP registers the parameters that need gradients."""
+    params = model.head_parameters()
+    if cfg.train.heads == "readout":
+        params = start_readout(model, float(np.mean(stats.normalise(np.array([p.mos for p in train_pairs])))))
+    return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def training_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
+                  lr: float) -> float:
+    """Forward and backward of one batch; the optimizer steps at `lr` when the gradients sync (every
+    train.grad_accum batches). Returns the loss averaged over the processes; when any process's loss is
+    NaN or infinite, returns it before the backward pass, on every process, so that all stop together."""
+    with accelerator.accumulate(model):
+        pred = model(batch["dis"], batch["ref"])
+        loss = F.mse_loss(pred.float(), batch["label"].float())
+        losses = accelerator.gather(loss.detach()[None])
+        if not torch.isfinite(losses).all():
+            return math.nan
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return losses.mean().item()
+
+
+def _validate(cfg: MemberConfig, accelerator: Accelerator, run: Setup, progress: dict, epoch: int,
+              step: int) -> None:
+    """Score the validation split, log its metrics, and save best.pth when they are the best so far."""
+    scores = _validation_scores(accelerator.unwrap_model(run.model), run.val_loader, len(run.val_labels),
+                                accelerator, cfg.train.mixed_precision)
+    if not np.isfinite(scores).all():
+        raise NonFiniteLoss(f"{cfg.name}: validation scores are not finite after epoch {epoch}: the heads "
+                            f"diverged (lower train.lr); the last good state is kept in {cfg.out / 'states'}")
+    metrics = _validation_metrics(scores, run.val_labels, f"{cfg.name} epoch {epoch}", accelerator)
+    accelerator.print(f"{cfg.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    best = record_if_best(progress, metrics, epoch)
+    if accelerator.is_main_process:
+        _log(cfg.out / "log.csv", {"step": step, "epoch": epoch, **metrics})
+        if best:
+            save_heads(accelerator.unwrap_model(run.model), cfg.out / "best.pth", to_dict(cfg.model),
+                       metrics=metrics, epoch=epoch)
+    if cfg.train.log_with:
+        accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+
+
+def _finish(cfg: MemberConfig, accelerator: Accelerator, run: Setup, progress: dict, seconds: float) -> dict:
+    """Write last.pth, then done.json (the member is finished from then on, never resumed), then drop
+    the states unless they are to be kept."""
+    summary = {"member": cfg.name, "epochs": cfg.train.epochs, "steps": progress["step"],
+               "best_epoch": progress["best_epoch"], "best_metrics": progress.get("best_metrics"),
+               "processes": accelerator.num_processes, "seconds_this_run": round(seconds, 1)}
+    if accelerator.is_main_process:
+        save_heads(accelerator.unwrap_model(run.model), cfg.out / "last.pth", to_dict(cfg.model),
+                   epoch=cfg.train.epochs - 1)
+        atomic_write_text(cfg.out / "done.json", json.dumps(summary, indent=2) + "\n")
+        if not cfg.train.keep_states_when_done:
+            drop_states(cfg.out / "states")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | None:
+    """Train (or resume) the member `cfg`; its summary (done.json), or None when it was trained already.
+    `abort_after_steps` is a testing aid: exit abruptly after that many optimizer steps (a simulated crash)."""
+    out, tc = cfg.out, cfg.train
+    if (out / "done.json").is_file():
+        print(f"{cfg.name}: already trained ({out / 'done.json'}); delete it to train again")
+        return None
+    _claim_folder(cfg)
+    accelerator = Accelerator(
+        mixed_precision=tc.mixed_precision,
+        gradient_accumulation_steps=tc.grad_accum,
+        # a seedable sampler + set_epoch gives the same order after a restart
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=tc.log_with,
+        project_dir=str(out),
+    )
+    set_seed(cfg.seed)  # identical head init everywhere; crops are keyed by (seed, epoch, index)
+    run = _setup(cfg, accelerator)
+    progress = _resume(cfg, accelerator)
     if tc.log_with:
         accelerator.init_trackers(cfg.name, config=flat_config(to_dict(cfg)))  # trackers get the whole config
 
+    states, log_path = out / "states", out / "log.csv"
     step, started = progress["step"], time.time()
-    bar = tqdm(total=steps_per_epoch * tc.epochs, initial=step, desc=cfg.name,
+    bar = tqdm(total=run.steps_per_epoch * tc.epochs, initial=step, desc=cfg.name,
                disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     for epoch in range(progress["epoch"], tc.epochs):
-        model.train()
-        train_set.set_epoch(epoch)
-        train_loader.set_epoch(epoch)
-        skip = progress["batch"] if epoch == progress["epoch"] else 0
-        loader = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        run.model.train()
+        run.train_set.set_epoch(epoch)
+        run.train_loader.set_epoch(epoch)
+        skip = progress["batch"] if epoch == progress["epoch"] else 0  # resuming mid-epoch
+        loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
         for batch_index, batch in enumerate(loader, start=skip):
-            with accelerator.accumulate(model):
-                pred = model(batch["dis"], batch["ref"])
-                loss = F.mse_loss(pred.float(), batch["label"].float())
-                # every process sees every loss, so all of them stop together on a bad one
-                losses = accelerator.gather(loss.detach()[None])
-                if not torch.isfinite(losses).all():
-                    raise NonFiniteLoss(
-                        f"{cfg.name}: non-finite loss at epoch {epoch}, step {step}; the last good "
-                        f"state is kept in {states} (lower train.lr or use mixed_precision: no)")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    lr = tc.lr_at(step, steps_per_epoch)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
+            lr = tc.lr_at(step, run.steps_per_epoch)
+            loss = training_step(accelerator, run.model, run.optimizer, batch, lr)
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"{cfg.name}: non-finite loss at epoch {epoch}, step {step}; the last good state "
+                                    f"is kept in {states} (lower train.lr or use mixed_precision: no)")
+            if not accelerator.sync_gradients:  # gradients accumulate: no optimizer step yet
                 continue
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{losses.mean().item():.4f}", lr=f"{lr:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             if accelerator.is_main_process:
-                _log(log_path, {"step": step, "epoch": epoch, "lr": f"{lr:.6e}", "loss": f"{losses.mean().item():.6f}"})
+                _log(log_path, {"step": step, "epoch": epoch, "lr": f"{lr:.6e}", "loss": f"{loss:.6f}"})
             if tc.log_with:
-                accelerator.log({"loss": losses.mean().item(), "lr": lr}, step=step)
+                accelerator.log({"loss": loss, "lr": lr}, step=step)
             if tc.state_every and step % tc.state_every == 0:
-                _save_state(accelerator, states, {**progress, "epoch": epoch, "step": step,
-                                                  "batch": batch_index + 1}, tc.keep_states)
+                save_state(accelerator, states, {**progress, "epoch": epoch, "step": step, "batch": batch_index + 1},
+                           tc.keep_states)
             if abort_after_steps is not None and step >= abort_after_steps:
                 os._exit(3)  # simulate a crash (tests of resume): no cleanup, no state saved here
 
         if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
-            scores = _validation_scores(accelerator.unwrap_model(model), val_loader, len(splits["val"]),
-                                        accelerator, tc.mixed_precision)
-            if not np.isfinite(scores).all():
-                raise NonFiniteLoss(f"{cfg.name}: validation scores are not finite after epoch {epoch}: the "
-                                    f"heads diverged (lower train.lr); the last good state is kept in {states}")
-            metrics = _validation_metrics(scores, val_labels, f"{cfg.name} epoch {epoch}", accelerator)
-            accelerator.print(f"{cfg.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-            best = record_if_best(progress, metrics, epoch)
-            if accelerator.is_main_process:
-                _log(log_path, {"step": step, "epoch": epoch, **metrics})
-                if best:
-                    save_heads(accelerator.unwrap_model(model), out / "best.pth", to_dict(cfg.model),
-                               metrics=metrics, epoch=epoch)
-            if tc.log_with:
-                accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
+            _validate(cfg, accelerator, run, progress, epoch, step)
         progress.update(epoch=epoch + 1, step=step, batch=0)
-        _save_state(accelerator, states, progress, tc.keep_states)
+        save_state(accelerator, states, progress, tc.keep_states)
     bar.close()
-
-    summary = {"member": cfg.name, "epochs": tc.epochs, "steps": step, "best_epoch": progress["best_epoch"],
-               "best_metrics": progress.get("best_metrics"), "processes": accelerator.num_processes,
-               "seconds_this_run": round(time.time() - started, 1)}
-    if accelerator.is_main_process:
-        save_heads(accelerator.unwrap_model(model), out / "last.pth", to_dict(cfg.model), epoch=tc.epochs - 1)
-        atomic_write_text(out / "done.json", json.dumps(summary, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+    return _finish(cfg, accelerator, run, progress, time.time() - started)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -345,11 +333,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-c", "--config", required=True, help="member YAML config")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--keep-states", action="store_true",
+                        help="keep the resumable states/ of a finished member (default: dropped once done.json "
+                             "is written; same as --set train.keep_states_when_done=true)")
     parser.add_argument("--abort-after-steps", type=int, default=None,
                         help="testing aid: exit abruptly after this many optimizer steps (simulated crash)")
     args = parser.parse_args(argv)
+    overrides = args.set + (["train.keep_states_when_done=true"] if args.keep_states else [])
     try:
-        train(load_member_config(args.config, args.set), abort_after_steps=args.abort_after_steps)
+        train(load_member_config(args.config, overrides), abort_after_steps=args.abort_after_steps)
     except (ValueError, FileNotFoundError, CheckpointError, WeightsError, NonFiniteLoss, StateError) as err:
         raise SystemExit(f"error: {one_line(err)}") from None  # no traceback
 

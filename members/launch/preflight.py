@@ -1,0 +1,158 @@
+"""Check a long run before starting it (`make preflight EXPERIMENT=...`).
+
+    python -m members.launch.preflight -c configs/ahiq_c.yaml [--gpus 0,1 --gpus-per-member 1] [--random-weights]
+
+Before hours of GPU time: the data layout (counts of references, distorted images and labels per split,
+the test and validation folders, a sample of image sizes against every member's crop), the disk space
+for the states, and, for every member on the device the real run gives it (the slot plan of
+`make train-members`: GPUS / GPUS_PER_MEMBER, or CPU processes), its real model from its configured
+weights, a few training steps at its batch size and precision, a saved and reloaded state, and a few
+predictions with its test-time views (`members.train.probe`, one process per member).
+
+It prints, and writes to `<runs_dir>/preflight.md`, per member: the step time, the peak memory (CUDA max
+allocated, or the probe process's peak RSS), and estimates of its training and prediction time; then
+the experiment's total under the slot plan. Estimates are step time x optimizer steps + prediction
+time x images (validation every `val_every` epochs included), plus the measured start-up; they assume
+the run's machine is as busy as it was during the preflight.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from members.contract.atomic import atomic_write_text
+from members.contract.cli import run_main
+from members.contract.member import MemberConfig
+from members.contract.schema import Experiment, load_experiment
+from members.data.index import DataError, check_pairs
+from members.data.splits import build_splits
+from members.launch.experiment import plan_slots
+
+SAMPLE = 8  # images per split whose sizes are decoded and checked against each crop
+RANDOM_WEIGHTS = ["model.vit_weights=none", "model.cnn_weights=none"]
+
+
+def data_layout(exp: Experiment) -> list[str]:
+    """Markdown lines on the data: pairs, references and labels per split; sampled sizes vs each crop."""
+    cfg = exp.members[0].config
+    splits = build_splits(cfg.data)
+    lines = ["| split | distorted images | references | labelled |", "|---|---|---|---|"]
+    for split, pairs in splits.items():
+        labelled = sum(p.mos is not None for p in pairs)
+        lines.append(f"| {split} | {len(pairs)} | {len({p.ref_id for p in pairs})} | {labelled} |")
+    for m in exp.members:
+        for split, pairs in splits.items():
+            sample = pairs[:: max(1, len(pairs) // SAMPLE)][:SAMPLE]
+            check_pairs(sample, m.config.model.crop, m.config.data.upscale_small, f"{split} split ({m.name})")
+    crops = sorted({m.config.model.crop for m in exp.members})
+    lines.append(f"\nA sample of {SAMPLE} images per split decodes and fits every member's crop ({crops}); "
+                 "the full check runs when training starts.")
+    return lines
+
+
+def estimate(cfg: MemberConfig, result: dict, processes: int) -> tuple[float, float]:
+    """(training seconds, prediction seconds) of the real member from its probe."""
+    tc, pairs = cfg.train, result["pairs"]
+    step_s = sum(result["step_s"][1:]) / len(result["step_s"][1:])  # the first step warms up
+    # the probe times batches (one optimizer step per train.grad_accum of them); drop_last as training
+    batches_per_epoch = pairs["train"] // (tc.batch_size * processes)
+    validations = len(range(tc.val_every - 1, tc.epochs, tc.val_every)) + (tc.epochs % tc.val_every != 0)
+    per_image = result["predict_s_per_image"] / processes
+    train_s = result["setup_s"] + step_s * batches_per_epoch * tc.epochs + per_image * pairs["val"] * validations
+    predict_s = result["setup_s"] + per_image * sum(n for split, n in pairs.items() if split != "train")
+    return train_s, predict_s
+
+
+def run_probe(m, slot: list[str], threads: int, sets: list[str], work: Path, steps: int, images: int) -> dict:
+    out = work / f"{m.name}.json"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(slot[:1]) if slot else "", "AHIQ_THREADS": str(threads)}
+    cmd = [sys.executable, "-m", "members.train.probe", "-c", str(m.path), *[a for s in [*m.overrides, *sets]
+           for a in ("--set", s)], "--out", str(out), "--steps", str(steps), "--images", str(images)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        raise DataError(f"member {m.name}: preflight failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def schedule(durations: list[float], slots: int) -> float:
+    """Wall time of members run in order on `slots` side-by-side slots (each next one on the first free)."""
+    free = [0.0] * slots
+    for d in durations:
+        i = free.index(min(free))
+        free[i] += d
+    return max(free)
+
+
+def report(exp: Experiment, layout: list[str], rows: list[tuple], slots: int, processes: int, disk: str) -> str:
+    head = ["| member | device | precision | batch | step s | peak MiB | state MiB | predict s/image | train est. | predict est. |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    body = [f"| {r['member']} | {r['device']} | {r['precision']} | {r['batch_size']} | {step:.3f} | {r['peak_mib']:.0f} | "
+            f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {_hms(t)} | {_hms(p)} |" for r, step, t, p in rows]
+    total = schedule([t for _, _, t, _ in rows], slots) + sum(p for *_, p in rows) / slots
+    plan = f"{slots} slot(s) side by side, {processes} process(es) per member"
+    return "\n".join([f"# Preflight: {exp.name}", "", "## Data", *layout, "", "## Members", *head, *body, "",
+                      f"Slot plan: {plan}. Estimated total (training, then prediction): **{_hms(total)}**.",
+                      disk, ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="members.launch.preflight", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True, help="experiment YAML")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids, as make train-members GPUS=")
+    parser.add_argument("--gpus-per-member", default="1", help="as GPUS_PER_MEMBER (a number or 'all')")
+    parser.add_argument("--cpu-procs", type=int, default=2, help="CPU processes per member without GPUs")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build the backbones with random weights (where the hub weights are absent)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per member (the first warms up)")
+    parser.add_argument("--images", type=int, default=4, help="validation images to predict per member")
+    args = parser.parse_args(argv)
+    exp = load_experiment(args.config, args.set)
+    gpus = [g for g in args.gpus.split(",") if g.strip()]
+    per_member = None if args.gpus_per_member == "all" else int(args.gpus_per_member)
+    slots, processes = plan_slots(gpus, per_member, args.cpu_procs)
+    threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
+
+    layout = data_layout(exp)
+    print("\n".join(layout), flush=True)
+    sets = RANDOM_WEIGHTS if args.random_weights else []
+    rows = []
+    exp.runs_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".preflight-", dir=exp.runs_dir))
+    try:
+        for k, m in enumerate(exp.members, 1):
+            print(f"member {k} of {len(exp.members)}: {m.name} ...", file=sys.stderr, flush=True)
+            result = run_probe(m, slots[0], threads, sets, work, args.steps, args.images)
+            if not result["state_ok"]:
+                raise DataError(f"member {m.name}: a saved training state did not load back to the same heads")
+            step = sum(result["step_s"][1:]) / len(result["step_s"][1:])
+            rows.append((result, step, *estimate(m.config, result, processes)))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    keep = max(m.config.train.keep_states for m in exp.members)
+    need = sum(r["state_mib"] for r, *_ in rows) * (keep + 1)
+    free = shutil.disk_usage(exp.runs_dir).free / 2**20
+    disk = (f"Disk: states need about {need:.0f} MiB ({keep} kept per member, plus one being written); "
+            f"{free:.0f} MiB free under {exp.runs_dir}" + (" - NOT ENOUGH" if need > free else "") + ".")
+    text = report(exp, layout, rows, len(slots), processes, disk)
+    atomic_write_text(exp.runs_dir / "preflight.md", text)
+    print(text.split("## Members", 1)[1])
+    print(f"wrote {exp.runs_dir / 'preflight.md'}")
+    return 1 if need > free else 0
+
+
+if __name__ == "__main__":
+    run_main(main)

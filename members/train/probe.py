@@ -1,0 +1,148 @@
+"""One member's preflight probe: a few real training steps, a saved and reloaded state, a few predictions.
+
+    python -m members.train.probe -c MEMBER.yaml [--set KEY=VALUE ...] --out probe.json [--steps 3]
+
+Run by `members.launch.preflight` (`make preflight`), one process per member on the device the real run
+would use (CUDA_VISIBLE_DEVICES as its slot, the same CPU threads), so that the peak memory it reports
+is this member's alone. It builds the member's real model from its configured weights, trains
+`--steps` optimizer steps at the member's batch size and precision with the same pieces as
+`members.train.loop` (model, optimizer, TrainPairs, the one training step), saves an Accelerate state
+and loads it back (and checks that the heads come back bit for bit), then scores `--images` validation
+images through the prediction engine with the member's test-time views. Nothing is written into the
+member's run folder: the state goes to a temporary folder beside `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from members.contract.cli import quiet_start, run_main
+
+if __name__ == "__main__":
+    quiet_start()  # before torch: Ctrl-C during the imports ends in one line
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from members.contract.atomic import atomic_write_text
+from members.contract.member import MemberConfig, load_member_config
+from members.data.datasets import RefGroupPairs, TrainPairs
+from members.data.index import Pair
+from members.data.splits import LabelStats, build_splits
+from members.data.views import count_views
+from members.engine.shared import SharedScorer
+from members.model.ahiq import build_model
+from members.train.loop import make_optimizer, training_step
+
+
+def peak_mib(device: torch.device) -> float:
+    """CUDA: max allocated on the device; CPU: this process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _heads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(("vit.", "cnn."))}
+
+
+def _sample(pairs: list[Pair], n: int) -> list[Pair]:
+    """n pairs spread over the list (so over several references), in list order."""
+    if len(pairs) <= n:
+        return list(pairs)
+    return [pairs[i] for i in np.linspace(0, len(pairs) - 1, n).round().astype(int)]
+
+
+def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
+    started = time.perf_counter()
+    tc = cfg.train
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+    device = accelerator.device
+    splits = build_splits(cfg.data)  # the lists the run would write; no file is written here
+    stats = LabelStats.from_pairs(splits["train"], cfg.data.higher_is_better)
+    model = build_model(cfg.model)  # the configured weights: a missing file or offline hub fails here
+    optimizer = make_optimizer(model, cfg, stats, splits["train"])
+    batch_pairs = _sample(splits["train"], tc.batch_size * (steps + 1))
+    train_set = TrainPairs(batch_pairs, cfg.model.crop, tc.augment, stats, cfg.seed, upscale_small=cfg.data.upscale_small)
+    loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=False, drop_last=True, num_workers=0)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    setup_s = time.perf_counter() - started
+
+    step_seconds: list[float] = []
+    batches = iter(loader)
+    for step in range(steps):
+        batch = next(batches)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        loss = training_step(accelerator, model, optimizer, batch, tc.lr_at(step, steps))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds.append(time.perf_counter() - t0)
+        if not np.isfinite(loss):
+            raise ValueError(f"{cfg.name}: non-finite loss at preflight step {step} (lower train.lr or use "
+                             "train.mixed_precision: no)")
+
+    # A state of the real kind, saved and loaded back: the heads must return exactly.
+    state_dir = work / "state"
+    accelerator.save_state(str(state_dir))
+    state_mib = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file()) / 2**20
+    saved = _heads(accelerator.unwrap_model(model))
+    training_step(accelerator, model, optimizer, next(batches), tc.lr)  # move the heads away from the state
+    accelerator.load_state(str(state_dir))
+    back = _heads(accelerator.unwrap_model(model))
+    state_ok = saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
+
+    val = _sample(splits["val"], images)
+    val_set = RefGroupPairs(val, cfg.model.crop, cfg.predict.views, None, chunk=cfg.predict.batch_size,
+                            upscale_small=cfg.data.upscale_small)
+    val_loader = DataLoader(val_set, batch_size=None, shuffle=False, num_workers=0)
+    net = accelerator.unwrap_model(model).eval()
+    scorer = SharedScorer([net], device, tc.mixed_precision)
+    t0 = time.perf_counter()
+    scores = scorer.score(val_loader, len(val), progress=False)[0]
+    predict_s = (time.perf_counter() - t0) / len(val)
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{cfg.name}: non-finite prediction in preflight")
+
+    return {"member": cfg.name, "device": str(device), "precision": tc.mixed_precision,
+            "batch_size": tc.batch_size, "views": count_views(cfg.predict.views), "setup_s": setup_s,
+            "step_s": step_seconds, "state_mib": state_mib, "state_ok": state_ok,
+            "predict_s_per_image": predict_s, "peak_mib": peak_mib(device),
+            "pairs": {split: len(pairs) for split, pairs in splits.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="members.train.probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True, help="member YAML config")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    parser.add_argument("--out", required=True, help="where to write the probe's JSON result")
+    parser.add_argument("--steps", type=int, default=3, help="optimizer steps to time (default 3)")
+    parser.add_argument("--images", type=int, default=4, help="validation images to predict (default 4)")
+    args = parser.parse_args(argv)
+    if args.steps < 2 or args.images < 1:
+        parser.error("--steps must be >= 2 (the first one warms up) and --images >= 1")
+    threads = os.environ.get("AHIQ_THREADS")
+    if threads:  # the threads the real run gives each process (members.launch.experiment)
+        torch.set_num_threads(int(threads))
+    cfg = load_member_config(args.config, args.set)
+    out = Path(args.out)
+    work = Path(tempfile.mkdtemp(prefix=".probe-", dir=out.parent))
+    try:
+        result = probe(cfg, args.steps, args.images, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,135 @@
+"""A member's resumable training states: `<output_dir>/states/step-<step>/` folders written by
+Accelerate's `save_state`, with the loop's position in `progress.json`, and `latest.txt` naming the
+one to resume from.
+
+Every write leaves a complete state that latest.txt names, whenever the run is killed; a finished
+member's states are dropped (`drop_states`) unless asked to keep them: its heads are in best.pth and
+last.pth, and a finished member is never resumed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from members.contract.atomic import atomic_write_text
+
+
+class StateError(RuntimeError):
+    """The resumable state of a member cannot be read; the message says what to delete."""
+
+
+def read_progress(state: Path) -> dict | None:
+    """A state folder's progress.json, or None when it is missing or torn (a killed write)."""
+    try:
+        progress = json.loads((state / "progress.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return progress if isinstance(progress, dict) and isinstance(progress.get("step"), int) else None
+
+
+def _complete_states(states: Path) -> list[Path]:
+    """State folders whose progress.json is whole, oldest first (by step; a '-b' twin after its base)."""
+    found = [p for p in states.glob("step-*") if p.is_dir() and read_progress(p) is not None]
+    return sorted(found, key=lambda p: (read_progress(p)["step"], p.name))
+
+
+def latest_state(states: Path) -> Path | None:
+    """The state to resume from: the one latest.txt names, or, when latest.txt or that state is
+    unreadable (a torn write, a hand edit), the newest complete state, with a warning."""
+    pointer = states / "latest.txt"
+    if not pointer.exists():
+        return None
+    try:
+        name = pointer.read_text(encoding="utf-8").strip()
+    except (OSError, ValueError):
+        name = ""
+    if name.startswith("step-") and "/" not in name and read_progress(states / name) is not None:
+        return states / name
+    complete = _complete_states(states)
+    if not complete:
+        raise StateError(f"{pointer}: names {name[:60]!r}, which is not a complete state, and {states} holds "
+                         f"no other; delete {states} (and log.csv) to train this member from the start")
+    print(f"warning: {pointer}: names {name[:60]!r}, which is not a complete state; resuming from the newest "
+          f"complete one, {complete[-1].name}")
+    return complete[-1]
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (other threads may be creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
+
+
+def _readable(folder: Path) -> None:
+    """Give the files of a saved state the usual permissions (0666 minus the umask): safetensors
+    writes 0600, unreadable for the rest of a team that shares the runs folder."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+def save_state(accelerator: Accelerator, states: Path, progress: dict, keep: int) -> None:
+    """`save_state` into a temporary folder, then rename it into place and move the pointer, so a
+    crash at any moment leaves a complete state that latest.txt names.
+
+    The end-of-epoch state can have the same step as a mid-epoch one; the folder latest.txt names
+    is never deleted before the new state is in place: the new one then takes a '-b' twin name."""
+    base = f"step-{progress['step']:08d}"
+    pointer = states / "latest.txt"
+    current = pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else ""
+    name = base if current != base else f"{base}-b"
+    tmp = states / f".tmp-{name}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+    except Exception as err:  # safetensors reports a full disk or a file-size limit as its own error type
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StateError(f"{tmp}: could not save the training state ({err.__class__.__name__}: {str(err)[:200]}); "
+                         f"free disk space or raise the file-size limit (ulimit -f), then rerun to resume from "
+                         f"the previous state, which is kept") from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / "progress.json", json.dumps(progress, indent=2))
+        _readable(tmp)
+        if (states / name).exists():  # a leftover twin that latest.txt does not name
+            shutil.rmtree(states / name)
+        os.replace(tmp, states / name)
+        atomic_write_text(pointer, name + "\n")
+        older = [p for p in _complete_states(states) if p.name != name]
+        for old in older[:max(len(older) - keep + 1, 0)]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def sweep_states(states: Path) -> None:
+    """Remove the temporary folders a killed run left (the main process, at start)."""
+    if not states.is_dir():
+        return
+    for entry in states.iterdir():
+        if entry.is_dir() and entry.name.startswith(".tmp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def drop_states(states: Path) -> None:
+    """Remove a finished member's states (after its done.json is written: a run killed before that
+    still resumes from them). The pointer goes first, so a removal cut short leaves no pointer to a
+    half-removed state."""
+    if states.is_dir():
+        (states / "latest.txt").unlink(missing_ok=True)
+        shutil.rmtree(states)
