@@ -14,7 +14,6 @@ from sklearn.isotonic import IsotonicRegression
 from members.contract import metrics
 
 # How a calibration is applied lives in combine.py, shared with the Scorer and submission.
-from .combine import apply_calibration  # noqa: F401
 
 DECIMALS = 6  # scores are written with %.6f
 # Beyond the end block centres the isotonic map rises at most this share of the validation MOS range

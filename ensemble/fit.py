@@ -29,7 +29,8 @@ from members.contract import metrics
 from members.contract.schema import EnsembleConfig
 
 from . import combine
-from .calibrate import apply_calibration, check_order, fit_calibration
+from .calibrate import check_order, fit_calibration
+from .combine import apply_calibration
 from .io import EnsembleInputError, MemberData
 from .methods import Method, choose_ridge_alpha, get_method, sane_members, standardisation, standardise
 

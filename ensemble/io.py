@@ -8,6 +8,9 @@ Everything is checked before any fitting, and every problem of a kind is listed 
 - each member predicted the experiment's current split list, with its current heads and config;
 - every member covers the same image names per split, with identical labels; scores are finite and
   not constant; all members agree on the MOS direction.
+Members that are not AHIQ (`exp.foreign`: metrics, other models' predictions) are read from the same
+stage files in `<runs_dir>/<name>/` (members.engine.foreign writes them); their fingerprint covers the
+metric's name or the content of the `predictions:` files, so an edit of those files makes them stale.
 """
 from __future__ import annotations
 
@@ -67,6 +70,20 @@ def _stale(exp: Experiment, metas: dict[tuple[str, str], dict], splits: tuple[st
                 problems.append(f"{where}: predicted with another config of {m.name} than {m.path}")
             if best_sha is not None and meta.get("checkpoint_sha256") != best_sha:
                 problems.append(f"{where}: predicted with other heads than {best}")
+    for f in exp.foreign:
+        try:
+            current = f.fingerprint()
+        except StageFileError as err:
+            problems.append(str(err))
+            continue
+        for split in splits:
+            meta, where = metas[f.name, split], f.out / f"preds_{split}.json"
+            split_list = exp.split_dir / f"{split}.csv"
+            if split_list.is_file() and meta.get("split_sha256") != sha256_file(split_list):
+                problems.append(f"{where}: made for another {split} split list than {split_list}")
+            if meta.get("prediction_fingerprint") != current:
+                changed = f"the files in {f.source}" if f.kind == "predictions" else f"its metric ({f.spec.metric})"
+                problems.append(f"{where}: made before {changed} changed")
     return problems
 
 
@@ -100,7 +117,7 @@ def _read_metas(exp: Experiment, splits: tuple[str, ...]) -> dict[tuple[str, str
     """Every member's verified `preds_<split>.json`, keyed by (member, split); every unusable or stale
     one is listed in one error, with the command that rebuilds the members of this experiment."""
     metas, problems = {}, []
-    for m in exp.members:
+    for m in [*exp.members, *exp.foreign]:
         for split in splits:
             try:
                 metas[m.name, split] = read_member_meta(m.out, split, exp.path)
@@ -131,20 +148,22 @@ def _read_valid(dirs: list[Path]) -> tuple[list[str], np.ndarray]:
 
 
 def _inputs(exp: Experiment, metas: dict[tuple[str, str], dict], splits: tuple[str, ...]) -> dict:
-    """The hashes of every file read (member files, split lists) and of the member configs: the
-    ensemble's manifest, which the later stages check against the files on disk."""
+    """The hashes of every file read (member files, split lists) and of the member configs (for a
+    member that is not AHIQ, its fingerprint: metric name or the hashes of its `predictions:` files):
+    the ensemble's manifest, which the later stages check against the files on disk."""
     return {
         "members": {m.name: {name: digest for split in splits for name, digest in
                              [(f"preds_{split}.json", sha256_file(m.out / f"preds_{split}.json")),
-                              *metas[m.name, split]["files"].items()]} for m in exp.members},
+                              *metas[m.name, split]["files"].items()]} for m in [*exp.members, *exp.foreign]},
         "splits": {split: sha256_file(exp.split_dir / f"{split}.csv") for split in splits},
-        "member_configs": {m.name: prediction_fingerprint(m.config) for m in exp.members},
+        "member_configs": {**{m.name: prediction_fingerprint(m.config) for m in exp.members},
+                           **{f.name: metas[f.name, "test"]["prediction_fingerprint"] for f in exp.foreign}},
     }
 
 
 def load_members(exp: Experiment) -> MemberData:
     """Read, verify and cross-check the files of the experiment's members."""
-    dirs = [m.out for m in exp.members]
+    dirs = [m.out for m in exp.members] + [f.out for f in exp.foreign]  # the order of exp.member_names
     try:  # first: member files that match stale lists would still be stale
         check_split_lists(exp.split_dir, exp.members[0].config.data, exp.path)
     except StageFileError as err:
@@ -159,7 +178,7 @@ def load_members(exp: Experiment) -> MemberData:
         raise EnsembleInputError(str(err)) from None
     _check_names(dirs, val, labels, test)
     _check_labels(dirs, labels)
-    test_meta = [metas[m.name, "test"] for m in exp.members]
+    test_meta = [metas[name, "test"] for name in exp.member_names]
     hib = {meta["higher_is_better"] for meta in test_meta}
     if len(hib) > 1:
         raise EnsembleInputError("members disagree on 'higher_is_better' in their preds_test.json: "

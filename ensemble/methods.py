@@ -24,7 +24,7 @@ from sklearn.model_selection import GroupKFold
 from members.contract import metrics
 
 # How a fit is applied lives in combine.py, shared with the Scorer and submission; re-exported here.
-from .combine import COMBINE, combine_linear, combine_ranks, quantiles  # noqa: F401
+from .combine import COMBINE, combine_linear
 
 RIDGE_ALPHAS = (0.01, 0.1, 1.0, 10.0)  # in units of the number of training images
 INNER_FOLDS = 3

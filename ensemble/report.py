@@ -6,8 +6,6 @@ All files are rendered before the first one is written, and each is written atom
 from __future__ import annotations
 
 import io
-import json
-from pathlib import Path
 
 import numpy as np
 # The Agg canvas directly, not pyplot: headless, and no global figure state to leak between runs.

@@ -15,7 +15,7 @@ if __name__ == "__main__":
 from members.contract.config import ConfigError
 from submission.check import NamesError, print_report
 from members.contract.schema import load_experiment
-from submission.write import SubmissionInputError, SubmissionInvalidError, write_submission
+from submission.write import SubmissionInvalidError, write_submission
 
 
 def main(argv: list[str] | None = None) -> int:

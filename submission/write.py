@@ -56,9 +56,11 @@ class MemberMeta:
     crop: int
     n_views: int
     views: str
-    seconds_per_image: float
+    seconds_per_image: float | None  # None: a `predictions:` member whose runtime was not given
     device: str
-    pretrained_backbones: bool
+    pretrained_backbones: bool  # for a member that is not AHIQ: whether it used extra data
+    kind: str = "ahiq"  # or "metric" / "predictions" (members.contract.foreign)
+    detail: str = ""  # the metric's name, or the folder the predictions came from
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,8 @@ def _member(entry: Any, index: int, path: Path) -> MemberMeta:
     where += "test_meta."
     if meta.get("split", "test") != "test":
         raise SubmissionInputError(f"{path}: '{where}split' is {meta['split']!r}: expected the test split's metadata")
+    if meta.get("kind") in ("metric", "predictions"):
+        return _foreign_member(name, meta, where, path)
     model = _field(meta, "model", dict, where, path)
     seconds = float(_field(meta, "seconds_per_image", (int, float), where, path))
     if not math.isfinite(seconds) or seconds <= 0:
@@ -107,6 +111,26 @@ def _member(entry: Any, index: int, path: Path) -> MemberMeta:
         device=device,
         pretrained_backbones=_field(meta, "pretrained_backbones", bool, where, path),
     )
+
+
+def _foreign_member(name: str, meta: dict, where: str, path: Path) -> MemberMeta:
+    """A member that is not AHIQ: a metric (its time measured on the CPU) or another model's predictions
+    (its runtime, device and extra data as its experiment entry gave them; runtime maybe unknown)."""
+    kind = meta["kind"]
+    seconds = meta.get("seconds_per_image")
+    if seconds is not None:
+        seconds = float(_field(meta, "seconds_per_image", (int, float), where, path))
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise SubmissionInputError(f"{path}: '{where}seconds_per_image' must be a positive time, got {seconds!r}")
+    elif kind == "metric":
+        raise SubmissionInputError(f"{path}: missing '{where}seconds_per_image' of metric member {name!r}")
+    device = _field(meta, "device", str, where, path)
+    if device not in ("cpu", "cuda"):
+        raise SubmissionInputError(f"{path}: '{where}device' must be 'cpu' or 'cuda', got {device!r}")
+    detail = _field(meta, "metric" if kind == "metric" else "source", str, where, path)
+    return MemberMeta(name=name, vit="", cnn="", crop=0, n_views=1, views="whole image", seconds_per_image=seconds,
+                      device=device, pretrained_backbones=_field(meta, "extra_data", bool, where, path), kind=kind,
+                      detail=detail)
 
 
 def load_ensemble(path: Path) -> EnsembleMeta:
@@ -166,6 +190,15 @@ def verify_ensemble(exp: Experiment, needed: list[str]) -> dict:
             problems.append(f"the config of member {m.name} ({m.path}) changed since the ensemble was fitted "
                             f"(config hash {configs[m.name]} -> {prediction_fingerprint(m.config)}); "
                             f"run {rebuild_members(exp.path)} first")
+    for f in exp.foreign:  # a metric renamed, or the files of a `predictions:` folder edited
+        try:
+            current = f.fingerprint()
+        except StageFileError as err:
+            problems.append(str(err))
+            continue
+        if f.name in configs and configs[f.name] != current:
+            changed = f"the files in {f.source}" if f.kind == "predictions" else f"the metric of member {f.name}"
+            problems.append(f"{changed} changed since the ensemble was fitted; run {rebuild_members(exp.path)} first")
     for split, digest in manifest.get("inputs", {}).get("splits", {}).items():
         current = exp.split_dir / f"{split}.csv"
         if not current.is_file() or sha256_file(current) != digest:
@@ -203,21 +236,31 @@ def split_names(exp: Experiment, split: str) -> list[str]:
 
 def describe(ensemble: EnsembleMeta) -> str:
     """A one-line readme description of the ensemble, generated from its metadata."""
-    n = len(ensemble.members)
+    n = sum(m.kind == "ahiq" for m in ensemble.members)
+    others = len(ensemble.members) - n
     weights = ", ".join(f"{name}={w:.3g}" for name, w in ensemble.weights.items())
     parts = [
         f"Ensemble of {n} AHIQ full-reference IQA model{'s' if n > 1 else ''} "
-        f"(ViT and CNN features fused by deformable convolution, patch-weighted score), "
-        f"combined by '{ensemble.method}' with weights {weights}."
+        f"(ViT and CNN features fused by deformable convolution, patch-weighted score)"
+        + (f" and {others} other member{'s' if others > 1 else ''}" if others else "")
+        + f", combined by '{ensemble.method}' with weights {weights}."
     ]
     for m in ensemble.members:
+        if m.kind != "ahiq":
+            time = (f"{m.seconds_per_image:.4g} s/image on {m.device}" if m.seconds_per_image is not None
+                    else "runtime not given, not counted")
+            what = f"full-reference metric {m.detail}" if m.kind == "metric" else "predictions of another model"
+            parts.append(f"{m.name}: {what}, {time}.")
+            continue
         parts.append(
             f"{m.name}: ViT {m.vit} + CNN {m.cnn}, {m.crop}px crops, "
             f"{m.n_views} test view{'s' if m.n_views != 1 else ''} ({m.views}), "
             f"{m.seconds_per_image:.4g} s/image on {m.device}."
         )
-    if any(m.pretrained_backbones for m in ensemble.members):
+    if any(m.pretrained_backbones for m in ensemble.members if m.kind == "ahiq"):
         parts.append("Backbones are pretrained (counted as extra data).")
+    if any(m.pretrained_backbones for m in ensemble.members if m.kind != "ahiq"):
+        parts.append("Members that are not AHIQ used extra data.")
     parts.append("Runtime is the sum over members of their measured seconds per image.")
     return " ".join(parts)
 
@@ -226,7 +269,7 @@ def readme_info(ensemble: EnsembleMeta, description: str | None) -> ReadmeInfo:
     """The readme values, all derived from the members' measured test metadata."""
     members = ensemble.members
     return ReadmeInfo(
-        runtime_per_image=sum(m.seconds_per_image for m in members),
+        runtime_per_image=sum(m.seconds_per_image or 0.0 for m in members),  # None: not given (described)
         cpu=0 if any(m.device == "cuda" for m in members) else 1,
         extra_data=int(any(m.pretrained_backbones for m in members)),
         description=description if description is not None else describe(ensemble),

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ensemble.calibrate import TAIL_MARGIN, apply_calibration, check_order, fit_calibration
+from ensemble.calibrate import TAIL_MARGIN, check_order, fit_calibration
+from ensemble.combine import apply_calibration
 
 LOW, HIGH = 1000.0, 1800.0
 

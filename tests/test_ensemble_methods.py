@@ -7,11 +7,12 @@ import numpy as np
 from scipy import stats
 import pytest
 
-from ensemble.calibrate import CalibrationError, apply_calibration, check_order, fit_calibration
+from ensemble.calibrate import CalibrationError, check_order, fit_calibration
+from ensemble.combine import apply_calibration, combine_linear, combine_ranks, quantiles
 from members.contract.schema import EnsembleConfig
 from ensemble.fit import MethodResult, choose, evaluate_method, run_ensemble
 from ensemble.io import EnsembleInputError, MemberData
-from ensemble.methods import (combine_linear, combine_ranks, quantiles, fit_greedy, fit_nnls, fit_ridge, get_method,
+from ensemble.methods import (fit_greedy, fit_nnls, fit_ridge, get_method,
                               ridge_toward_equal, standardisation, standardise)
 from members.contract import metrics
 

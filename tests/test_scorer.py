@@ -218,7 +218,7 @@ def test_validation_phase_zip(fitted):
 def test_rank_mean_ensemble_scores_one_pair_as_the_whole_set(fitted):
     # rank_mean places each score among the validation scores it was fitted on, so one pair scored
     # alone gets the score it has in the whole test set (no "rank within the scored set")
-    from ensemble.methods import combine_ranks
+    from ensemble.combine import combine_ranks
 
     exp = load_experiment(fitted)
     base = Scorer.from_ensemble(exp.runs_dir)

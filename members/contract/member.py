@@ -65,6 +65,10 @@ class TrainConfig:
     # training references (the demo): the heads score feature differences only and just their two
     # 1x1 output convs train (members.model.ahiq.start_readout says why).
     heads: str = "all"
+    # Checkpoint averaging: N > 0 makes the member's predicting heads (best.pth) the mean of the
+    # trainable head weights at the end of each of the last N epochs, instead of the best epoch
+    # (members.train.average; README, "Checkpoint averaging"). 0: off.
+    average_last: int = 0
 
     def __post_init__(self) -> None:
         if self.heads not in HEADS:
@@ -84,6 +88,9 @@ class TrainConfig:
                 raise ValueError(f"train.{key} must be >= 0; got {getattr(self, key)}")
         if self.min_lr > self.lr:
             raise ValueError(f"train.min_lr must not exceed train.lr ({self.lr}); got {self.min_lr}")
+        if not 0 <= self.average_last <= self.epochs:
+            raise ValueError(f"train.average_last must be between 0 (off) and train.epochs ({self.epochs}): the "
+                             f"number of last epochs whose heads are averaged; got {self.average_last}")
 
     def lr_at(self, step: int, steps_per_epoch: int) -> float:
         """Learning rate for optimizer step `step` (0-based)."""
@@ -147,15 +154,26 @@ NOT_IN_PREDICTION = ("output_dir", "split_dir", "predict.batch_size", "predict.n
                      "train.val_every", "train.state_every", "train.keep_states", "train.keep_states_when_done",
                      "train.log_with")
 
+# Settings added after members were trained, with the value that does what the kit did before: left
+# out of both fingerprints while they hold it, so the members of existing configs do not turn stale.
+ADDED_LATER = {"train.average_last": 0}
+
 
 def _without(data: dict, dotted: tuple[str, ...]) -> dict:
     data = json.loads(json.dumps(data))
+    dotted = dotted + tuple(k for k, old in ADDED_LATER.items() if _get(data, k) == old)
     for key in dotted:
         *parents, leaf = key.split(".")
         node = data
         for part in parents:
             node = node.get(part, {})
         node.pop(leaf, None)
+    return data
+
+
+def _get(data: dict, dotted: str) -> object:
+    for part in dotted.split("."):
+        data = data.get(part, {}) if isinstance(data, dict) else {}
     return data
 
 

@@ -2,7 +2,9 @@
 
     name: demo                      # a label for messages and the readme
     runs_dir: runs/demo             # everything the stages write goes under it
-    members: [members/demo_s1.yaml, ...]
+    members: [members/demo_s1.yaml, ...]   # AHIQ member configs, and members that are not AHIQ:
+      # - {name: psnr, metric: psnr}         # a full-reference measure (members.engine.foreign)
+      # - {name: other, predictions: DIR}    # another model's preds_<split>.csv (name,score)
     ensemble: {folds: 3, ...}       # EnsembleConfig
     submission: {test_dir: ...}     # SubmissionConfig
     cluster: {partition: gpu, ...}  # ClusterConfig (members.launch.jobs): SLURM jobs
@@ -14,10 +16,10 @@ level (`--set ensemble.folds=3`, `--set submission.out=x.zip`); a KEY that match
 `--set members.KEY=VALUE` sets KEY (dotted inside a member config, e.g. `members.train.epochs=1`,
 `members.data.split_seed=3`) in EVERY member config of the experiment.
 
-Path rule: a path to another config file (`members:` entries, `base:` in member configs) is relative to
-the folder of the file that names it. Data and output paths (`runs_dir`, `data.root`, `submission.out`,
-`submission.test_dir`, ...) are relative to the working directory (the repository root, where `make`
-runs).
+Path rule: a path to another config file (`members:` entries and their `predictions:` folders, `base:`
+in member configs) is relative to the folder of the file that names it. Data and output paths (`runs_dir`,
+`data.root`, `submission.out`, `submission.test_dir`, ...) are relative to the working directory (the
+repository root, where `make` runs).
 """
 from __future__ import annotations
 
@@ -26,10 +28,11 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from members.contract.cluster import ClusterConfig
 from members.contract.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from members.contract.foreign import ForeignEntry, ForeignSpec, resolve_foreign
 
 METHODS = ("mean", "rank_mean", "nnls", "ridge", "greedy")
 CALIBRATIONS = ("none", "logistic", "isotonic")
@@ -115,7 +118,7 @@ class SubmissionConfig:
 class ExperimentConfig:
     name: str = "experiment"
     runs_dir: str = "runs/experiment"
-    members: list[str] = field(default_factory=list)
+    members: list[Any] = field(default_factory=list)  # str (AHIQ member YAML) or a ForeignSpec mapping
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # SLURM jobs (members.launch.slurm)
@@ -147,11 +150,13 @@ class MemberEntry:
 
 @dataclass
 class Experiment:
-    """A loaded experiment: the typed config, where it came from, and its members."""
+    """A loaded experiment: the typed config, where it came from, and its members: `members` the AHIQ
+    ones (each with its MemberConfig), `foreign` the others (metrics, other models' predictions)."""
 
     path: Path
     config: ExperimentConfig
     members: list[MemberEntry]
+    foreign: list[ForeignEntry] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -175,7 +180,8 @@ class Experiment:
 
     @property
     def member_names(self) -> list[str]:
-        return [m.name for m in self.members]
+        """Every member the ensemble combines: the AHIQ ones, then the others."""
+        return [m.name for m in self.members] + [f.name for f in self.foreign]
 
     @property
     def out_dir(self) -> Path:
@@ -227,7 +233,22 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     seen: dict[str, Path] = {}
     exp = Experiment(path, cfg, members)
     stage_dirs = {_same(exp.split_dir): "the split lists' folder", _same(exp.out_dir): "the ensemble's folder"}
-    for raw in cfg.members:
+    for index, raw in enumerate(cfg.members):
+        if isinstance(raw, dict):  # a member that is not AHIQ: named, checked and placed like the others
+            spec = from_dict(ForeignSpec, raw, prefix=f"members[{index}].")
+            entry = resolve_foreign(spec, path, Path(cfg.runs_dir))
+            if spec.name in seen:
+                raise ConfigError(f"{where}: members {seen[spec.name]} and {path} (members[{index}]) share the "
+                                  f"name {spec.name!r}")
+            if _same(entry.out) in stage_dirs:
+                raise ConfigError(f"{path} (members[{index}]): member name {spec.name!r} makes its folder {entry.out} "
+                                  f"{stage_dirs[_same(entry.out)]}; rename the member")
+            seen[spec.name] = path
+            exp.foreign.append(entry)
+            continue
+        if not isinstance(raw, str):
+            raise ConfigError(f"{where}: members[{index}] is {raw!r}; expected the path of a member YAML or a "
+                              "mapping {name: ..., metric: NAME} / {name: ..., predictions: DIR}")
         member_path = _member_path(raw, path, where)
         name = _load_member(load_member_config, member_path, member_sets, member_sets).name
         if not name or "/" in name or name in (".", ".."):
@@ -242,6 +263,9 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         sets = [*member_sets, f"output_dir={out}", f"split_dir={Path(cfg.runs_dir) / 'splits'}"]
         members.append(MemberEntry(member_path, _load_member(load_member_config, member_path, sets, member_sets),
                                    sets))
+    if not members:  # the split lists and the labels come from the AHIQ members' data
+        raise ConfigError(f"{where}: 'members' lists no AHIQ member config; the split lists and labels that every "
+                          "member is predicted on come from one, so list at least one")
     if _same(exp.out_dir) == _same(exp.split_dir):
         raise ConfigError(f"{path}: ensemble.out_dir {exp.out_dir} is the split lists' folder; choose another folder")
     return exp

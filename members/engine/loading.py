@@ -7,7 +7,7 @@ from pathlib import Path
 
 from members.contract.config import ConfigError, from_dict, load_yaml
 from members.contract.member import MemberConfig, prediction_fingerprint
-from members.contract.stagefiles import StageFileError, read_member_meta, read_preds
+from members.contract.stagefiles import StageFileError, make_command, read_member_meta, read_preds
 from members.engine.inputs import ScorerError
 
 
@@ -84,7 +84,7 @@ def prediction_config(member_dir: Path, meta: dict, experiment: str | None) -> M
     raise ScorerError(f"{member_dir / 'config.yaml'}: not the config {member_dir / 'preds_test.json'} was predicted "
                       f"with (config hash {prediction_fingerprint(cfg)}, predictions {wanted}), and the experiment "
                       f"{experiment or '(unknown)'} does not give it either; restore the member config, or rerun "
-                      "make train-members and make ensemble")
+                      f"{make_command('train-members', experiment)} and {make_command('ensemble', experiment)}")
 
 
 def member_config(member_dir: Path) -> MemberConfig:

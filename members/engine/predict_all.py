@@ -51,7 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp = load_experiment(args.config, args.overrides)
         cfgs = [m.config for m in exp.members if args.only is None or m.name in args.only]
-        unknown = set(args.only or []) - set(exp.member_names)
+        unknown = set(args.only or []) - {m.name for m in exp.members}
+        foreign = sorted(unknown & {f.name for f in exp.foreign})
+        if foreign:  # nothing to predict with the engine: an exit 0 would claim they were predicted
+            raise ConfigError(f"{args.config}: {', '.join(foreign)} not AHIQ member(s); their files are written by "
+                              f"python -m members.engine.foreign -c {args.config}")
         if unknown:
             raise ConfigError(f"{args.config}: no member named {', '.join(sorted(unknown))}")
         opts = FastOptions(precision=args.precision, channels_last=args.channels_last, compile=args.compile,

@@ -21,7 +21,9 @@ where nothing bounds it; `validation_range` the span of the validation split's s
 score is an extrapolation (see `members.engine.loading.score_range_of`). Scoring runs through the same reference-grouped engine
 as prediction (`members.engine.shared.SharedScorer`), with each member's own crop, test-time views and
 upscaling rule; an image smaller than the crop is an error unless the member was trained with
-`data.upscale_small`.
+`data.upscale_small`. An ensemble's metric members (`{name, metric}` entries) are computed on the whole
+images by `members.engine.foreign.metric_score`, as the members stage wrote them; an ensemble with a
+`{name, predictions}` member is refused (no way to score new images with another model's files).
 """
 from __future__ import annotations
 
@@ -36,8 +38,10 @@ import torch
 from torch import nn
 
 from members.contract.member import MemberConfig, load_member_config
-from members.contract.stagefiles import REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, read_json, read_stage_outputs, sha256_file
-from members.data.datasets import RefGroupPairs
+from members.contract.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, make_command, read_json,
+                                         read_stage_outputs, sha256_file)
+from members.contract.foreign import METRICS
+from members.data.datasets import RefGroupPairs, load_rgb
 from members.data.index import DataError, Pair, check_pairs
 from members.data.views import apply_view, make_views
 from members.engine.inputs import ImageLike, ScorerError, as_device, as_image, as_list
@@ -55,9 +59,10 @@ class Scorer(nn.Module):
     lower_better = False  # higher = better, for members and ensembles alike
 
     def __init__(self, members: list[tuple[MemberConfig, str]], ensemble: dict | None = None,
-                 device: str = "", precision: str = "member", validation_range: tuple[float, float] | None = None
-                 ) -> None:
+                 device: str = "", precision: str = "member", validation_range: tuple[float, float] | None = None,
+                 metrics: dict[str, str] | None = None) -> None:
         super().__init__()
+        self.metrics = dict(metrics or {})  # metric members of an ensemble: name -> metric (no weights)
         self.configs = [cfg for cfg, _ in members]
         self.checkpoints = {cfg.name: str(ckpt) for cfg, ckpt in members}
         self.ensemble = ensemble
@@ -124,13 +129,14 @@ class Scorer(nn.Module):
         config, best = member_dir / "config.yaml", member_dir / "best.pth"
         for path in (config, best):
             if not path.is_file():
-                raise ScorerError(f"{path}: not found; is {member_dir} a trained member folder (make train-members)?")
+                raise ScorerError(f"{path}: not found; is {member_dir} a trained member folder "
+                                  f"({make_command('train-members')})?")
         if not (member_dir / "done.json").is_file():
             # best.pth is written from the first validated epoch on: it is a member, just not the one trained
             unfinished = (f"{member_dir}: the member has not finished training (no done.json), so best.pth "
                           "holds the best heads of the epochs run so far")
             if not allow_unfinished:
-                raise ScorerError(f"{unfinished}; finish it with make train-members EXPERIMENT=<config> (training "
+                raise ScorerError(f"{unfinished}; finish it with {make_command('train-members')} (training "
                                   "resumes), or score it as it is with --allow-unfinished (allow_unfinished=True)")
             print(f"warning: {unfinished}; scoring them anyway (--allow-unfinished)", file=sys.stderr)
         return cls([(member_config(member_dir), str(best))],
@@ -148,6 +154,7 @@ class Scorer(nn.Module):
         except StageFileError as err:
             raise ScorerError(str(err)) from None
         inputs = record["manifest"].get("inputs", {}).get("members", {})
+        experiment = record["manifest"].get("experiment")  # the config it was fitted from: hints name it
         dirs, metas = {}, {}
         for entry in record["members"]:
             name = entry["name"]
@@ -155,18 +162,30 @@ class Scorer(nn.Module):
             recorded = inputs.get(name, {}).get("preds_test.json")
             meta_path = member_dir / "preds_test.json"
             if not meta_path.is_file() or (recorded and sha256_file(meta_path) != recorded):
-                raise ScorerError(f"{meta_path}: not the member files the ensemble was fitted on; rerun make ensemble")
+                raise ScorerError(f"{meta_path}: not the member files the ensemble was fitted on; rerun "
+                                  f"{make_command('ensemble', experiment)}")
             dirs[name], metas[name] = member_dir, read_json(meta_path, REBUILD_ENSEMBLE)
+            if metas[name].get("kind") == "predictions":
+                raise ScorerError(f"{folder / 'ensemble.json'}: member {name!r} is another model's predictions; the "
+                                  "Scorer cannot compute that model's score for new images, so fit an ensemble "
+                                  "without it (AHIQ and metric members) to use it here")
         check_ensemble_outputs(folder, record, dirs)  # before any model is built
-        members = []
+        members, metrics = [], {}
         for name, member_dir in dirs.items():
             meta = metas[name]
+            if meta.get("kind") == "metric":  # computed again for new images, as the members stage did
+                metrics[name] = meta.get("metric")
+                if metrics[name] not in METRICS:
+                    raise ScorerError(f"{member_dir / 'preds_test.json'}: unknown metric {metrics[name]!r}; rerun "
+                                      f"{make_command('train-members', experiment)}")
+                continue
             best = member_dir / "best.pth"
             if not best.is_file() or sha256_file(best) != meta.get("checkpoint_sha256"):
                 raise ScorerError(f"{best}: not the heads the ensemble's predictions were made with; "
-                                  "rerun make train-members and make ensemble")
+                                  f"rerun {make_command('train-members', experiment)} and {make_command('ensemble', experiment)}")
             members.append((prediction_config(member_dir, meta, record["manifest"].get("experiment")), str(best)))
-        return cls(members, ensemble=record, validation_range=value_span(folder / "preds_val.csv"), **kwargs)
+        return cls(members, ensemble=record, validation_range=value_span(folder / "preds_val.csv"), metrics=metrics,
+                   **kwargs)
 
     # ------------------------------------------------------------------------------------ scoring
     def score(self, dis: ImageLike | Sequence[ImageLike], ref: ImageLike | Sequence[ImageLike]) -> np.ndarray:
@@ -180,7 +199,9 @@ class Scorer(nn.Module):
             scores = scorer.score(items, len(dis), reuse_reference=True, progress=False)
             for cfg, s in zip(group, scores):
                 columns[:, self.configs.index(cfg)] = s
-        return self._combine(columns)
+        images = ((as_image(d, 0, 0, f"distorted image {i}"), as_image(r, 0, 0, f"reference {i}"), f"pair {i}")
+                  for i, (d, r) in enumerate(zip(dis, ref))) if self.metrics else ()
+        return self._combine(columns, self._metric_columns(list(images)))
 
     def score_pairs(self, pairs: Iterable[tuple[str | Path, str | Path]], batch_size: int = 8,
                     progress: bool = False, num_workers: int = 0) -> np.ndarray:
@@ -206,7 +227,19 @@ class Scorer(nn.Module):
                 raise ScorerError(str(err)) from None
             for cfg, s in zip(group, scores):
                 columns[:, self.configs.index(cfg)] = s
-        return self._combine(columns)
+        images = ((load_rgb(p.dis), load_rgb(p.ref), f"{p.dis}") for p in pairs) if self.metrics else ()
+        return self._combine(columns, self._metric_columns(list(images)))
+
+    def _metric_columns(self, images: list[tuple[torch.Tensor, torch.Tensor, str]]) -> dict[str, np.ndarray]:
+        """The metric members' scores of (distorted, reference, where) images, as members.engine.foreign
+        wrote them for the split lists (oriented higher = better)."""
+        from members.engine.foreign import metric_score
+
+        try:
+            return {name: np.array([metric_score(metric, d, r, where) for d, r, where in images])
+                    for name, metric in self.metrics.items()}
+        except DataError as err:
+            raise ScorerError(str(err)) from None
 
     def _items(self, dis: list, ref: list, cfg: MemberConfig):
         """Reference-grouped items (the engine's input) for images in memory; one pair per item."""
@@ -222,9 +255,9 @@ class Scorer(nn.Module):
                    "ref": torch.stack([apply_view(r_img, v, cfg.model.crop) for v in views]),
                    "dis": torch.stack([apply_view(d_img, v, cfg.model.crop) for v in views])[None]}
 
-    def _combine(self, columns: np.ndarray) -> np.ndarray:
-        """Member columns -> final scores: the member's own, or the ensemble's as its stage computes it
-        from the members' written (6-decimal) scores."""
+    def _combine(self, columns: np.ndarray, metric_columns: dict[str, np.ndarray] | None = None) -> np.ndarray:
+        """Member columns (and the metric members' columns) -> final scores: the member's own, or the
+        ensemble's as its stage computes it from the members' written (6-decimal) scores."""
         if self.ensemble is None:
             return columns[:, 0].copy() if columns.shape[1] == 1 else columns
         # The one documented reach from members/ into a later stage (tests/test_layout.py): what an
@@ -233,6 +266,8 @@ class Scorer(nn.Module):
 
         try:
             x = np.round(columns, SCORE_DECIMALS)  # the stage combined the members' written scores
-            return ensemble_scores(self.ensemble, {c.name: x[:, j] for j, c in enumerate(self.configs)})
+            named = {c.name: x[:, j] for j, c in enumerate(self.configs)}
+            named.update({n: np.round(col, SCORE_DECIMALS) for n, col in (metric_columns or {}).items()})
+            return ensemble_scores(self.ensemble, named)
         except CombineError as err:
-            raise ScorerError(f"ensemble.json: {err}; run make ensemble") from None
+            raise ScorerError(f"ensemble.json: {err}; run {REBUILD_ENSEMBLE}") from None

@@ -13,6 +13,8 @@ the member's best.pth. A line says which member starts ("member k of N") and, on
 about how long the others will take. The members that need predictions are predicted together once
 training is over (`members.engine.predict_all` under `accelerate launch`, on all
 the GPUs or --cpu-procs CPU processes: backbones shared, each reference's part computed once).
+Members that are not AHIQ (`{name, metric}` / `{name, predictions}` entries) are not trained: their
+files are computed or imported (members.engine.foreign) once the data is checked, before any training.
 """
 from __future__ import annotations
 
@@ -265,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                 stale.append(str(err))
         if stale:
             raise StaleMemberError("\n  ".join(["stale member folders:", *stale]))
+        if exp.foreign:  # metrics and other models' predictions: no training, computed or checked now
+            from members.engine.foreign import prepare_foreign
+
+            print("\n".join(prepare_foreign(exp)), flush=True)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -11,7 +11,10 @@ predictions with its test-time views (`members.train.probe`, one process per mem
 
 It prints, and writes to `<runs_dir>/preflight.md`, per member: the step time, the peak memory (CUDA max
 allocated, or the probe process's peak RSS), and estimates of its training and prediction time; then
-the experiment's total under the slot plan. Estimates are step time x optimizer steps + prediction
+the experiment's total under the slot plan. It also compares each member's forward in its precision on
+its device with fp32 on the CPU (two crops), and the kit's deformable convolution with torchvision's
+(max abs differences; on the CPU in fp32 both are ~0, on a GPU in bf16 they show what the run will see).
+Estimates are step time x optimizer steps + prediction
 time x images (validation every `val_every` epochs included), plus the measured start-up; they assume
 the run's machine is as busy as it was during the preflight.
 """
@@ -96,10 +99,11 @@ def schedule(durations: list[float], slots: int) -> float:
 
 
 def report(exp: Experiment, layout: list[str], rows: list[tuple], slots: int, processes: int, disk: str) -> str:
-    head = ["| member | device | precision | batch | step s | peak MiB | state MiB | predict s/image | train est. | predict est. |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ["| member | device | precision | batch | step s | peak MiB | state MiB | predict s/image | train est. "
+            "| predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     body = [f"| {r['member']} | {r['device']} | {r['precision']} | {r['batch_size']} | {step:.3f} | {r['peak_mib']:.0f} | "
-            f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {_hms(t)} | {_hms(p)} |" for r, step, t, p in rows]
+            f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {_hms(t)} | {_hms(p)} | "
+            f"{r['precision_vs_cpu_fp32']:.2e} | {r['deform_vs_torchvision']:.2e} |" for r, step, t, p in rows]
     total = schedule([t for _, _, t, _ in rows], slots) + sum(p for *_, p in rows) / slots
     plan = f"{slots} slot(s) side by side, {processes} process(es) per member"
     return "\n".join([f"# Preflight: {exp.name}", "", "## Data", *layout, "", "## Members", *head, *body, "",

@@ -11,6 +11,9 @@ its metrics also give the published sign-free abs_main), last.pth, done.json, an
 states/ (resumable; dropped once done.json is written, unless --keep-states or
 train.keep_states_when_done). Rerunning the same command resumes from the latest state; a finished
 member is not retrained.
+
+With train.average_last: N, a finished member's best.pth holds instead the mean of the head weights
+at the end of the last N epochs, validated once (members.train.average says where its metrics go).
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from members.engine.shared import SharedScorer
 from members.model.ahiq import AHIQ, build_model, start_readout
 from members.model.backbones import WeightsError
 from members.model.checkpoint import CheckpointError, save_heads
+from members.train.average import HeadAverage, swapped_heads
 from members.train.states import StateError, drop_states, latest_state, read_progress, save_state, sweep_states
 
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
@@ -180,14 +184,17 @@ def _setup(cfg: MemberConfig, accelerator: Accelerator) -> Setup:
     return Setup(model, optimizer, train_set, train_loader, val_loader, val_labels, steps_per_epoch)
 
 
-def _resume(cfg: MemberConfig, accelerator: Accelerator) -> dict:
+def _resume(cfg: MemberConfig, accelerator: Accelerator, average: HeadAverage | None) -> dict:
     """The loop's position (epoch, step, batch, best so far): the start, or the latest saved state,
-    whose model, optimizer, RNG and sampler states are loaded into `accelerator`'s objects."""
+    whose model, optimizer, RNG and sampler states are loaded into `accelerator`'s objects (and the
+    running sum of train.average_last into `average`)."""
     states = cfg.out / "states"
     latest = latest_state(states)
     if latest is None:
         return {"epoch": 0, "step": 0, "batch": 0, "best_main": -math.inf, "best_epoch": None}
     progress = read_progress(latest)
+    if average is not None:
+        average.restore(latest, progress["epoch"])
     try:
         accelerator.load_state(str(latest))
     except Exception as err:  # a torn or foreign state folder: say which, not a loader traceback
@@ -229,16 +236,22 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: t
     return losses.mean().item()
 
 
-def _validate(cfg: MemberConfig, accelerator: Accelerator, run: Setup, progress: dict, epoch: int,
-              step: int) -> None:
-    """Score the validation split, log its metrics, and save best.pth when they are the best so far."""
+def _score(cfg: MemberConfig, accelerator: Accelerator, run: Setup, what: str) -> dict:
+    """Validation metrics of the model's current heads (`what`: 'epoch 3', printed with them)."""
     scores = _validation_scores(accelerator.unwrap_model(run.model), run.val_loader, len(run.val_labels),
                                 accelerator, cfg.train.mixed_precision)
     if not np.isfinite(scores).all():
-        raise NonFiniteLoss(f"{cfg.name}: validation scores are not finite after epoch {epoch}: the heads "
+        raise NonFiniteLoss(f"{cfg.name}: validation scores are not finite for {what}: the heads "
                             f"diverged (lower train.lr); the last good state is kept in {cfg.out / 'states'}")
-    metrics = _validation_metrics(scores, run.val_labels, f"{cfg.name} epoch {epoch}", accelerator)
-    accelerator.print(f"{cfg.name} epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    metrics = _validation_metrics(scores, run.val_labels, f"{cfg.name} {what}", accelerator)
+    accelerator.print(f"{cfg.name} {what}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return metrics
+
+
+def _validate(cfg: MemberConfig, accelerator: Accelerator, run: Setup, progress: dict, epoch: int,
+              step: int) -> None:
+    """Score the validation split, log its metrics, and save best.pth when they are the best so far."""
+    metrics = _score(cfg, accelerator, run, f"epoch {epoch}")
     best = record_if_best(progress, metrics, epoch)
     if accelerator.is_main_process:
         _log(cfg.out / "log.csv", {"step": step, "epoch": epoch, **metrics})
@@ -249,12 +262,30 @@ def _validate(cfg: MemberConfig, accelerator: Accelerator, run: Setup, progress:
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=step)
 
 
+def _validate_average(cfg: MemberConfig, accelerator: Accelerator, run: Setup, average: HeadAverage,
+                      progress: dict) -> None:
+    """Validate the averaged heads once and make them the member's best.pth (replacing the epoch-wise
+    best); their metrics go to progress (done.json). The model keeps its last-epoch weights."""
+    net, epochs = accelerator.unwrap_model(run.model), [average.first, cfg.train.epochs - 1]
+    with swapped_heads(net, average.mean_heads(net)):
+        metrics = _score(cfg, accelerator, run, f"average of epochs {epochs[0]}-{epochs[1]}")
+        if accelerator.is_main_process:
+            save_heads(net, cfg.out / "best.pth", to_dict(cfg.model), metrics=metrics, epoch=epochs[1],
+                       averaged_epochs=epochs)
+    progress["summary"] = {"best_epoch": None, "best_metrics": metrics, "averaged_epochs": epochs,  # done.json
+                           "best_single_epoch": progress["best_epoch"],
+                           "best_single_epoch_metrics": progress.get("best_metrics")}
+    if cfg.train.log_with:
+        accelerator.log({f"val_average/{k}": v for k, v in metrics.items()}, step=progress["step"])
+
+
 def _finish(cfg: MemberConfig, accelerator: Accelerator, run: Setup, progress: dict, seconds: float) -> dict:
     """Write last.pth, then done.json (the member is finished from then on, never resumed), then drop
     the states unless they are to be kept."""
     summary = {"member": cfg.name, "epochs": cfg.train.epochs, "steps": progress["step"],
                "best_epoch": progress["best_epoch"], "best_metrics": progress.get("best_metrics"),
                "processes": accelerator.num_processes, "seconds_this_run": round(seconds, 1)}
+    summary.update(progress.get("summary", {}))  # with train.average_last: best_* describe the averaged heads
     if accelerator.is_main_process:
         save_heads(accelerator.unwrap_model(run.model), cfg.out / "last.pth", to_dict(cfg.model),
                    epoch=cfg.train.epochs - 1)
@@ -284,7 +315,8 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
     )
     set_seed(cfg.seed)  # identical head init everywhere; crops are keyed by (seed, epoch, index)
     run = _setup(cfg, accelerator)
-    progress = _resume(cfg, accelerator)
+    average = HeadAverage(accelerator.unwrap_model(run.model), tc.epochs, tc.average_last) if tc.average_last else None
+    progress = _resume(cfg, accelerator, average)
     if tc.log_with:
         accelerator.init_trackers(cfg.name, config=flat_config(to_dict(cfg)))  # trackers get the whole config
 
@@ -315,15 +347,19 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
                 accelerator.log({"loss": loss, "lr": lr}, step=step)
             if tc.state_every and step % tc.state_every == 0:
                 save_state(accelerator, states, {**progress, "epoch": epoch, "step": step, "batch": batch_index + 1},
-                           tc.keep_states)
+                           tc.keep_states, average and average.tensors())
             if abort_after_steps is not None and step >= abort_after_steps:
                 os._exit(3)  # simulate a crash (tests of resume): no cleanup, no state saved here
 
+        if average is not None and average.in_window(epoch):
+            average.add(accelerator.unwrap_model(run.model))  # before the state: a resumed run must not add it twice
         if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
             _validate(cfg, accelerator, run, progress, epoch, step)
         progress.update(epoch=epoch + 1, step=step, batch=0)
-        save_state(accelerator, states, progress, tc.keep_states)
+        save_state(accelerator, states, progress, tc.keep_states, average and average.tensors())
     bar.close()
+    if average is not None:
+        _validate_average(cfg, accelerator, run, average, progress)
     return _finish(cfg, accelerator, run, progress, time.time() - started)
 
 

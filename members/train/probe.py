@@ -14,6 +14,7 @@ member's run folder: the state goes to a temporary folder beside `--out`.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
+from torchvision.ops import deform_conv2d
 
 from members.contract.atomic import atomic_write_text
 from members.contract.member import MemberConfig, load_member_config
@@ -37,8 +39,9 @@ from members.data.datasets import RefGroupPairs, TrainPairs
 from members.data.index import Pair
 from members.data.splits import LabelStats, build_splits
 from members.data.views import count_views
-from members.engine.shared import SharedScorer
+from members.engine.shared import PRECISIONS, SharedScorer
 from members.model.ahiq import build_model
+from members.model.deform import build_sampling, deform_conv_sampled
 from members.train.loop import make_optimizer, training_step
 
 
@@ -58,6 +61,25 @@ def _sample(pairs: list[Pair], n: int) -> list[Pair]:
     if len(pairs) <= n:
         return list(pairs)
     return [pairs[i] for i in np.linspace(0, len(pairs) - 1, n).round().astype(int)]
+
+
+def numerics(net: torch.nn.Module, batch: dict, precision: str, device: torch.device) -> dict[str, float]:
+    """Max abs differences that a change of device or kernel would make: the member's forward in its
+    precision on `device` against fp32 on the CPU (two crops), and the kit's deformable convolution
+    against torchvision's on the member's own deform weights (random offsets of a few pixels)."""
+    dis, ref = batch["dis"][:2], batch["ref"][:2]
+    with torch.no_grad():
+        with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "no"):
+            here = net(dis.to(device), ref.to(device)).float().cpu()
+        cpu = copy.deepcopy(net).float().cpu()
+        fp32 = cpu(dis.cpu().float(), ref.cpu().float())
+        conv = net.deform_net.deform
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(1, conv.in_channels, 14, 14, generator=gen).to(device)
+        offset = (2 * torch.randn(1, 18, 14, 14, generator=gen)).to(device)
+        kit = deform_conv_sampled(x, conv.weight, conv.bias, build_sampling(offset, (14, 14)))
+        tv = deform_conv2d(x, offset, conv.weight, conv.bias, padding=1)
+    return {"precision_vs_cpu_fp32": float((here - fp32).abs().max()), "deform_vs_torchvision": float((kit - tv).abs().max())}
 
 
 def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
@@ -90,6 +112,9 @@ def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
             raise ValueError(f"{cfg.name}: non-finite loss at preflight step {step} (lower train.lr or use "
                              "train.mixed_precision: no)")
 
+    checks = numerics(accelerator.unwrap_model(model).eval(), batch, tc.mixed_precision, device)
+    accelerator.unwrap_model(model).train()
+
     # A state of the real kind, saved and loaded back: the heads must return exactly.
     state_dir = work / "state"
     accelerator.save_state(str(state_dir))
@@ -116,7 +141,7 @@ def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
             "batch_size": tc.batch_size, "views": count_views(cfg.predict.views), "setup_s": setup_s,
             "step_s": step_seconds, "state_mib": state_mib, "state_ok": state_ok,
             "predict_s_per_image": predict_s, "peak_mib": peak_mib(device),
-            "pairs": {split: len(pairs) for split, pairs in splits.items()}}
+            "pairs": {split: len(pairs) for split, pairs in splits.items()}, **checks}
 
 
 def main(argv: list[str] | None = None) -> int:

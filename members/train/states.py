@@ -1,6 +1,7 @@
 """A member's resumable training states: `<output_dir>/states/step-<step>/` folders written by
 Accelerate's `save_state`, with the loop's position in `progress.json`, and `latest.txt` naming the
-one to resume from.
+one to resume from; a run that keeps more than Accelerate's objects (the running sum of
+`train.average_last`, members.train.average) saves it beside them in `extra.safetensors`.
 
 Every write leaves a complete state that latest.txt names, whenever the run is killed; a finished
 member's states are dropped (`drop_states`) unless asked to keep them: its heads are in best.pth and
@@ -13,9 +14,14 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
 
 from members.contract.atomic import atomic_write_text
+
+
+EXTRA = "extra.safetensors"
 
 
 class StateError(RuntimeError):
@@ -82,9 +88,24 @@ def _readable(folder: Path) -> None:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
-def save_state(accelerator: Accelerator, states: Path, progress: dict, keep: int) -> None:
+def read_extra(state: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors `save_state` kept beside Accelerate's (`extra`), or None when it kept none."""
+    path = state / EXTRA
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)
+    except Exception as err:  # a torn or foreign file: say which, not a loader traceback
+        raise StateError(f"{path}: cannot read this saved state ({err.__class__.__name__}: {str(err)[:200]}); "
+                         f"delete {state} (and {state.parent / 'latest.txt'}) to resume from an older state, "
+                         "or delete the whole states folder to start over") from None
+
+
+def save_state(accelerator: Accelerator, states: Path, progress: dict, keep: int,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
     """`save_state` into a temporary folder, then rename it into place and move the pointer, so a
-    crash at any moment leaves a complete state that latest.txt names.
+    crash at any moment leaves a complete state that latest.txt names. `extra` (tensors every
+    process holds alike) is written by the main process into the same folder before the rename.
 
     The end-of-epoch state can have the same step as a mid-epoch one; the folder latest.txt names
     is never deleted before the new state is in place: the new one then takes a '-b' twin name."""
@@ -98,6 +119,8 @@ def save_state(accelerator: Accelerator, states: Path, progress: dict, keep: int
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if extra is not None and accelerator.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / EXTRA))
     except Exception as err:  # safetensors reports a full disk or a file-size limit as its own error type
         shutil.rmtree(tmp, ignore_errors=True)
         raise StateError(f"{tmp}: could not save the training state ({err.__class__.__name__}: {str(err)[:200]}); "
