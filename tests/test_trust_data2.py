@@ -13,9 +13,11 @@ import pytest
 from PIL import Image
 from test_data import make_pipal
 
+from members.data import hashing
 from members.data import splits as data_mod
 from members.data import demo_data
-from members.data.splits import CONTENT_CACHE, VALID, DataConfig, build_splits, prepare_splits, splits_content
+from members.data.hashing import CONTENT_CACHE
+from members.data.splits import VALID, DataConfig, build_splits, prepare_splits, splits_content
 from members.contract.member import load_member_config
 from members.contract.schema import load_experiment
 from members.contract.stagefiles import StageFileError
@@ -62,10 +64,10 @@ def test_a_same_size_swap_of_a_test_image_is_refused_by_the_later_stages(tmp_pat
 def test_the_fingerprint_ignores_mtimes_and_the_cache_is_reused(tmp_path, monkeypatch):
     make_pipal(tmp_path / "pipal")
     cfg = DataConfig(root=str(tmp_path / "pipal"), val_fraction=0.2)
-    monkeypatch.setattr(data_mod, "RACY_SECONDS", 0.0)  # the files were written just now
+    monkeypatch.setattr(hashing, "RACY_SECONDS", 0.0)  # the files were written just now
     hashed = []
-    real = data_mod.sha256_file
-    monkeypatch.setattr(data_mod, "sha256_file", lambda path: hashed.append(path) or real(path))
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda path: hashed.append(path) or real(path))
     prepare_splits(cfg, tmp_path / "splits")
     n_images = len({p for s in build_splits(cfg).values() for x in s for p in (x.dis, x.ref)})
     assert len(hashed) == n_images  # each image once, though two fingerprints are made
@@ -97,7 +99,7 @@ def test_a_cached_hash_of_a_file_since_rewritten_is_not_trusted(tmp_path, monkey
     # A stale entry must never vouch for other bytes: an entry whose stat differs is re-hashed.
     make_pipal(tmp_path / "pipal")
     cfg = DataConfig(root=str(tmp_path / "pipal"), val_fraction=0.2)
-    monkeypatch.setattr(data_mod, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(hashing, "RACY_SECONDS", 0.0)
     prepare_splits(cfg, tmp_path / "splits")
     cache = json.loads((tmp_path / "splits" / CONTENT_CACHE).read_text(encoding="utf-8"))
     assert cache["files"] and all(len(v) == 5 for v in cache["files"].values())
