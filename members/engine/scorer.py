@@ -18,9 +18,10 @@ scale, exactly what its `preds_<split>.csv` holds; an ensemble's is what its `pr
 (standardised members combined with the fitted weights, then the calibration), so scoring the test
 images reproduces `preds_test.csv`. `score_range` is the (low, high) every score lies in, infinite
 where nothing bounds it; `validation_range` the span of the validation split's scores, outside which a
-score is an extrapolation (see `members.engine.loading.score_range_of`). Scoring runs through the same reference-grouped engine
-as prediction (`members.engine.shared.SharedScorer`), with each member's own crop, test-time views and
-upscaling rule; an image smaller than the crop is an error unless the member was trained with
+score is an extrapolation (see `members.engine.loading.score_range_of`). Scoring runs through the same
+reference-grouped engine as prediction (`members.engine.shared.SharedScorer`), with each member's own
+crop, test-time views and upscaling rule; an image smaller than the crop is an error unless the member
+was trained with
 `data.upscale_small`. An ensemble's metric members (`{name, metric}` entries) are computed on the whole
 images by `members.engine.foreign.metric_score`, as the members stage wrote them; an ensemble with a
 `{name, predictions}` member is refused (no way to score new images with another model's files).
@@ -182,7 +183,8 @@ class Scorer(nn.Module):
             best = member_dir / "best.pth"
             if not best.is_file() or sha256_file(best) != meta.get("checkpoint_sha256"):
                 raise ScorerError(f"{best}: not the heads the ensemble's predictions were made with; "
-                                  f"rerun {make_command('train-members', experiment)} and {make_command('ensemble', experiment)}")
+                                  f"rerun {make_command('train-members', experiment)} and "
+                                  f"{make_command('ensemble', experiment)}")
             members.append((prediction_config(member_dir, meta, record["manifest"].get("experiment")), str(best)))
         return cls(members, ensemble=record, validation_range=value_span(folder / "preds_val.csv"), metrics=metrics,
                    **kwargs)

@@ -20,6 +20,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo-data": ("members.data.demo_data", "generate the small synthetic-label demo dataset (make demo-data)"),
     "weights": ("members.model.weights", "download the configured backbone weights into weights/ (make weights)"),
+    "preflight": ("members.launch.preflight", "before a long run: data, disk, real steps per member, estimates"),
     "train": ("members.launch.experiment", "train every member of an experiment, then predict (make train-members)"),
     "predict": ("members.engine.predict_all", "re-predict an experiment's trained members (make predict-all)"),
     "baselines": ("members.train.baselines", "PSNR, SSIM and untrained-feature baselines on a member's splits"),

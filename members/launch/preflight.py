@@ -100,8 +100,9 @@ def schedule(durations: list[float], slots: int) -> float:
 
 def report(exp: Experiment, layout: list[str], rows: list[tuple], slots: int, processes: int, disk: str) -> str:
     head = ["| member | device | precision | batch | step s | peak MiB | state MiB | predict s/image | train est. "
-            "| predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    body = [f"| {r['member']} | {r['device']} | {r['precision']} | {r['batch_size']} | {step:.3f} | {r['peak_mib']:.0f} | "
+            "| predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |", "|---" * 12 + "|"]
+    body = [f"| {r['member']} | {r['device']} | {r['precision']} | {r['batch_size']} | {step:.3f} | "
+            f"{r['peak_mib']:.0f} | "
             f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {_hms(t)} | {_hms(p)} | "
             f"{r['precision_vs_cpu_fp32']:.2e} | {r['deform_vs_torchvision']:.2e} |" for r, step, t, p in rows]
     total = schedule([t for _, _, t, _ in rows], slots) + sum(p for *_, p in rows) / slots

@@ -79,7 +79,8 @@ def numerics(net: torch.nn.Module, batch: dict, precision: str, device: torch.de
         offset = (2 * torch.randn(1, 18, 14, 14, generator=gen)).to(device)
         kit = deform_conv_sampled(x, conv.weight, conv.bias, build_sampling(offset, (14, 14)))
         tv = deform_conv2d(x, offset, conv.weight, conv.bias, padding=1)
-    return {"precision_vs_cpu_fp32": float((here - fp32).abs().max()), "deform_vs_torchvision": float((kit - tv).abs().max())}
+    return {"precision_vs_cpu_fp32": float((here - fp32).abs().max()),
+            "deform_vs_torchvision": float((kit - tv).abs().max())}
 
 
 def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
