@@ -244,3 +244,32 @@ def test_non_negative_fits_fall_back_to_equal_weights_when_no_member_helps():
     for name in ("nnls", "ridge"):
         weights = get_method(name).fit(x, y, groups)
         assert np.allclose(weights, [0.5, 0.5]), name
+
+
+def test_a_weak_metric_beside_good_members_gets_a_small_weight_on_real_labels():
+    """TID2013's real MOS (tests/fixtures/real): two good members and a weak classical measure (a
+    monotone but noisy function of the MOS, as PSNR is of opinion scores). The guard keeps the fitted
+    weights only when they beat the equal-weight mean; either way the weak member must not pull the
+    ensemble below its best member, and a fitted method gives it a small weight."""
+    rows = [line.split(",") for line in (Path(__file__).parent / "fixtures/real/tid2013_scores.csv")
+            .read_text().splitlines()[1:]]
+    refs = np.array([r[2] for r in rows])
+    mos = np.array([float(r[3]) for r in rows])
+    ref_ids = sorted(set(refs))
+    val = np.isin(refs, ref_ids[:15])
+    rng = np.random.default_rng(0)
+    z = (mos - mos.mean()) / mos.std()
+    x = np.column_stack([z + rng.normal(0, 0.35, len(z)), 2 * z + rng.normal(0, 0.8, len(z)) + 1,
+                         np.exp(0.5 * z) + rng.normal(0, 1.5, len(z))])  # the weak "metric"
+    names = [f"{r[0]}" for r in rows]
+    members = ["good_a", "good_b", "weak_metric"]
+    data = MemberData(members=members, dirs=[Path("runs") / n for n in members],
+                      val_names=[n for n, v in zip(names, val) if v], refs=refs[val], mos=mos[val], x_val=x[val],
+                      test_names=[n for n, v in zip(names, val) if not v], x_test=x[~val],
+                      test_meta=[{"member": n} for n in members], higher_is_better=True)
+    result = run_ensemble(data, EnsembleConfig(n_boot=200))
+    for name in ("nnls", "ridge", "greedy"):
+        weights = result.methods[name].weights
+        assert weights[2] < 0.15 < weights[0], (name, weights)
+    best_member = max(metrics.signed_main(x[~val][:, j], mos[~val]) for j in range(2))
+    assert metrics.signed_main(result.test, mos[~val]) >= best_member - 0.01
