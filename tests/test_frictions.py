@@ -13,6 +13,7 @@ import yaml
 
 from members.contract.stagefiles import (REBUILD_MEMBERS, StageFileError, make_command, read_member_meta,
                                          rebuild_ensemble, rebuild_members)
+from members.contract.member import drop_states, load_member_config
 from members.launch import experiment
 from members.train import states as states_mod
 
@@ -78,9 +79,29 @@ def test_drop_states_removes_the_folder_and_its_pointer(tmp_path):
     for step in (3, 6):
         states_mod.save_state(SafetensorsLikeAccelerator(), states, progress(step), keep=2)
     assert states_mod.latest_state(states).name == "step-00000006"
-    states_mod.drop_states(states)
+    drop_states(states)
     assert not states.exists() and states_mod.latest_state(states) is None
-    states_mod.drop_states(states)  # nothing left: no error
+    drop_states(states)  # nothing left: no error
+
+
+def test_states_a_killed_removal_left_are_removed_by_the_next_run(member_yaml, tmp_path, capsys):
+    """kill -9 between done.json and the end of the states' removal leaves states/ behind (hundreds of
+    MB per real member). Training never runs again for a finished member, so the next
+    `make train-members` removes them, unless the states are to be kept."""
+    from members.contract.schema import MemberEntry
+    from members.launch.experiment import run_members
+
+    cfg = load_member_config(member_yaml, [f"output_dir={tmp_path / 'm'}"])
+    states = cfg.out / "states" / "step-00000003"
+    states.mkdir(parents=True)
+    (states / "model.safetensors").write_bytes(b"x" * 100)
+    (cfg.out / "done.json").write_text("{}")
+    kept = MemberEntry(member_yaml, cfg, [])
+    assert run_members([kept], [], None, 1, keep_states=True) == []
+    assert states.is_dir()  # --keep-states: left as they are
+    assert run_members([kept], [], None, 1) == []
+    assert not (cfg.out / "states").exists() and (cfg.out / "done.json").is_file()
+    assert "removed the states a finished run left behind" in capsys.readouterr().out
 
 
 # -------------------------------------------------------------------------------------- progress

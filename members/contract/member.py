@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,3 +250,11 @@ def check_member_folder(cfg: MemberConfig) -> None:
                                f"Restore them, or move {cfg.out} away (or delete it) to retrain it")
 
 
+def drop_states(states: Path) -> None:
+    """Remove a finished member's states (after its done.json is written: a run killed before that
+    still resumes from them). The pointer goes first, so a removal cut short leaves no pointer to a
+    half-removed state; what a removal cut short (kill -9) leaves, the next `make train-members`
+    removes (members.launch.experiment), as training itself never runs again for a finished member."""
+    if states.is_dir():
+        (states / "latest.txt").unlink(missing_ok=True)
+        shutil.rmtree(states)

@@ -32,7 +32,7 @@ from members.contract.cli import quiet_start, run_main, shim_command
 if __name__ == "__main__":
     quiet_start()  # before the slow imports below (torch): Ctrl-C during them ends in one line
 from members.contract.config import ConfigError
-from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder,
+from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder, drop_states,
                                      prediction_fingerprint, prediction_splits)
 from members.data.splits import prepare_member_data
 from members.contract.schema import MemberEntry, load_experiment
@@ -172,6 +172,11 @@ class Progress:
 def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | None, cpu_procs: int,
                 keep_states: bool = False) -> list[str]:
     """Run every member's training jobs; returns the failed members."""
+    for m in members:  # a finished member whose states' removal was cut short (kill -9): remove the rest
+        if not needs_training(m.config) and (m.out / "states").is_dir() and not (
+                keep_states or m.config.train.keep_states_when_done):
+            drop_states(m.out / "states")
+            print(f"{m.name}: removed the states a finished run left behind (--keep-states keeps them)")
     slots, processes = plan_slots(gpus, per_member, cpu_procs)
     threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
     queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides, keep_states),

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from members.contract.atomic import atomic_write_text, sweep_temps
 from members.contract.cli import hold_folder_lock, one_line, run_main
 from members.contract.config import dump_yaml, to_dict
-from members.contract.member import (MemberConfig, check_member_folder, load_member_config,
+from members.contract.member import (MemberConfig, check_member_folder, drop_states, load_member_config,
                                      write_training_record)
 from members.contract.metrics import MetricError, evaluate
 from members.data.datasets import RefGroupPairs, TrainPairs
@@ -55,7 +55,7 @@ from members.model.ahiq import AHIQ, build_model, start_readout
 from members.model.backbones import WeightsError
 from members.model.checkpoint import CheckpointError, save_heads
 from members.train.average import HeadAverage, swapped_heads
-from members.train.states import StateError, drop_states, latest_state, read_progress, save_state, sweep_states
+from members.train.states import StateError, latest_state, read_progress, save_state, sweep_states
 
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
 

@@ -149,10 +149,3 @@ def sweep_states(states: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
-def drop_states(states: Path) -> None:
-    """Remove a finished member's states (after its done.json is written: a run killed before that
-    still resumes from them). The pointer goes first, so a removal cut short leaves no pointer to a
-    half-removed state."""
-    if states.is_dir():
-        (states / "latest.txt").unlink(missing_ok=True)
-        shutil.rmtree(states)
