@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from members.model.backbones import VIT_TAPS
 from members.model.ahiq import AHIQ
+from members.model.backbones import VIT_TAPS
 
 
 def _load_part(full: nn.Module, part: nn.Module, what: str) -> None:

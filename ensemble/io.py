@@ -21,8 +21,8 @@ import numpy as np
 
 from members.contract.member import prediction_fingerprint
 from members.contract.schema import Experiment
-from members.contract.stagefiles import (StageFileError, name_difference, read_labels, read_member_meta, read_preds,
-                                         rebuild_members, sha256_file)
+from members.contract.stagefiles import (StageFileError, name_difference, read_labels, read_member_meta,
+                                         read_preds, rebuild_members, sha256_file)
 from members.data.splits import check_split_lists
 
 SPLITS = ("val", "test")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
+from matplotlib.axes import Axes
 # The Agg canvas directly, not pyplot: headless, and no global figure state to leak between runs.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from members.contract.config import to_dict

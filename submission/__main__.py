@@ -13,8 +13,8 @@ from members.contract.cli import INTERRUPTED_RERUN, quiet_start, run_main
 if __name__ == "__main__":
     quiet_start(INTERRUPTED_RERUN)  # before the slow imports below: Ctrl-C during them ends in one line
 from members.contract.config import ConfigError
-from submission.check import NamesError, print_report
 from members.contract.schema import load_experiment
+from submission.check import NamesError, print_report
 from submission.write import SubmissionInvalidError, write_submission
 
 

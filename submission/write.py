@@ -24,12 +24,11 @@ from typing import Any
 
 from ensemble.combine import CombineError, check_outputs, rebuild_hint
 from members.contract.atomic import atomic_path
-from members.data.splits import read_split
 from members.contract.member import prediction_fingerprint
 from members.contract.schema import PHASES, Experiment
 from members.contract.stagefiles import (REBUILD_ENSEMBLE, StageFileError, read_json, read_preds,
                                          read_stage_outputs, rebuild_ensemble, rebuild_members, sha256_file)
-from members.data.splits import check_split_lists
+from members.data.splits import check_split_lists, read_split
 from submission.check import OUTPUT, README, Report, check_zip, names_in_dir, read_names_file
 from submission.readme import ReadmeInfo, format_readme
 

@@ -17,17 +17,18 @@ from test_ensemble_cli import make_experiment
 from test_submission import TWO, _meta, make_runs
 
 import ensemble.__main__ as ensemble_cli
+from ensemble.io import EnsembleInputError, load_members
 from members.contract.config import ConfigError, dump_yaml
-from members.data.splits import DataConfig, prepare_splits, read_split
 from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder,
                                      prediction_fingerprint)
 from members.contract.schema import load_experiment
-from members.engine.score import main as score_main, read_pairs_csv
-from members.engine.inputs import as_image
-from members.engine.scorer import Scorer, ScorerError
 from members.contract.stagefiles import read_member_meta, sha256_file, write_member_split, write_stage_outputs
+from members.data.splits import DataConfig, prepare_splits, read_split
+from members.engine.inputs import as_image
+from members.engine.score import main as score_main
+from members.engine.score import read_pairs_csv
+from members.engine.scorer import Scorer, ScorerError
 from submission.__main__ import main as submission_main
-from ensemble.io import EnsembleInputError, load_members
 
 
 def _edit_json(path: Path, change) -> None:

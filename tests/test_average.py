@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import heads, read_preds, run
 from torch import nn
 
 from members.contract.config import ConfigError, to_dict
@@ -21,7 +22,6 @@ from members.engine.predict import predict
 from members.model.checkpoint import read_heads
 from members.train.average import HeadAverage, swapped_heads
 from members.train.states import StateError
-from test_train import heads, read_preds, run
 
 PARTS = ("deform_net.", "regressor.")
 

@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 from scipy.stats import spearmanr
 
-from members.train.baselines import _unit_distance, main
-from members.data.splits import build_splits
 from members.contract.member import load_member_config
+from members.data.splits import build_splits
+from members.train.baselines import _unit_distance, main
 
 HIDDEN = "demo_test_labels"  # the demo's hidden test labels, passed explicitly as the docstring says
 

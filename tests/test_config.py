@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from members.contract.config import ConfigError, apply_overrides, from_dict, load_yaml, read_yaml_with_base
 from members.contract.atomic import atomic_write_text
+from members.contract.config import ConfigError, apply_overrides, from_dict, load_yaml, read_yaml_with_base
 
 
 @dataclass

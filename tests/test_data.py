@@ -13,11 +13,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from members.contract.config import ConfigError, from_dict, load_yaml
+from members.data.datasets import RefGroupPairs, TrainPairs, load_rgb
+from members.data.index import DataError, Pair, check_pairs, read_csv_table, read_pipal_labels
 from members.data.splits import DataConfig, LabelStats, prepare_splits, read_split
-from members.data.index import DataError, Pair, check_pairs
-from members.data.datasets import TrainPairs, load_rgb
-from members.data.index import read_csv_table, read_pipal_labels
-from members.data.datasets import RefGroupPairs
 from members.data.views import AugmentConfig, ViewConfig, apply_view, make_views
 
 REAL = Path(__file__).resolve().parent / "fixtures" / "real"  # small real label files, see fixtures/README.md

@@ -13,9 +13,9 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from members.data import demo_data
-from members.data.splits import DataConfig, build_splits
 from members.data.demo_data import (MARKER, REF_GROUPS, TABLE, TABLE_GROUPS, DemoDataError, build, main,
                                     proxy_quality)
+from members.data.splits import DataConfig, build_splits
 
 TRAIN_DIS = [f"Distortion_{i}" for i in range(1, 5)]
 TRAIN_NAME = re.compile(r"^A\d{4}_0[0-6]_\d{2}\.bmp$")

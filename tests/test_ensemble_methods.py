@@ -4,17 +4,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 import pytest
+from scipy import stats
 
 from ensemble.calibrate import CalibrationError, check_order, fit_calibration
 from ensemble.combine import apply_calibration, combine_linear, combine_ranks, quantiles
-from members.contract.schema import EnsembleConfig
 from ensemble.fit import MethodResult, choose, evaluate_method, run_ensemble
 from ensemble.io import EnsembleInputError, MemberData
-from ensemble.methods import (fit_greedy, fit_nnls, fit_ridge, get_method,
-                              ridge_toward_equal, standardisation, standardise)
+from ensemble.methods import (fit_greedy, fit_nnls, fit_ridge, get_method, ridge_toward_equal,
+                              standardisation, standardise)
 from members.contract import metrics
+from members.contract.schema import EnsembleConfig
 
 
 def synthetic(noise_sds: list[float], n_refs: int = 30, per_ref: int = 20, seed: int = 0,

@@ -12,7 +12,7 @@ from ensemble.fit import run_ensemble
 from ensemble.io import EnsembleInputError, MemberData
 from ensemble.methods import get_method, ridge_toward_equal, standardisation, standardise
 from members.contract import metrics
-from members.contract.schema import EnsembleConfig, METHODS
+from members.contract.schema import METHODS, EnsembleConfig
 
 
 def members_data(signs: list[float], n_refs: int = 12, per_ref: int = 10, seed: int = 0,

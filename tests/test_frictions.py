@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from members.contract.member import drop_states, load_member_config
 from members.contract.stagefiles import (REBUILD_MEMBERS, StageFileError, make_command, read_member_meta,
                                          rebuild_ensemble, rebuild_members)
-from members.contract.member import drop_states, load_member_config
 from members.launch import experiment
 from members.train import states as states_mod
 

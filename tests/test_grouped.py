@@ -13,16 +13,15 @@ import pytest
 import torch
 
 from bench.release import ReleaseBackbones, release_predict
-from members.model.checkpoint import save_heads
 from members.contract.config import to_dict
-from members.data.datasets import load_rgb
-from members.engine.shared import FastOptions, SharedScorer, assemble, group_members
 from members.contract.member import load_member_config
+from members.data.datasets import load_rgb, process_share, reference_chunks
 from members.data.splits import prepare_member_data
-from members.model.ahiq import AHIQ, build_model
-from members.engine.predict import predict, predict_members
-from members.data.datasets import process_share, reference_chunks
 from members.data.views import apply_view, make_views
+from members.engine.predict import predict, predict_members
+from members.engine.shared import FastOptions, SharedScorer, assemble, group_members
+from members.model.ahiq import AHIQ, build_model
+from members.model.checkpoint import save_heads
 
 TINY = {"vit": "vit_tiny_patch16_224", "cnn": "resnet18", "crop": 32, "vit_weights": "none", "cnn_weights": "none"}
 CPU = torch.device("cpu")

@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import deform_conv2d
 
-from members.model.backbones import CnnTaps, VitTaps, WeightsError
-from members.model.checkpoint import CheckpointError, read_heads, save_heads
 from members.contract.config import ConfigError
 from members.contract.member import ModelConfig
 from members.model.ahiq import build_model
+from members.model.backbones import CnnTaps, VitTaps, WeightsError
+from members.model.checkpoint import CheckpointError, read_heads, save_heads
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "ahiq_official_state_dict.json"
 REPO = Path(__file__).resolve().parents[1]

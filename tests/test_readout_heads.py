@@ -10,8 +10,7 @@ import torch.nn.functional as F
 import yaml
 
 from members.contract.config import ConfigError
-from members.contract.member import load_member_config
-from members.contract.member import ModelConfig
+from members.contract.member import ModelConfig, load_member_config
 from members.model.ahiq import build_model, start_readout
 from members.train.loop import train
 

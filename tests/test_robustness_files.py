@@ -12,10 +12,10 @@ import pytest
 from torch import nn
 
 from members.contract.atomic import atomic_path, atomic_write_bytes, atomic_write_text, sweep_temps, temp_path
-from members.model.checkpoint import save_heads
 from members.contract.cli import one_line
 from members.contract.config import ConfigError, read_yaml_with_base
 from members.data.index import DataError
+from members.model.checkpoint import save_heads
 from submission.check import MAX_MEMBER_BYTES, check_zip
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from members.model.backbones import CnnTaps, VitTaps, WeightsError, read_state_dict
-from members.launch.experiment import main as experiment_main
+from members.data.datasets import load_rgb
 from members.data.index import (DataError, Pair, check_pairs, read_csv_table, read_ntire_folder,
                                 read_pipal_labels)
-from members.data.datasets import load_rgb
+from members.launch.experiment import main as experiment_main
+from members.model.backbones import CnnTaps, VitTaps, WeightsError, read_state_dict
 
 REPO = Path(__file__).resolve().parents[1]
 

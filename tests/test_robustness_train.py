@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from members.train import states as states_mod
 from members.launch.experiment import launch_command
+from members.train import states as states_mod
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,17 +22,16 @@ from PIL import Image
 
 from ensemble.__main__ import main as ensemble_main
 from members import Scorer
-from members.model.checkpoint import save_heads
 from members.contract.config import dump_yaml, to_dict
-from members.data.splits import read_split
-from members.engine.predict import predict_members
-from members.data.splits import prepare_member_data
 from members.contract.metrics import plcc
-from members.model.ahiq import build_model
 from members.contract.schema import load_experiment
+from members.contract.stagefiles import _sealed, read_labels, read_preds
+from members.data.splits import prepare_member_data, read_split
+from members.engine.predict import predict_members
 from members.engine.score import main as score_main
 from members.engine.scorer import ScorerError
-from members.contract.stagefiles import _sealed, read_labels, read_preds
+from members.model.ahiq import build_model
+from members.model.checkpoint import save_heads
 from submission.__main__ import main as submission_main
 
 TOL = 1e-5

@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-from members.data import demo_data
-from members.model.checkpoint import read_heads
-from members.launch.jobs import INSTALL, StageJob, accelerate_command, executor, first_host, sbatch_params
 from members.contract.cluster import ClusterConfig, ClusterError
 from members.contract.config import ConfigError
+from members.data import demo_data
+from members.launch.jobs import INSTALL, StageJob, accelerate_command, executor, first_host, sbatch_params
 from members.launch.slurm import main as slurm_main
+from members.model.checkpoint import read_heads
 
 submitit = pytest.importorskip("submitit", reason="submitit missing: pip install -e .[cluster] (requirements.txt has it)")
 

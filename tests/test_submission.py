@@ -15,16 +15,14 @@ import numpy as np
 import pytest
 
 from members.contract.config import ConfigError
-from submission.__main__ import main as submission_main
-from submission.check import check_zip, main as check_main, names_in_dir, read_names_file
-from submission.readme import CPU, EXTRA_DATA, FIELDS, ReadmeInfo, format_readme, parse_readme
 from members.contract.schema import load_experiment
 from members.contract.stagefiles import sha256_file, write_member_split, write_stage_outputs
-from submission.write import (
-    SubmissionInputError,
-    SubmissionInvalidError,
-    write_submission,
-)
+from submission.__main__ import main as submission_main
+from submission.check import check_zip
+from submission.check import main as check_main
+from submission.check import names_in_dir, read_names_file
+from submission.readme import CPU, EXTRA_DATA, FIELDS, ReadmeInfo, format_readme, parse_readme
+from submission.write import SubmissionInputError, SubmissionInvalidError, write_submission
 
 # ---------------------------------------------------------------- the accepted layout and broken copies
 

@@ -13,15 +13,14 @@ import pytest
 import torch
 import yaml
 
-from members.model.checkpoint import read_heads
-from members.contract.config import ConfigError
-from members.contract.config import to_dict
-from members.data.splits import LabelStats
-from members.launch.experiment import launch_command
-from members.launch.experiment import main as experiment_main
+from members.contract.config import ConfigError, to_dict
 from members.contract.member import load_member_config
 from members.contract.metrics import evaluate
+from members.data.splits import LabelStats
 from members.engine.predict import predict
+from members.launch.experiment import launch_command
+from members.launch.experiment import main as experiment_main
+from members.model.checkpoint import read_heads
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,15 +9,13 @@ from pathlib import Path
 import pytest
 from test_data import make_pipal
 
-from members.data.splits import DataConfig, prepare_splits, splits_content
-from members.data.index import DataError
-from members.launch.experiment import needs_prediction
-from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder,
-                                     prediction_fingerprint, training_fingerprint, write_training_record)
-from members.data.splits import prepare_member_data
-from members.contract.member import ModelConfig
-from members.contract.schema import load_experiment
 from members.contract.config import ConfigError
+from members.contract.member import (MemberConfig, ModelConfig, StaleMemberError, check_member_folder,
+                                     prediction_fingerprint, training_fingerprint, write_training_record)
+from members.contract.schema import load_experiment
+from members.data.index import DataError
+from members.data.splits import DataConfig, prepare_member_data, prepare_splits, splits_content
+from members.launch.experiment import needs_prediction
 
 REPO = Path(__file__).resolve().parents[1]
 

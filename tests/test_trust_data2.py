@@ -13,15 +13,14 @@ import pytest
 from PIL import Image
 from test_data import make_pipal
 
-from members.data import hashing
-from members.data import splits as data_mod
-from members.data import demo_data
-from members.data.hashing import CONTENT_CACHE
-from members.data.splits import VALID, DataConfig, build_splits, prepare_splits, splits_content
 from members.contract.member import load_member_config
 from members.contract.schema import load_experiment
 from members.contract.stagefiles import StageFileError
-from members.data.splits import check_split_lists
+from members.data import demo_data, hashing
+from members.data import splits as data_mod
+from members.data.hashing import CONTENT_CACHE
+from members.data.splits import (VALID, DataConfig, build_splits, check_split_lists, prepare_splits,
+                                 splits_content)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,9 @@ import ensemble.__main__ as ensemble_cli
 from ensemble.combine import CombineError, ensemble_scores
 from members.contract.config import dump_yaml
 from members.contract.member import MemberConfig
+from members.contract.stagefiles import _sealed, read_preds
 from members.engine.score import main as score_main
 from members.engine.scorer import Scorer, ScorerError
-from members.contract.stagefiles import _sealed, read_preds
 from submission.__main__ import main as submission_main
 
 

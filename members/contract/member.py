@@ -13,8 +13,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from members.contract.config import apply_overrides, from_dict, read_yaml_with_base, to_dict
 from members.contract.atomic import atomic_write_text
+from members.contract.config import apply_overrides, from_dict, read_yaml_with_base, to_dict
 from members.data.splits import VALID, DataConfig, splits_content
 from members.data.views import AugmentConfig, ViewConfig
 

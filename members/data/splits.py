@@ -24,10 +24,10 @@ import numpy as np
 
 from members.contract.atomic import atomic_write_text
 from members.contract.config import to_dict
-from members.data.hashing import image_hashes
-from members.data.index import (DataError, Pair, check_pairs, check_unique, read_csv_table,
-                                read_ntire_folder, read_pipal_labels, read_ref_groups)
 from members.contract.stagefiles import StageFileError, rebuild_members
+from members.data.hashing import image_hashes
+from members.data.index import (DataError, Pair, check_pairs, check_unique, read_csv_table, read_ntire_folder,
+                                read_pipal_labels, read_ref_groups)
 
 if TYPE_CHECKING:
     from members.contract.member import MemberConfig

@@ -27,7 +27,8 @@ from members.contract.cli import INTERRUPTED_RERUN, run_main
 from members.contract.config import ConfigError
 from members.contract.foreign import METRICS, ForeignEntry
 from members.contract.schema import Experiment, load_experiment
-from members.contract.stagefiles import StageFileError, name_difference, read_member_meta, read_preds, sha256_file
+from members.contract.stagefiles import (StageFileError, name_difference, read_member_meta, read_preds,
+                                         sha256_file)
 from members.data.datasets import load_rgb
 from members.data.index import DataError, Pair
 from members.data.splits import VALID, prepare_member_data, read_split

@@ -11,7 +11,6 @@ from PIL import Image
 
 from members.data.index import DataError, as_rgb
 
-
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 
 

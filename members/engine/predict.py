@@ -25,18 +25,18 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from members.model.backbones import WeightsError
-from members.model.checkpoint import CheckpointError
 from members.contract.cli import run_main
-from members.data.index import Pair
-from members.engine.shared import (Clock, FastOptions, SharedScorer, build_group, device_for, group_members,
-                                   precision_of, process_state)
 from members.contract.member import (MemberConfig, load_member_config, prediction_fingerprint,
                                      prediction_splits)
-from members.data.splits import prepare_member_data
-from members.data.datasets import RefGroupPairs
 from members.contract.stagefiles import sha256_file, write_member_split
+from members.data.datasets import RefGroupPairs
+from members.data.index import Pair
+from members.data.splits import prepare_member_data
 from members.data.views import describe
+from members.engine.shared import (Clock, FastOptions, SharedScorer, build_group, device_for, group_members,
+                                   precision_of, process_state)
+from members.model.backbones import WeightsError
+from members.model.checkpoint import CheckpointError
 
 
 def write_predictions(out: Path, split: str, pairs: list[Pair], scores: np.ndarray, meta: dict) -> None:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from members.model.backbones import WeightsError
-from members.model.checkpoint import CheckpointError
 from members.contract.cli import run_main
 from members.contract.config import ConfigError
 from members.contract.schema import load_experiment
-from members.engine.shared import MAX_CROPS, PRECISIONS, FastOptions
 from members.engine.predict import predict_members
+from members.engine.shared import MAX_CROPS, PRECISIONS, FastOptions
+from members.model.backbones import WeightsError
+from members.model.checkpoint import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

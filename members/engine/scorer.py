@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from members.contract.member import MemberConfig, load_member_config
-from members.contract.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, make_command, read_json,
-                                         read_stage_outputs, sha256_file)
 from members.contract.foreign import METRICS
+from members.contract.member import MemberConfig, load_member_config
+from members.contract.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, make_command,
+                                         read_json, read_stage_outputs, sha256_file)
 from members.data.datasets import RefGroupPairs, load_rgb
 from members.data.index import DataError, Pair, check_pairs
 from members.data.views import apply_view, make_views
@@ -49,8 +49,6 @@ from members.engine.inputs import ImageLike, ScorerError, as_device, as_image, a
 from members.engine.loading import (check_ensemble_outputs, member_config, prediction_config, score_range_of,
                                     value_span)
 from members.engine.shared import FastOptions, SharedScorer, build_group, group_members, precision_of
-
-
 
 
 class Scorer(nn.Module):

@@ -29,11 +29,11 @@ from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 from tqdm.auto import tqdm
 
-from members.model.checkpoint import load_heads_into
 from members.contract.config import to_dict
-from members.model.grouped import GroupedHeads, prepare_model
 from members.contract.member import MemberConfig
 from members.model.ahiq import AHIQ, build_model
+from members.model.checkpoint import load_heads_into
+from members.model.grouped import GroupedHeads, prepare_model
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Crops per backbone and heads call (always at least one image's views). The release runs one pair

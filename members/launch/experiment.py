@@ -34,10 +34,9 @@ if __name__ == "__main__":
 from members.contract.config import ConfigError
 from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder, drop_states,
                                      prediction_fingerprint, prediction_splits)
-from members.data.splits import prepare_member_data
 from members.contract.schema import MemberEntry, load_experiment
 from members.contract.stagefiles import StageFileError, read_member_meta, sha256_file
-
+from members.data.splits import prepare_member_data
 
 
 def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> list[str]:

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import DeformConv2d
 
+from members.contract.config import from_dict
+from members.contract.member import ModelConfig
 from members.model.backbones import CnnTaps, VitTaps
 from members.model.checkpoint import load_heads_into
 from members.model.deform import DeformSampling, build_sampling, deform_conv_sampled
-from members.contract.config import from_dict
-from members.contract.member import ModelConfig
 
 
 class DeformFusion(nn.Module):

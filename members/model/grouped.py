@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from members.model.deform import DeformSampling, build_sampling, deform_conv_sampled
 from members.model.ahiq import AHIQ
+from members.model.deform import DeformSampling, build_sampling, deform_conv_sampled
 
 
 class RefState(NamedTuple):

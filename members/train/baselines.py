@@ -25,13 +25,13 @@ from tqdm.auto import tqdm
 
 from members.contract.cli import INTERRUPTED_RERUN, run_main
 from members.contract.config import ConfigError
-from members.data.splits import build_splits
-from members.data.index import DataError, Pair
-from members.data.datasets import load_rgb
 from members.contract.member import load_member_config
 from members.contract.metrics import srcc
-from members.model.ahiq import AHIQ, build_model
+from members.data.datasets import load_rgb
+from members.data.index import DataError, Pair
+from members.data.splits import build_splits
 from members.data.views import apply_view, make_views
+from members.model.ahiq import AHIQ, build_model
 
 MEASURES = ("PSNR", "SSIM", "feature distance")
 

@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from members.contract.atomic import atomic_write_text
 
-
 EXTRA = "extra.safetensors"
 
 
