@@ -75,3 +75,25 @@ def test_estimates_follow_the_recipe(member_yaml, tmp_path):
     two = estimate(cfg, probe, processes=2)  # twice the processes: half the steps and images each
     assert two[0] == pytest.approx(2.0 + steps / 2 + 0.5 / 2 * 10 * validations)
     assert schedule([3.0, 1.0, 1.0, 1.0], 2) == 3.0 and schedule([3.0, 1.0, 1.0], 1) == 5.0
+
+
+def test_preflight_places_members_where_training_would(monkeypatch, member_yaml, tmp_path):
+    """Without --gpus, make train-members uses every visible GPU; the preflight must plan the same slots
+    (before: it planned the CPU, and its estimates were for a run that would not happen)."""
+    import torch
+
+    from members.launch import preflight
+    from members.launch.experiment import resolve_gpus
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_gpus("") == ["0", "1"] and resolve_gpus("3, 5") == ["3", "5"]
+    seen = {}
+
+    def plan(gpus, per_member, cpu_procs):
+        seen.update(gpus=gpus, per_member=per_member)
+        raise SystemExit(0)  # the plan is all this test needs
+
+    monkeypatch.setattr(preflight, "plan_slots", plan)
+    with pytest.raises(SystemExit):
+        preflight.main(["-c", str(_experiment(tmp_path, member_yaml)), "--gpus-per-member", "all"])
+    assert seen == {"gpus": ["0", "1"], "per_member": None}

@@ -84,8 +84,9 @@ def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
     return [("members.train.loop", ["-c", member_path, *sets])] if needs_training(cfg) else []
 
 
-def _env(gpus: list[str], cpu_threads: int) -> dict[str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": str(cpu_threads)}
+def member_env(gpus: list[str], threads: int) -> dict[str, str]:
+    """The environment of a member's processes: its slot's GPUs (or the CPU) and its CPU threads."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     else:
@@ -109,7 +110,7 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _gpus_per_member(text: str) -> int | None:
+def gpus_per_member(text: str) -> int | None:
     """--gpus-per-member: a positive whole number of GPUs, or 'all' (None)."""
     if text == "all":
         return None
@@ -129,6 +130,21 @@ def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple
         return [gpus], len(gpus)
     slots = [gpus[i:i + per_member] for i in range(0, len(gpus) - per_member + 1, per_member)]
     return slots, per_member
+
+
+def cpu_threads(processes: int) -> int:
+    """CPU threads for each of `processes` processes running at once: the cores shared out."""
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
+def resolve_gpus(text: str) -> list[str]:
+    """--gpus: the comma-separated ids given, else every visible GPU (none: the CPU)."""
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not gpus:
+        import torch  # here, not at start-up: only a run that places members needs it
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    return gpus
 
 
 def duration(seconds: float) -> str:
@@ -177,7 +193,7 @@ def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | N
             drop_states(m.out / "states")
             print(f"{m.name}: removed the states a finished run left behind (--keep-states keeps them)")
     slots, processes = plan_slots(gpus, per_member, cpu_procs)
-    threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
+    threads = cpu_threads(processes * len(slots))
     queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides, keep_states),
               "trained and predicted already" if not needs_prediction(m.config) else "trained already")
              for m in members]
@@ -200,7 +216,7 @@ def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | N
                 progress.start(name, f"GPUs {','.join(slots[slot])}" if slots[slot]
                                else f"{processes} CPU process{'es' if processes > 1 else ''}")
                 proc = spawn(launch_command(module, args, processes, not slots[slot]),
-                             env=_env(slots[slot], threads), stdout=log, stderr=subprocess.STDOUT if log else None)
+                             env=member_env(slots[slot], threads), stdout=log, stderr=subprocess.STDOUT if log else None)
                 running[slot] = (name, out, proc, jobs[1:], log)
             time.sleep(0.2)
             for slot, (name, out, proc, jobs, log) in list(running.items()):
@@ -236,7 +252,7 @@ def predict_shared(config: str | Path, overrides: list[str], names: list[str], g
     print(f"predicting {', '.join(names)} together on {where}", flush=True)
     sets = [a for o in overrides for a in ("--set", o)]
     cmd = launch_command("members.engine.predict_all", ["-c", str(config), *sets, "--only", *names], processes, not gpus)
-    proc = spawn(cmd, env=_env(gpus, max(1, (os.cpu_count() or 1) // processes)))
+    proc = spawn(cmd, env=member_env(gpus, cpu_threads(processes)))
     try:
         return proc.wait() == 0
     except KeyboardInterrupt:
@@ -250,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="members.launch.experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="experiment YAML (e.g. configs/demo.yaml)")
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids (default: all visible GPUs, else CPU)")
-    parser.add_argument("--gpus-per-member", default=1, type=_gpus_per_member,
+    parser.add_argument("--gpus-per-member", default=1, type=gpus_per_member,
                         help="K GPUs per member side by side, or 'all' for DDP")
     parser.add_argument("--cpu-procs", type=int, default=2, help="processes per member without GPUs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -278,11 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    gpus = [g for g in args.gpus.split(",") if g.strip()]
-    if not gpus:
-        import torch
-
-        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    gpus = resolve_gpus(args.gpus)
     per_member = args.gpus_per_member
     started = time.time()
     to_predict = [m.name for m in members if needs_prediction(m.config)]

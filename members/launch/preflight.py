@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +34,8 @@ from members.contract.member import MemberConfig
 from members.contract.schema import Experiment, load_experiment
 from members.data.index import DataError, check_pairs
 from members.data.splits import build_splits
-from members.launch.experiment import plan_slots
+from members.launch.experiment import (cpu_threads, duration, gpus_per_member, member_env, plan_slots,
+                                       resolve_gpus)
 
 SAMPLE = 8  # images per split whose sizes are decoded and checked against each crop
 RANDOM_WEIGHTS = ["model.vit_weights=none", "model.cnn_weights=none"]
@@ -59,10 +59,15 @@ def data_layout(exp: Experiment) -> list[str]:
     return lines
 
 
+def step_seconds(result: dict) -> float:
+    """The probe's time per training batch: the mean of its steps after the first, which warms up."""
+    return sum(result["step_s"][1:]) / len(result["step_s"][1:])
+
+
 def estimate(cfg: MemberConfig, result: dict, processes: int) -> tuple[float, float]:
     """(training seconds, prediction seconds) of the real member from its probe."""
     tc, pairs = cfg.train, result["pairs"]
-    step_s = sum(result["step_s"][1:]) / len(result["step_s"][1:])  # the first step warms up
+    step_s = step_seconds(result)
     # the probe times batches (one optimizer step per train.grad_accum of them); drop_last as training
     batches_per_epoch = pairs["train"] // (tc.batch_size * processes)
     validations = len(range(tc.val_every - 1, tc.epochs, tc.val_every)) + (tc.epochs % tc.val_every != 0)
@@ -74,7 +79,7 @@ def estimate(cfg: MemberConfig, result: dict, processes: int) -> tuple[float, fl
 
 def run_probe(m, slot: list[str], threads: int, sets: list[str], work: Path, steps: int, images: int) -> dict:
     out = work / f"{m.name}.json"
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(slot[:1]) if slot else "", "AHIQ_THREADS": str(threads)}
+    env = member_env(slot, threads)  # the GPUs and threads the run gives the member
     cmd = [sys.executable, "-m", "members.train.probe", "-c", str(m.path), *[a for s in [*m.overrides, *sets]
            for a in ("--set", s)], "--out", str(out), "--steps", str(steps), "--images", str(images)]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -82,11 +87,6 @@ def run_probe(m, slot: list[str], threads: int, sets: list[str], work: Path, ste
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         raise DataError(f"member {m.name}: preflight failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
     return json.loads(out.read_text(encoding="utf-8"))
-
-
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def schedule(durations: list[float], slots: int) -> float:
@@ -103,12 +103,12 @@ def report(exp: Experiment, layout: list[str], rows: list[tuple], slots: int, pr
             "| predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |", "|---" * 12 + "|"]
     body = [f"| {r['member']} | {r['device']} | {r['precision']} | {r['batch_size']} | {step:.3f} | "
             f"{r['peak_mib']:.0f} | "
-            f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {_hms(t)} | {_hms(p)} | "
+            f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {duration(t)} | {duration(p)} | "
             f"{r['precision_vs_cpu_fp32']:.2e} | {r['deform_vs_torchvision']:.2e} |" for r, step, t, p in rows]
     total = schedule([t for _, _, t, _ in rows], slots) + sum(p for *_, p in rows) / slots
     plan = f"{slots} slot(s) side by side, {processes} process(es) per member"
     return "\n".join([f"# Preflight: {exp.name}", "", "## Data", *layout, "", "## Members", *head, *body, "",
-                      f"Slot plan: {plan}. Estimated total (training, then prediction): **{_hms(total)}**.",
+                      f"Slot plan: {plan}. Estimated total (training, then prediction): **{duration(total)}**.",
                       disk, ""])
 
 
@@ -117,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True, help="experiment YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="experiment override")
-    parser.add_argument("--gpus", default="", help="comma-separated GPU ids, as make train-members GPUS=")
-    parser.add_argument("--gpus-per-member", default="1", help="as GPUS_PER_MEMBER (a number or 'all')")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids, as make train-members GPUS= "
+                        "(default: all visible GPUs, else the CPU, as training)")
+    parser.add_argument("--gpus-per-member", default=1, type=gpus_per_member,
+                        help="as GPUS_PER_MEMBER (a number or 'all')")
     parser.add_argument("--cpu-procs", type=int, default=2, help="CPU processes per member without GPUs")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the backbones with random weights (where the hub weights are absent)")
@@ -126,10 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4, help="validation images to predict per member")
     args = parser.parse_args(argv)
     exp = load_experiment(args.config, args.set)
-    gpus = [g for g in args.gpus.split(",") if g.strip()]
-    per_member = None if args.gpus_per_member == "all" else int(args.gpus_per_member)
-    slots, processes = plan_slots(gpus, per_member, args.cpu_procs)
-    threads = max(1, (os.cpu_count() or 1) // (processes * len(slots)))
+    slots, processes = plan_slots(resolve_gpus(args.gpus), args.gpus_per_member, args.cpu_procs)
+    threads = cpu_threads(processes * len(slots))
 
     layout = data_layout(exp)
     print("\n".join(layout), flush=True)
@@ -143,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             result = run_probe(m, slots[0], threads, sets, work, args.steps, args.images)
             if not result["state_ok"]:
                 raise DataError(f"member {m.name}: a saved training state did not load back to the same heads")
-            step = sum(result["step_s"][1:]) / len(result["step_s"][1:])
-            rows.append((result, step, *estimate(m.config, result, processes)))
+            rows.append((result, step_seconds(result), *estimate(m.config, result, processes)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     keep = max(m.config.train.keep_states for m in exp.members)

@@ -21,6 +21,7 @@ from members.contract.atomic import atomic_path
 
 FORMAT = "ahiq-kit/heads-v1"
 AUTHORS_KEYS = ("deform_net_model_state_dict", "regressor_model_state_dict")
+HEAD_PARTS = ("deform_net", "regressor")  # the trained modules of AHIQ, by the names a heads file uses
 
 # numpy scalars pickle as `numpy.core.multiarray.scalar` (numpy 1, the release) or
 # `numpy._core.multiarray.scalar` (numpy 2); allow both spellings, and dtypes.
@@ -90,7 +91,7 @@ def load_heads_into(model: nn.Module, path: str | os.PathLike, cfg: Any) -> dict
                 raise CheckpointError(
                     f"{path}: trained with {key}={saved.get(key)!r}, but the config says {getattr(cfg, key)!r}"
                 )
-    for part in ("deform_net", "regressor"):
+    for part in HEAD_PARTS:
         try:
             getattr(model, part).load_state_dict(heads[part], strict=True)
         except RuntimeError as err:
@@ -102,6 +103,11 @@ def load_heads_into(model: nn.Module, path: str | os.PathLike, cfg: Any) -> dict
     )
     print(info["description"])
     return info
+
+
+def head_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Copies of the head modules' state dicts, {'deform_net': ..., 'regressor': ...}, as a heads file holds them."""
+    return {part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()} for part in HEAD_PARTS}
 
 
 def save_heads(model: nn.Module, path: str | os.PathLike, model_config: dict,

@@ -21,14 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from members.model.checkpoint import HEAD_PARTS, head_state
 from members.train.states import StateError, read_extra
-
-PARTS = ("deform_net", "regressor")  # the head modules, as in best.pth (members.model.checkpoint)
 
 
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """The head parameters that train, by their best.pth name ('regressor.conv.0.weight')."""
-    return {f"{part}.{name}": p for part in PARTS for name, p in getattr(model, part).named_parameters()
+    return {f"{part}.{name}": p for part in HEAD_PARTS for name, p in getattr(model, part).named_parameters()
             if p.requires_grad}
 
 
@@ -76,7 +75,7 @@ class HeadAverage:
         mean of the sums (float32, on the model's device); the frozen ones as the model holds them."""
         if self.count == 0:
             raise ValueError("no epoch has been averaged yet")
-        heads = {part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()} for part in PARTS}
+        heads = head_state(model)
         for key, total in self.sums.items():
             part, name = key.split(".", 1)
             heads[part][name] = (total / self.count).to(heads[part][name].device, torch.float32)
@@ -87,11 +86,11 @@ class HeadAverage:
 def swapped_heads(model: nn.Module, heads: dict[str, dict[str, torch.Tensor]]) -> Iterator[None]:
     """Run the body with `heads` loaded into `model`, then put its own weights back (training goes on
     from, and last.pth holds, the weights of the last epoch, never the average)."""
-    own = {part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()} for part in PARTS}
+    own = head_state(model)
     try:
-        for part in PARTS:
+        for part in HEAD_PARTS:
             getattr(model, part).load_state_dict(heads[part], strict=True)
         yield
     finally:
-        for part in PARTS:
+        for part in HEAD_PARTS:
             getattr(model, part).load_state_dict(own[part], strict=True)

@@ -3,8 +3,8 @@
     python -m members.train.probe -c MEMBER.yaml [--set KEY=VALUE ...] --out probe.json [--steps 3]
 
 Run by `members.launch.preflight` (`make preflight`), one process per member on the device the real run
-would use (CUDA_VISIBLE_DEVICES as its slot, the same CPU threads), so that the peak memory it reports
-is this member's alone. It builds the member's real model from its configured weights, trains
+would use (the environment `members.launch.experiment` gives the member: its slot's GPUs, its CPU
+threads), so that the peak memory it reports is this member's alone. It builds the member's real model from its configured weights, trains
 `--steps` optimizer steps at the member's batch size and precision with the same pieces as
 `members.train.loop` (model, optimizer, TrainPairs, the one training step), saves an Accelerate state
 and loads it back (and checks that the heads come back bit for bit), then scores `--images` validation
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import resource
 import shutil
 import tempfile
@@ -41,6 +40,7 @@ from members.data.splits import LabelStats, build_splits
 from members.data.views import count_views
 from members.engine.shared import PRECISIONS, SharedScorer
 from members.model.ahiq import build_model
+from members.model.checkpoint import head_state
 from members.model.deform import build_sampling, deform_conv_sampled
 from members.train.loop import make_optimizer, training_step
 
@@ -50,10 +50,6 @@ def peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _heads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith(("vit.", "cnn."))}
 
 
 def _sample(pairs: list[Pair], n: int) -> list[Pair]:
@@ -120,11 +116,13 @@ def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
     state_dir = work / "state"
     accelerator.save_state(str(state_dir))
     state_mib = sum(f.stat().st_size for f in state_dir.rglob("*") if f.is_file()) / 2**20
-    saved = _heads(accelerator.unwrap_model(model))
+    saved = head_state(accelerator.unwrap_model(model))
     training_step(accelerator, model, optimizer, next(batches), tc.lr)  # move the heads away from the state
     accelerator.load_state(str(state_dir))
-    back = _heads(accelerator.unwrap_model(model))
-    state_ok = saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved)
+    back = head_state(accelerator.unwrap_model(model))
+    state_ok = all(saved[part].keys() == back[part].keys() and all(torch.equal(v, back[part][k])
+                                                                    for k, v in saved[part].items())
+                   for part in saved)
 
     val = _sample(splits["val"], images)
     val_set = RefGroupPairs(val, cfg.model.crop, cfg.predict.views, None, chunk=cfg.predict.batch_size,
@@ -156,9 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 2 or args.images < 1:
         parser.error("--steps must be >= 2 (the first one warms up) and --images >= 1")
-    threads = os.environ.get("AHIQ_THREADS")
-    if threads:  # the threads the real run gives each process (members.launch.experiment)
-        torch.set_num_threads(int(threads))
     cfg = load_member_config(args.config, args.set)
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix=".probe-", dir=out.parent))
