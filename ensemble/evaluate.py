@@ -27,17 +27,17 @@ from members.contract.config import ConfigError
 from members.contract.schema import Experiment, load_experiment
 
 from .repeats import check_repeatable, summarise
-from .scored import ALPHA, ENSEMBLE, METRICS, Scored, gather, write_report
+from .scored import ALPHA, METRICS, Scored, gather, point_metrics, table, write_report
 
 
 def evaluate(scored: Scored, n_boot: int, seed: int) -> dict[str, dict]:
     """Every row's metrics, each with its bootstrap interval over references."""
     out: dict[str, dict] = {}
-    for row, pred in scored.rows.items():
+    for row, values in point_metrics(scored).items():
         out[row] = {}
         for key, fn in METRICS.items():
-            low, high = metrics.bootstrap_ci(fn, pred, scored.target, scored.refs, n_boot, ALPHA, seed)
-            out[row][key] = {"value": fn(pred, scored.target), "ci": [low, high]}
+            low, high = metrics.bootstrap_ci(fn, scored.rows[row], scored.target, scored.refs, n_boot, ALPHA, seed)
+            out[row][key] = {"value": values[key], "ci": [low, high]}
     return out
 
 
@@ -47,10 +47,7 @@ def markdown(exp: Experiment, scored: Scored, result: dict[str, dict], n_boot: i
              f"{len(scored.names)} images of {n_refs} references, labels from {scored.labels}. "
              f"Correlations keep their sign; main = PLCC + SRCC. Brackets: 95% bootstrap interval resampling "
              f"references ({n_boot} resamples).", "",
-             "| row | SRCC | PLCC | KRCC | main |", "|---|---|---|---|---|"]
-    for row, values in result.items():
-        cells = [f"{v['value']:.4f} [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]" for v in values.values()]
-        lines.append(f"| {row if row == ENSEMBLE else 'member ' + row} | {' | '.join(cells)} |")
+             *table(result, lambda v: f"{v['value']:.4f} [{v['ci'][0]:.4f}, {v['ci'][1]:.4f}]")]
     return "\n".join(lines) + "\n"
 
 

@@ -19,16 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from members.contract.schema import Experiment, load_experiment
-from members.contract.stagefiles import sha256_file
+from members.contract.stagefiles import make_command, sha256_file
 
-from .scored import ENSEMBLE, METRICS, gather, point_metrics, write_report
+from .scored import METRICS, gather, point_metrics, table, write_report
 
 
-def make_command(args: argparse.Namespace) -> str:
+def repeats_command(args: argparse.Namespace) -> str:
     """The make command that (re)makes every repeat of this evaluation, runnable as printed."""
     sets = " ".join(f"--set {o}" for o in args.overrides)
-    return (f"make evaluate EXPERIMENT={shlex.quote(args.config)} REPEATS={args.repeats}"
-            + (f" ARGS={shlex.quote(sets)}" if sets else ""))
+    command = f"{make_command('evaluate', args.config)} REPEATS={args.repeats}"
+    return command + (f" ARGS={shlex.quote(sets)}" if sets else "")
 
 
 def check_repeatable(exp: Experiment, args: argparse.Namespace) -> None:
@@ -75,10 +75,7 @@ def markdown(exp: Experiment, summary: dict[str, dict], k: int, n_images: list[i
              f"Mean ± std (sample, ddof 1) over repeats of the test split; repeat k splits with data.split_seed k "
              f"({min(n_images)}-{max(n_images)} test images per repeat). Correlations keep their sign; "
              "main = PLCC + SRCC.", "",
-             "| row | SRCC | PLCC | KRCC | main |", "|---|---|---|---|---|"]
-    for row, values in summary.items():
-        cells = [f"{v['mean']:.4f} ± {v['std']:.4f}" for v in values.values()]
-        lines.append(f"| {row if row == ENSEMBLE else 'member ' + row} | {' | '.join(cells)} |")
+             *table(summary, lambda v: f"{v['mean']:.4f} ± {v['std']:.4f}")]
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +85,7 @@ def summarise(args: argparse.Namespace, exp: Experiment) -> int:
     missing = [str(e.runs_dir) for e in exps if not e.runs_dir.is_dir()]
     if missing:
         raise ValueError(f"{len(missing)} of {args.repeats} repeats missing ({', '.join(missing)}); run "
-                         f"{make_command(args)} (it reuses the repeats already made)")
+                         f"{repeats_command(args)} (it reuses the repeats already made)")
     _check_distinct(exps, [_split_seed(e) for e in exps], "a split seed")
     _check_distinct(exps, [sha256_file(e.split_dir / "test.csv") if (e.split_dir / "test.csv").is_file() else e.runs_dir
                            for e in exps], "an identical test list")
@@ -99,7 +96,7 @@ def summarise(args: argparse.Namespace, exp: Experiment) -> int:
         except ValueError as err:
             first = str(err).splitlines()[0]
             raise ValueError(f"repeat {k} in {e.runs_dir} is incomplete or stale ({first}); run "
-                             f"{make_command(args)} to remake it") from None
+                             f"{repeats_command(args)} to remake it") from None
         per_repeat.append((scored, point_metrics(scored)))
     summary = {row: {key: {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)), "values": vals}
                      for key in METRICS

@@ -125,6 +125,16 @@ def gather(exp: Experiment, split: str, label_dir: Path | None) -> Scored:
                   rows, source + ("" if data.higher_is_better else " (lower-is-better MOS, negated)"), ens_sha)
 
 
+def table(rows: dict[str, dict[str, object]], cell) -> list[str]:
+    """The markdown table of both reports: one line per member (and the ensemble), one column per
+    metric, each cell `cell(value)` of that row's entry for the metric."""
+    lines = ["| row | SRCC | PLCC | KRCC | main |", "|---|---|---|---|---|"]
+    for row, values in rows.items():
+        cells = [cell(values[key]) for key in METRICS]
+        lines.append(f"| {row if row == ENSEMBLE else 'member ' + row} | {' | '.join(cells)} |")
+    return lines
+
+
 def point_metrics(scored: Scored) -> dict[str, dict[str, float]]:
     return {row: {k: fn(pred, scored.target) for k, fn in METRICS.items()} for row, pred in scored.rows.items()}
 

@@ -33,6 +33,7 @@ from typing import Any, Callable, TypeVar
 from members.contract.cluster import ClusterConfig
 from members.contract.config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from members.contract.foreign import ForeignEntry, ForeignSpec, resolve_foreign
+from members.contract.member import MemberConfig, load_member_config
 
 METHODS = ("mean", "rank_mean", "nnls", "ridge", "greedy")
 CALIBRATIONS = ("none", "logistic", "isotonic")
@@ -136,7 +137,7 @@ class MemberEntry:
     folders under the experiment's runs_dir)."""
 
     path: Path
-    config: object  # members.contract.member.MemberConfig (imported lazily: it pulls in torch)
+    config: MemberConfig
     overrides: list[str]
 
     @property
@@ -204,6 +205,21 @@ def fingerprint(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _place(name: str, source: str, seen: dict[str, str], stage_dirs: dict[Path, str], runs_dir: str,
+           where: str) -> Path:
+    """The folder `<runs_dir>/<name>` of the member `source` names (an AHIQ config or a `members:`
+    mapping), recorded in `seen`; refused when another member has the name, or when the folder would be
+    a stage's own (the two stages would write over each other's files)."""
+    if name in seen:
+        raise ConfigError(f"{where}: members {seen[name]} and {source} share the name {name!r}")
+    out = Path(runs_dir) / name
+    if _same(out) in stage_dirs:
+        raise ConfigError(f"{source}: member name {name!r} makes its folder {out} {stage_dirs[_same(out)]}; "
+                          "rename the member (or set ensemble.out_dir elsewhere)")
+    seen[name] = source
+    return out
+
+
 def _member_path(raw: str, exp_path: Path, where: str) -> Path:
     path = Path(raw)
     resolved = path if path.is_absolute() else exp_path.parent / path
@@ -219,8 +235,6 @@ def _member_path(raw: str, exp_path: Path, where: str) -> Path:
 def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
     """Read, override (`KEY=VALUE`, dotted from the top level) and validate an experiment and every
     member config it lists. Raises `ConfigError` naming the file, line and key."""
-    from members.contract.member import load_member_config
-
     path = Path(path)
     member_sets = _member_overrides(overrides)
     top = [o for o in overrides if not o.startswith(MEMBER_PREFIX)]
@@ -230,21 +244,14 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     line = getattr(data, "lines", {}).get("members", "?")
     where = f"{path}, line {line}" if isinstance(line, int) else f"{path} ({line})"
     members: list[MemberEntry] = []
-    seen: dict[str, Path] = {}
+    seen: dict[str, str] = {}
     exp = Experiment(path, cfg, members)
     stage_dirs = {_same(exp.split_dir): "the split lists' folder", _same(exp.out_dir): "the ensemble's folder"}
     for index, raw in enumerate(cfg.members):
         if isinstance(raw, dict):  # a member that is not AHIQ: named, checked and placed like the others
             spec = from_dict(ForeignSpec, raw, prefix=f"members[{index}].")
-            entry = resolve_foreign(spec, path, Path(cfg.runs_dir))
-            if spec.name in seen:
-                raise ConfigError(f"{where}: members {seen[spec.name]} and {path} (members[{index}]) share the "
-                                  f"name {spec.name!r}")
-            if _same(entry.out) in stage_dirs:
-                raise ConfigError(f"{path} (members[{index}]): member name {spec.name!r} makes its folder {entry.out} "
-                                  f"{stage_dirs[_same(entry.out)]}; rename the member")
-            seen[spec.name] = path
-            exp.foreign.append(entry)
+            _place(spec.name, f"{path} (members[{index}])", seen, stage_dirs, cfg.runs_dir, where)
+            exp.foreign.append(resolve_foreign(spec, path, Path(cfg.runs_dir)))
             continue
         if not isinstance(raw, str):
             raise ConfigError(f"{where}: members[{index}] is {raw!r}; expected the path of a member YAML or a "
@@ -253,13 +260,7 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
         name = _load_member(load_member_config, member_path, member_sets, member_sets).name
         if not name or "/" in name or name in (".", ".."):
             raise ConfigError(f"{member_path}: 'name' must be a plain folder name, got {name!r}")
-        if name in seen:
-            raise ConfigError(f"{where}: members {seen[name]} and {member_path} share the name {name!r}")
-        out = Path(cfg.runs_dir) / name
-        if _same(out) in stage_dirs:  # the two stages would write over each other's files
-            raise ConfigError(f"{member_path}: member name {name!r} makes its folder {out} {stage_dirs[_same(out)]}; "
-                              "rename the member (or set ensemble.out_dir elsewhere)")
-        seen[name] = member_path
+        out = _place(name, str(member_path), seen, stage_dirs, cfg.runs_dir, where)
         sets = [*member_sets, f"output_dir={out}", f"split_dir={Path(cfg.runs_dir) / 'splits'}"]
         members.append(MemberEntry(member_path, _load_member(load_member_config, member_path, sets, member_sets),
                                    sets))
@@ -288,8 +289,6 @@ def _member_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
 
 def _hint_member_keys(overrides: list[str], path: Path) -> None:
     """A member key set at the top level (`train.epochs=1`) gets the `members.` form in its error."""
-    from members.contract.member import MemberConfig
-
     top = {f.name for f in fields(ExperimentConfig)}
     for item in overrides:
         key = item.partition("=")[0].split(".")[0]

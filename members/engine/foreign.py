@@ -26,12 +26,13 @@ from tqdm.auto import tqdm
 from members.contract.cli import INTERRUPTED_RERUN, run_main
 from members.contract.config import ConfigError
 from members.contract.foreign import METRICS, ForeignEntry
+from members.contract.member import prediction_splits
 from members.contract.schema import Experiment, load_experiment
 from members.contract.stagefiles import (StageFileError, name_difference, read_member_meta, read_preds,
                                          sha256_file)
 from members.data.datasets import load_rgb
 from members.data.index import DataError, Pair
-from members.data.splits import VALID, prepare_member_data, read_split
+from members.data.splits import prepare_member_data, read_split
 from members.engine.predict import write_predictions
 
 
@@ -105,7 +106,7 @@ def _up_to_date(exp: Experiment, entry: ForeignEntry, split: str, split_sha: str
 
 def prepare_foreign(exp: Experiment, progress: bool = True) -> list[str]:
     """Write (or keep, when current) every non-AHIQ member's files; returns one line per member."""
-    splits = ("val", "test") + ((VALID,) if (exp.split_dir / f"{VALID}.csv").is_file() else ())
+    splits = prediction_splits(exp.members[0].config)  # the splits the AHIQ members are predicted on
     lines = []
     for entry in exp.foreign:
         fingerprint = entry.fingerprint()  # first: a predictions folder without its files is refused here
