@@ -37,7 +37,8 @@ from bench.measure import counted_flops, timed, timed_cpu
 from bench.release import ReleaseBackbones, kit_train_step, release_predict, release_train_step
 from bench.report import markdown
 from members.contract.atomic import atomic_write_text
-from members.data.views import ViewConfig, apply_view, make_views
+from members.contract.data_config import ViewConfig
+from members.data.views import apply_view, make_views
 from members.engine.shared import MAX_CROPS, SharedScorer
 from members.model.ahiq import AHIQ, build_model
 

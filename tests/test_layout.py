@@ -131,3 +131,17 @@ def test_contract_ensemble_and_submission_load_no_torch():
     # the issue's own check, as a user types it
     subprocess.run([sys.executable, "-c", "import ensemble, submission, sys; assert 'torch' not in sys.modules"],
                    cwd=ROOT, check=True)
+
+
+# The rooms inside members/, in the order data flows through them: a room imports only from rooms
+# before it (data and model are side by side: neither needs the other).
+ROOMS = {"contract": 0, "data": 1, "model": 1, "engine": 2, "train": 3, "launch": 4}
+
+
+def test_rooms_inside_members_import_only_earlier_rooms():
+    graph = _graph()
+    rooms = {name: name.split(".")[1] for name in graph if name.startswith("members.") and name.count(".") >= 2}
+    assert set(rooms.values()) == set(ROOMS), "a room of members/ is missing from ROOMS (or ROOMS names one gone)"
+    bad = [f"{a} imports {b}" for a, targets in graph.items() if a in rooms for b in sorted(targets)
+           if b in rooms and (ROOMS[rooms[b]] > ROOMS[rooms[a]] or (rooms[a] != rooms[b] and ROOMS[rooms[b]] == ROOMS[rooms[a]]))]
+    assert bad == []

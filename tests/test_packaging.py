@@ -84,3 +84,62 @@ def test_editable_install_into_a_fresh_venv(tmp_path):
     assert Path(module) == REPO / "members" / "__init__.py"  # editable: the working tree itself
     assert Path(where) == site  # the metadata is the fresh venv's, not the interpreter's
     assert extras == "['cluster', 'dev', 'tensorboard']"
+
+
+def _copy_of_the_sources(dest: Path) -> Path:
+    """The repository's sources without what a checkout accumulates (venv, runs, data, build litter), so
+    that the wheel is built from what a clone has and the working tree gets no build/ folder."""
+    import shutil
+
+    litter = shutil.ignore_patterns("__pycache__", "*.egg-info", ".pytest_cache")
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        top = {".venv", ".git", "data", "runs", "build"} if Path(folder) == REPO else set()  # members/data stays
+        return (top & set(names)) | litter(folder, names)
+
+    shutil.copytree(REPO, dest, ignore=ignore)
+    return dest
+
+
+@pytest.mark.slow
+def test_a_built_wheel_installs_every_subpackage(tmp_path):
+    """Before: `packages = [members, ensemble, submission]` put members/__init__.py in the wheel and none of
+    members/contract, data, model, engine, train or launch, so `ahiq-kit` and `from members import Scorer`
+    failed wherever the kit was installed from a wheel (a cluster). Build one, install it in a fresh venv
+    (dependencies from this environment, no download) and use it from outside the repository."""
+    src = _copy_of_the_sources(tmp_path / "src")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_INDEX_URL")}
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "--quiet", "-w", str(tmp_path / "dist"), str(src)], env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert build.returncode == 0, build.stdout + build.stderr
+    (wheel,) = (tmp_path / "dist").glob("ahiq_ntire_kit-*.whl")
+    import zipfile
+
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("members/contract/stagefiles.py", "members/data/splits.py", "members/model/ahiq.py",
+                   "members/engine/scorer.py", "members/train/loop.py", "members/launch/kit.py",
+                   "ensemble/combine.py", "submission/check.py"):
+        assert module in names, f"{module} is not in the wheel"
+    assert not any(n.startswith(("tests/", "bench/", "configs/")) for n in names)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "deps.pth").write_text("\n".join(deps) + "\n")
+    pip = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "--quiet",
+           str(wheel)]
+    proc = subprocess.run(pip, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    kit = subprocess.run([str(venv / "bin" / "ahiq-kit"), "--help"], cwd=outside, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert kit.returncode == 0 and "score" in kit.stdout and "submit" in kit.stdout, kit.stdout + kit.stderr
+    probe = "import members; from members import Scorer; import ensemble.combine, submission.check; print(members.__file__)"
+    out = subprocess.run([str(python), "-c", probe], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == site / "members" / "__init__.py"  # the installed copy, not the repository

@@ -43,18 +43,17 @@ class LockedError(RuntimeError):
     """Another live process holds the folder's lock."""
 
 
+class UserError(Exception):
+    """Base of the kit's "bad input or state" errors raised outside the contract (a missing weights file,
+    an unreadable checkpoint or training state): `run_main` prints their message in one line, exit 2."""
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     """The kit's own "bad input" errors; imported lazily so `members.contract.cli` stays cheap to start."""
     from members.contract.config import ConfigError
-    from members.data.index import DataError
+    from members.contract.data_config import DataError
 
-    found: list[type[BaseException]] = [ConfigError, DataError, LockedError]
-    for module, name in (("members.model.backbones", "WeightsError"), ("members.model.checkpoint", "CheckpointError"),
-                         ("members.train.loop", "StateError")):
-        cls = getattr(sys.modules.get(module), name, None)  # only if the CLI loaded it already
-        if cls is not None:
-            found.append(cls)
-    return tuple(found)
+    return ConfigError, DataError, LockedError, UserError
 
 
 def one_line(err: BaseException) -> str:

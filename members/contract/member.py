@@ -15,8 +15,8 @@ from pathlib import Path
 
 from members.contract.atomic import atomic_write_text
 from members.contract.config import apply_overrides, from_dict, read_yaml_with_base, to_dict
-from members.data.splits import VALID, DataConfig, splits_content
-from members.data.views import AugmentConfig, ViewConfig
+from members.contract.data_config import VALID, AugmentConfig, DataConfig, ViewConfig
+from members.contract.stagefiles import splits_content
 
 SCHEDULES = ("cosine_step", "cosine_epoch", "constant")
 PRECISIONS = ("no", "bf16", "fp16")

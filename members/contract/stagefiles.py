@@ -264,6 +264,16 @@ def read_stage_outputs(out_dir: Path, manifest_name: str, needed: list[str], reb
     return data
 
 
+# ------------------------------------------------------------------------------------ split lists
+def splits_content(split_dir: Path, key: str = "content") -> str | None:
+    """A content fingerprint recorded in `split_dir/splits.json`: "content" (every list) or
+    "training_content" (the lists training reads); None when there is none."""
+    try:
+        return json.loads((Path(split_dir) / "splits.json").read_text(encoding="utf-8")).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def name_difference(path: Path, names: set[str], ref_path: Path, ref_names: set[str]) -> str | None:
     """'path vs ref_path: N missing (e.g. ...) M extra (e.g. ...)', or None when equal."""
     missing, extra = sorted(ref_names - names), sorted(names - ref_names)

@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from members.data.index import DataError, Pair, as_rgb
+from members.contract.data_config import AugmentConfig, DataError, ViewConfig
+from members.data.index import Pair, as_rgb
 from members.data.splits import LabelStats
-from members.data.views import AugmentConfig, ViewConfig, apply_view, count_views, make_views, random_view
+from members.data.views import apply_view, count_views, make_views, random_view
 
 
 def reference_chunks(pairs: list[Pair], chunk: int) -> list[tuple[str, list[int]]]:

@@ -18,13 +18,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from members.contract.data_config import DataError
+
 MAX_REPORTED = 10  # problems listed in one error message; the rest are counted
 NAME_FORBIDDEN = ',"\n\r'  # characters an image name cannot have in a CSV row of ours
 RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "RGBA", "RGBa", "LA", "La", "PA")
-
-
-class DataError(ValueError):
-    """A dataset list or image is invalid; the message names the file and line."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +24,10 @@ import numpy as np
 
 from members.contract.atomic import atomic_write_text
 from members.contract.config import to_dict
-from members.contract.stagefiles import StageFileError, rebuild_members
+from members.contract.data_config import SPLITS, VALID, DataConfig, DataError
+from members.contract.stagefiles import StageFileError, rebuild_members, splits_content
 from members.data.hashing import image_hashes
-from members.data.index import (DataError, Pair, check_pairs, check_unique, read_csv_table, read_ntire_folder,
+from members.data.index import (Pair, check_pairs, check_unique, read_csv_table, read_ntire_folder,
                                 read_pipal_labels, read_ref_groups)
 
 if TYPE_CHECKING:
@@ -35,70 +36,12 @@ if TYPE_CHECKING:
 __all__ = ["DataConfig", "LabelStats", "build_splits", "check_split_lists", "prepare_member_data", "prepare_splits",
            "read_split", "SPLITS", "VALID"]
 
-SPLITS = ("train", "val", "test")
-# The NTIRE validation folder, predicted for the development-phase leaderboard whenever it exists.
-VALID = "valid"
 SPLIT_COLUMNS = ["name", "dis", "ref", "ref_id", "mos", "source"]
 # Fields that do not change which images land in which split; changing them keeps the split dir valid.
 NOT_FINGERPRINTED = ("upscale_small",)
 # Fields added after split folders were in use: fingerprinted only when set, so those folders stay valid.
 FINGERPRINTED_WHEN_SET = ("ref_groups",)
 HASHES = "lists+image sha256"  # what `splits.json`'s fingerprints hash (older kits: lists + image sizes)
-
-
-@dataclass
-class DataConfig:
-    """Where the data is and how to split it (file formats: see the readers in `members.data.index`).
-
-    format "pipal": PIPAL as distributed under `root`; train = the labelled train references minus a
-    seeded `val_fraction` of them when val_source is "holdout", else the NTIRE validation folders
-    (labelled from `valid_labels` when given); test = the NTIRE testing folders (labelled from
-    `test_labels` when given). format "csv": one `dis_img_path,dis_type,ref_img_path,score` table
-    (`csv`, path as given; image paths in it relative to `root`) split train/val/test by `fractions`.
-
-    `ref_groups` (relative to `root`): `ref_id,group` lines naming the source photo of each reference
-    (ids as in the split lists: PIPAL `A0001`, csv the reference path). The seeded holdout (and the
-    csv split) then shuffles and cuts whole groups, so crops of one photo never land in two splits.
-    Empty: every reference is its own photo, as in PIPAL.
-    """
-
-    format: str = "pipal"
-    root: str = ""
-    train_ref: str = "Train_Ref"
-    train_dis: list[str] = field(
-        default_factory=lambda: ["Distortion_1", "Distortion_2", "Distortion_3", "Distortion_4", "Train_Dis"])
-    train_labels: str = "Train_Label"
-    valid_ref: str = "NTIRE2022_FR_Valid_Ref"
-    valid_dis: str = "NTIRE2022_FR_Valid_Dis"
-    valid_labels: str = ""
-    test_ref: str = "NTIRE2022_FR_Testing_Ref"
-    test_dis: str = "NTIRE2022_FR_Testing_Dis"
-    test_labels: str = ""
-    ref_groups: str = ""
-    val_source: str = "holdout"
-    val_fraction: float = 0.2
-    csv: str = ""
-    fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
-    higher_is_better: bool = True
-    split_seed: int = 0
-    upscale_small: bool = False
-
-    def __post_init__(self) -> None:
-        if self.format not in ("pipal", "csv"):
-            raise ValueError(f"data.format must be 'pipal' or 'csv'; got {self.format!r}")
-        if self.val_source not in ("holdout", "ntire_valid"):
-            raise ValueError(f"data.val_source must be 'holdout' or 'ntire_valid'; got {self.val_source!r}")
-        if self.format == "csv" and not self.csv:
-            raise ValueError("data.csv (path of the score table) is required when data.format is 'csv'")
-        if self.format == "csv" and self.val_source != "holdout":
-            raise ValueError("data.val_source 'ntire_valid' needs data.format 'pipal'")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1); got {self.val_fraction}")
-        if len(self.fractions) != 3 or min(self.fractions) <= 0 or abs(sum(self.fractions) - 1) > 1e-6:
-            raise ValueError(f"data.fractions must be three positive numbers (train, val, test) summing "
-                             f"to 1; got {self.fractions}")
-        if self.split_seed < 0:
-            raise ValueError(f"data.split_seed must be >= 0; got {self.split_seed}")
 
 
 @dataclass
@@ -311,15 +254,6 @@ def _read_text(path: Path) -> str | None:
     try:
         return path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError):
-        return None
-
-
-def splits_content(split_dir: Path, key: str = "content") -> str | None:
-    """A content fingerprint recorded in `split_dir/splits.json`: "content" (every list) or
-    "training_content" (the lists training reads); None when there is none."""
-    try:
-        return json.loads((Path(split_dir) / "splits.json").read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):
         return None
 
 

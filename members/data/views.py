@@ -13,16 +13,15 @@ given size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from members.contract.data_config import FLIP_MODES, AugmentConfig, ViewConfig
+
 if TYPE_CHECKING:  # torch-free at run time: the view configs are part of the member schema
     import torch
 
-VIEW_KINDS = ("center", "five", "nine", "grid", "random")
-FLIP_MODES = {"none": "", "horizontal": "h", "vertical": "v"}
 
 
 class View(NamedTuple):
@@ -31,50 +30,6 @@ class View(NamedTuple):
     top: int
     left: int
     flip: str = ""
-
-
-@dataclass
-class ViewConfig:
-    """Test-time views of one image.
-
-    kind: "center" (one centre crop), "five" (4 corners + centre), "nine" (3x3 evenly spaced),
-    "grid" (rows x cols evenly spaced, corners included), "random" (n boxes from `seed`).
-    flip: also add a horizontally flipped copy of every box (doubles the number of views).
-    """
-
-    kind: str = "five"
-    rows: int = 4
-    cols: int = 5
-    n: int = 20
-    seed: int = 0
-    flip: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in VIEW_KINDS:
-            raise ValueError(f"views.kind must be one of {', '.join(VIEW_KINDS)}; got {self.kind!r}")
-        for key in ("rows", "cols", "n"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"views.{key} must be >= 1; got {getattr(self, key)}")
-        if self.seed < 0:
-            raise ValueError(f"views.seed must be >= 0; got {self.seed}")
-
-
-@dataclass
-class AugmentConfig:
-    """Training augmentation: one uniformly random crop, then a flip with probability `flip_prob`.
-
-    flip: "horizontal" (the intent of the release), "vertical" (what the release actually does, by a
-    bug; only for exact reproduction) or "none".
-    """
-
-    flip: str = "horizontal"
-    flip_prob: float = 0.5
-
-    def __post_init__(self) -> None:
-        if self.flip not in FLIP_MODES:
-            raise ValueError(f"augment.flip must be one of {', '.join(FLIP_MODES)}; got {self.flip!r}")
-        if not 0.0 <= self.flip_prob <= 1.0:
-            raise ValueError(f"augment.flip_prob must be in [0, 1]; got {self.flip_prob}")
 
 
 def _check_size(height: int, width: int, crop: int) -> None:

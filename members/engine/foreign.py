@@ -31,7 +31,8 @@ from members.contract.schema import Experiment, load_experiment
 from members.contract.stagefiles import (StageFileError, name_difference, read_member_meta, read_preds,
                                          sha256_file)
 from members.data.datasets import load_rgb
-from members.data.index import DataError, Pair
+from members.contract.data_config import DataError
+from members.data.index import Pair
 from members.data.splits import prepare_member_data, read_split
 from members.engine.predict import write_predictions
 

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from members.data.index import DataError, as_rgb
+from members.contract.data_config import DataError
+from members.data.index import as_rgb
 
 ImageLike = Union[str, Path, Image.Image, torch.Tensor]
 

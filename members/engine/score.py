@@ -31,7 +31,8 @@ from pathlib import Path
 from members.contract.atomic import atomic_write_text
 from members.contract.cli import INTERRUPTED_RERUN, run_main
 from members.contract.stagefiles import StageFileError, check_name
-from members.data.index import DataError, check_unique, read_csv_table
+from members.contract.data_config import DataError
+from members.data.index import check_unique, read_csv_table
 from members.data.splits import SPLIT_COLUMNS, read_split
 from members.engine.scorer import Scorer, ScorerError
 

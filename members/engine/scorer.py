@@ -43,7 +43,8 @@ from members.contract.member import MemberConfig, load_member_config
 from members.contract.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, make_command,
                                          read_json, read_stage_outputs, sha256_file)
 from members.data.datasets import RefGroupPairs, load_rgb
-from members.data.index import DataError, Pair, check_pairs
+from members.contract.data_config import DataError
+from members.data.index import Pair, check_pairs
 from members.data.views import apply_view, make_views
 from members.engine.inputs import ImageLike, ScorerError, as_device, as_image, as_list
 from members.engine.loading import (check_ensemble_outputs, member_config, prediction_config, score_range_of,

@@ -32,7 +32,8 @@ from members.contract.atomic import atomic_write_text
 from members.contract.cli import run_main
 from members.contract.member import MemberConfig
 from members.contract.schema import Experiment, load_experiment
-from members.data.index import DataError, check_pairs
+from members.contract.data_config import DataError
+from members.data.index import check_pairs
 from members.data.splits import build_splits
 from members.launch.experiment import (cpu_threads, duration, gpus_per_member, member_env, plan_slots,
                                        resolve_gpus)

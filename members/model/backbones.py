@@ -19,10 +19,12 @@ import timm
 import torch
 from torch import nn
 
+from members.contract.cli import UserError
+
 VIT_TAPS = (0, 1, 2, 3, 4)  # the release concatenates the outputs of the first five blocks
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError, RuntimeError):
     """Backbone weights are missing, unreadable or do not fit the backbone."""
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from members.contract.atomic import atomic_path
+from members.contract.cli import UserError
 
 FORMAT = "ahiq-kit/heads-v1"
 AUTHORS_KEYS = ("deform_net_model_state_dict", "regressor_model_state_dict")
@@ -33,7 +34,7 @@ _NUMPY_SAFE = [
 ]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is unsafe, unreadable, or does not fit the configured model."""
 
 

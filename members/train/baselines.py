@@ -28,7 +28,8 @@ from members.contract.config import ConfigError
 from members.contract.member import load_member_config
 from members.contract.metrics import srcc
 from members.data.datasets import load_rgb
-from members.data.index import DataError, Pair
+from members.contract.data_config import DataError
+from members.data.index import Pair
 from members.data.splits import build_splits
 from members.data.views import apply_view, make_views
 from members.model.ahiq import AHIQ, build_model

@@ -19,11 +19,12 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from members.contract.atomic import atomic_write_text
+from members.contract.cli import UserError
 
 EXTRA = "extra.safetensors"
 
 
-class StateError(RuntimeError):
+class StateError(UserError, RuntimeError):
     """The resumable state of a member cannot be read; the message says what to delete."""
 
 

@@ -1,0 +1,121 @@
+"""What a member reads and how it looks at it: the data settings (`DataConfig`), its test-time views
+(`ViewConfig`) and its training augmentation (`AugmentConfig`), and the error bad data raises.
+
+Torch-free and part of the contract: the member schema (`members.contract.member`) is built from these,
+and every stage reads them. The code that acts on them lives in `members.data` (index and split lists
+in `index.py` / `splits.py`, crop boxes in `views.py`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "val", "test")
+# The NTIRE validation folder, predicted for the development-phase leaderboard whenever it exists.
+VALID = "valid"
+VIEW_KINDS = ("center", "five", "nine", "grid", "random")
+FLIP_MODES = {"none": "", "horizontal": "h", "vertical": "v"}
+
+
+class DataError(ValueError):
+    """A dataset list or image is invalid; the message names the file and line."""
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how to split it (file formats: see the readers in `members.data.index`).
+
+    format "pipal": PIPAL as distributed under `root`; train = the labelled train references minus a
+    seeded `val_fraction` of them when val_source is "holdout", else the NTIRE validation folders
+    (labelled from `valid_labels` when given); test = the NTIRE testing folders (labelled from
+    `test_labels` when given). format "csv": one `dis_img_path,dis_type,ref_img_path,score` table
+    (`csv`, path as given; image paths in it relative to `root`) split train/val/test by `fractions`.
+
+    `ref_groups` (relative to `root`): `ref_id,group` lines naming the source photo of each reference
+    (ids as in the split lists: PIPAL `A0001`, csv the reference path). The seeded holdout (and the
+    csv split) then shuffles and cuts whole groups, so crops of one photo never land in two splits.
+    Empty: every reference is its own photo, as in PIPAL.
+    """
+
+    format: str = "pipal"
+    root: str = ""
+    train_ref: str = "Train_Ref"
+    train_dis: list[str] = field(
+        default_factory=lambda: ["Distortion_1", "Distortion_2", "Distortion_3", "Distortion_4", "Train_Dis"])
+    train_labels: str = "Train_Label"
+    valid_ref: str = "NTIRE2022_FR_Valid_Ref"
+    valid_dis: str = "NTIRE2022_FR_Valid_Dis"
+    valid_labels: str = ""
+    test_ref: str = "NTIRE2022_FR_Testing_Ref"
+    test_dis: str = "NTIRE2022_FR_Testing_Dis"
+    test_labels: str = ""
+    ref_groups: str = ""
+    val_source: str = "holdout"
+    val_fraction: float = 0.2
+    csv: str = ""
+    fractions: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])
+    higher_is_better: bool = True
+    split_seed: int = 0
+    upscale_small: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in ("pipal", "csv"):
+            raise ValueError(f"data.format must be 'pipal' or 'csv'; got {self.format!r}")
+        if self.val_source not in ("holdout", "ntire_valid"):
+            raise ValueError(f"data.val_source must be 'holdout' or 'ntire_valid'; got {self.val_source!r}")
+        if self.format == "csv" and not self.csv:
+            raise ValueError("data.csv (path of the score table) is required when data.format is 'csv'")
+        if self.format == "csv" and self.val_source != "holdout":
+            raise ValueError("data.val_source 'ntire_valid' needs data.format 'pipal'")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in (0, 1); got {self.val_fraction}")
+        if len(self.fractions) != 3 or min(self.fractions) <= 0 or abs(sum(self.fractions) - 1) > 1e-6:
+            raise ValueError(f"data.fractions must be three positive numbers (train, val, test) summing "
+                             f"to 1; got {self.fractions}")
+        if self.split_seed < 0:
+            raise ValueError(f"data.split_seed must be >= 0; got {self.split_seed}")
+
+
+
+@dataclass
+class ViewConfig:
+    """Test-time views of one image.
+
+    kind: "center" (one centre crop), "five" (4 corners + centre), "nine" (3x3 evenly spaced),
+    "grid" (rows x cols evenly spaced, corners included), "random" (n boxes from `seed`).
+    flip: also add a horizontally flipped copy of every box (doubles the number of views).
+    """
+
+    kind: str = "five"
+    rows: int = 4
+    cols: int = 5
+    n: int = 20
+    seed: int = 0
+    flip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in VIEW_KINDS:
+            raise ValueError(f"views.kind must be one of {', '.join(VIEW_KINDS)}; got {self.kind!r}")
+        for key in ("rows", "cols", "n"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"views.{key} must be >= 1; got {getattr(self, key)}")
+        if self.seed < 0:
+            raise ValueError(f"views.seed must be >= 0; got {self.seed}")
+
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentation: one uniformly random crop, then a flip with probability `flip_prob`.
+
+    flip: "horizontal" (the intent of the release), "vertical" (what the release actually does, by a
+    bug; only for exact reproduction) or "none".
+    """
+
+    flip: str = "horizontal"
+    flip_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.flip not in FLIP_MODES:
+            raise ValueError(f"augment.flip must be one of {', '.join(FLIP_MODES)}; got {self.flip!r}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"augment.flip_prob must be in [0, 1]; got {self.flip_prob}")
