@@ -141,7 +141,7 @@ def test_a_second_trainer_on_the_same_folder_refuses_naming_the_holder(member_ya
         holder.kill()
         holder.wait()
     assert second.returncode == 2, second.stderr
-    assert f"pid {holder.pid}" in second.stderr and "already running" in second.stderr
+    assert f"test, pid {holder.pid}" in second.stderr and "the folder is in use" in second.stderr
     assert "Traceback" not in second.stderr and not (out / "log.csv").exists()
 
 

@@ -111,8 +111,8 @@ def test_a_member_failing_in_the_launched_process_ends_in_its_one_line(member_ya
                                "--cpu-procs", str(processes)],
                               env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
-    error = (f"error: {folder}: training of member 't' is already running here (pid 1 on host elsewhere); "
-             "wait for it to finish or stop it, then rerun")
+    error = (f"error: {folder}: training of member 't' cannot start: the folder is in use (pid 1 on host "
+             "elsewhere); wait for it to finish or stop it, then rerun")
     lines = done.stderr.strip().splitlines()
     assert lines[-2:] == [error, "failed: t"], done.stderr[-3000:]
     assert lines.count(error) == 1 and "Traceback" not in done.stderr and "elastic" not in done.stderr

@@ -13,6 +13,7 @@ of a team sharing the results.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +21,7 @@ from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sweep_temps", "temp_path"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "sweep_temps", "temp_dir", "temp_path"]
 
 
 def _host() -> str:
@@ -63,8 +64,11 @@ def _remove_dead_temps(folder: Path, prefix: str) -> list[Path]:
         return removed
     for entry in entries:
         name = entry.name
-        if name.startswith(prefix) and name.endswith(TEMP_SUFFIX) and _is_dead_writer(name) and entry.is_file():
-            entry.unlink(missing_ok=True)
+        if name.startswith(prefix) and name.endswith(TEMP_SUFFIX) and _is_dead_writer(name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)  # a `temp_dir` of a killed run
+            else:
+                entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
 
@@ -130,7 +134,23 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+@contextmanager
+def temp_dir(folder: str | os.PathLike, stem: str) -> Iterator[Path]:
+    """A scratch folder `folder/.<stem>.<host>-<pid>.tmp` for this process, removed when the block ends;
+    one that a killed run left (its writer gone) is removed by the next `temp_dir` of the same stem."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temps(folder, f".{stem}.")
+    path = temp_path(folder / stem)
+    shutil.rmtree(path, ignore_errors=True)  # a reused pid's leftover
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def sweep_temps(folder: str | os.PathLike) -> list[Path]:
-    """Remove the temporary files (`.*.tmp`) that dead writers left directly in `folder`; those of
+    """Remove the temporary files and folders (`.*.tmp`) that dead writers left directly in `folder`; those of
     live writers on this host, and of writers on other hosts, stay. Returns what was removed."""
     return _remove_dead_temps(Path(folder), ".")

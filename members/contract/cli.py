@@ -9,8 +9,9 @@
 - `die_with_parent()` makes a worker die when the process that launched it dies, even by `kill -9`:
   torch's elastic launcher starts its workers in new sessions, so they would go on training as
   orphans. Linux's PR_SET_PDEATHSIG does it; elsewhere it is a no-op.
-- `hold_folder_lock(folder)` makes sure one run at a time writes a folder (a second trainer on the
-  same member would interleave its log and checkpoints with the first).
+- `hold_folder_lock(folder)` (for the process) and `folder_lock(folder)` (for a block) make sure one run
+  at a time writes a folder (a second trainer or predictor of the same member would interleave its files
+  with the first's; a second `make train-members` of one experiment would run both).
 - `python -m members.contract.cli --die-with-parent -- CMD...` execs CMD with the same protection, for
   children started by `members.launch.experiment`.
 - `python -m members.contract.cli --launch ARGS...` is `accelerate launch ARGS...` for `members.launch.experiment`:
@@ -25,7 +26,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, NoReturn
 
@@ -36,7 +38,7 @@ PR_SET_PDEATHSIG = 1
 # Parents whose children should follow them: the accelerate / torch.distributed launchers and our shim.
 LAUNCHERS = ("accelerate", "torch.distributed.run", "torchrun", "members.contract.cli")
 
-_held_locks: list[IO[str]] = []  # open lock files live as long as the process
+_held_locks: dict[str, IO[str]] = {}  # folder -> its open lock file, held by this process
 
 
 class LockedError(RuntimeError):
@@ -149,27 +151,48 @@ def die_with_parent(always: bool = False) -> None:
         os._exit(1)
 
 
-def hold_folder_lock(folder: Path, what: str) -> None:
-    """Take `folder/.lock` for this process's lifetime (released by the OS when it exits, even by
-    kill -9), or raise `LockedError` naming the holder. `what` names the run in messages."""
+def _lock(folder: Path, what: str) -> IO[str] | None:
+    """Take `folder/.lock` (an flock, released by the OS when the process exits, even by kill -9), or
+    raise `LockedError` naming the holder and what it runs. None when this process holds it already."""
     import fcntl
 
+    key = os.path.abspath(folder)
+    if key in _held_locks:
+        return None  # re-entrant within a process: flock would refuse a second descriptor of our own
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / ".lock"
-    f = open(path, "a+", encoding="utf-8")
+    f = open(folder / ".lock", "a+", encoding="utf-8")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         f.seek(0)
         holder = f.read().strip() or "another process"
         f.close()
-        raise LockedError(f"{folder}: {what} is already running here ({holder}); wait for it to finish or "
-                          "stop it, then rerun") from None
+        raise LockedError(f"{folder}: {what} cannot start: the folder is in use ({holder}); wait for it to "
+                          "finish or stop it, then rerun") from None
     f.seek(0)
     f.truncate()
-    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.write(f"{what}, pid {os.getpid()} on host {socket.gethostname()}\n")
     f.flush()
-    _held_locks.append(f)
+    _held_locks[key] = f
+    return f
+
+
+def hold_folder_lock(folder: Path, what: str) -> None:
+    """Hold `folder/.lock` for this process's lifetime: one run at a time writes the folder. `what`
+    names this run in the message a second one gets."""
+    _lock(Path(folder), what)
+
+
+@contextmanager
+def folder_lock(folder: Path, what: str) -> Iterator[None]:
+    """Hold `folder/.lock` while the block runs (for work inside a longer-lived process: prediction)."""
+    f = _lock(Path(folder), what)
+    try:
+        yield
+    finally:
+        if f is not None:
+            del _held_locks[os.path.abspath(folder)]
+            f.close()  # releases the flock
 
 
 def shim_command(cmd: list[str]) -> list[str]:

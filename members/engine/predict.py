@@ -17,15 +17,17 @@ splits, and `preds_<split>.json` (timing, device, views, and the manifest: split
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
-from members.contract.cli import run_main
+from members.contract.cli import folder_lock, run_main
 from members.contract.member import (MemberConfig, load_member_config, prediction_fingerprint,
                                      prediction_splits)
 from members.contract.stagefiles import sha256_file, write_member_split
@@ -97,6 +99,17 @@ def predict_members(cfgs: list[MemberConfig], splits_to_run: list[str] | None, o
     device = device_for(opts, state)
     data = {cfg.name: prepare_member_data(cfg)[0] for cfg in cfgs}
     ckpts = {cfg.name: checkpoint_for(cfg, checkpoints.get(cfg.name)) for cfg in cfgs}
+    with contextlib.ExitStack() as locks:
+        if state.is_main_process:  # one writer per member folder: a trainer, or another prediction run
+            for cfg in cfgs:
+                locks.enter_context(folder_lock(cfg.out, f"prediction of member '{cfg.name}'"))
+        return _predict_groups(cfgs, splits_to_run, opts, state, device, data, ckpts, progress)
+
+
+def _predict_groups(cfgs: list[MemberConfig], splits_to_run: list[str] | None, opts: FastOptions,
+                    state: PartialState, device: torch.device, data: dict, ckpts: dict[str, str],
+                    progress: bool) -> dict[str, dict]:
+    """`predict_members`' work, once every member folder is held: each backbone group scores its splits."""
     metas = {}
     for group in group_members(cfgs, opts):
         lead = group[0]

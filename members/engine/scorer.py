@@ -76,10 +76,18 @@ class Scorer(nn.Module):
                                         for group in self.group_configs)
         self.requires_grad_(False)
         self._build_engines()
+        # Loading a state dict: refused where it cannot be honoured, and the engines (which keep tensors
+        # derived from the heads) rebuilt after it, also when the Scorer sits inside another module.
+        pre_hook = getattr(self, "register_load_state_dict_pre_hook", None)  # public from torch 2.5
+        if pre_hook is not None:
+            pre_hook(Scorer._check_loaded_state)
+        else:
+            self._register_load_state_dict_pre_hook(Scorer._check_loaded_state, with_module=True)
+        self.register_load_state_dict_post_hook(Scorer._rebuild_after_load)
 
     def _build_engines(self) -> None:
-        """One engine per backbone group, on `self.device` (rebuilt when the module moves: the engine
-        keeps tensors derived from the heads)."""
+        """One engine per backbone group, on `self.device` (rebuilt when the module moves or loads a
+        state: the engine keeps tensors derived from the heads)."""
         self.groups = [(group, SharedScorer(list(models), self.device, precision_of(group[0], self.opts)))
                        for group, models in zip(self.group_configs, self.models)]
 
@@ -90,18 +98,45 @@ class Scorer(nn.Module):
         return super().train(False)
 
     def _apply(self, fn, *args, **kwargs):
+        """Moves between devices are followed (the engines are rebuilt there); a cast to another dtype or
+        a move to the meta device is refused BEFORE any tensor changes: casting back could not restore
+        what fp16 dropped, and meta tensors hold no weights to score with."""
+        if hasattr(self, "group_configs"):  # not during __init__
+            probe = fn(torch.zeros(1, device=self.device))
+            if probe.dtype != torch.float32:
+                raise ScorerError(f"a Scorer's weights stay float32 (asked: {probe.dtype}); choose the compute "
+                                  "precision with precision='bf16' (or 'fp16', 'no') when creating it")
+            if probe.device.type == "meta":
+                raise ScorerError("a Scorer cannot move to the meta device: it scores with the weights it holds; "
+                                  "use 'cpu' or 'cuda'")
         super()._apply(fn, *args, **kwargs)
-        if not hasattr(self, "group_configs"):  # during __init__
-            return self
-        params = list(self.parameters())
-        if any(p.dtype != torch.float32 for p in params):
-            super()._apply(lambda t: t.float() if t.is_floating_point() else t)
-            raise ScorerError("a Scorer's weights stay float32: choose the compute precision with "
-                              "precision='bf16' (or 'fp16', 'no') when creating it")
+        params = list(self.parameters()) if hasattr(self, "group_configs") else []
         if params and params[0].device != self.device:
             self.device = params[0].device
             self._build_engines()
         return self
+
+    @staticmethod
+    def _rebuild_after_load(module: Scorer, incompatible_keys: object) -> None:
+        module._build_engines()
+
+    @staticmethod
+    def _check_loaded_state(module: Scorer, state_dict: dict, prefix: str, *args) -> None:
+        """Before a state dict is loaded: its weights must stay float32, and an ensemble's heads are the
+        ones its record was fitted with (its weights, standardisation and calibration belong to them),
+        so an ensemble Scorer takes only the state it has."""
+        own = module.state_dict()
+        for key, value in state_dict.items():
+            if not key.startswith(prefix) or not isinstance(value, torch.Tensor):
+                continue
+            if value.is_floating_point() and value.dtype != torch.float32:
+                raise ScorerError(f"load_state_dict: {key} is {value.dtype}; a Scorer's weights stay float32")
+            mine = own.get(key[len(prefix):])
+            if module.ensemble is not None and mine is not None and not (
+                    mine.shape == value.shape and torch.equal(mine, value.to(mine.device, mine.dtype))):
+                raise ScorerError(f"load_state_dict: {key} differs from the heads this ensemble was fitted with; an "
+                                  "ensemble's weights belong to its members' heads: load other heads into a member "
+                                  "Scorer (Scorer.from_member), or fit an ensemble on them (make ensemble)")
 
     def forward(self, dis: ImageLike | Sequence[ImageLike], ref: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
         """Scores as a float64 tensor of shape (N,): on the inputs' device when they are tensors, else

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from members.contract.cli import quiet_start, run_main, shim_command
+from members.contract.cli import hold_folder_lock, quiet_start, run_main, shim_command
 
 if __name__ == "__main__":
     quiet_start()  # before the slow imports below (torch): Ctrl-C during them ends in one line
@@ -132,9 +132,25 @@ def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple
     return slots, per_member
 
 
+def positive_count(text: str) -> int:
+    """--cpu-procs: a positive whole number of processes."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive whole number of processes")
+    return int(text)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity (what SLURM, taskset or a container allot), not
+    every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def cpu_threads(processes: int) -> int:
-    """CPU threads for each of `processes` processes running at once: the cores shared out."""
-    return max(1, (os.cpu_count() or 1) // processes)
+    """CPU threads for each of `processes` processes running at once: the usable cores shared out."""
+    return max(1, usable_cores() // max(processes, 1))
 
 
 def resolve_gpus(text: str) -> list[str]:
@@ -268,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", default="", help="comma-separated GPU ids (default: all visible GPUs, else CPU)")
     parser.add_argument("--gpus-per-member", default=1, type=gpus_per_member,
                         help="K GPUs per member side by side, or 'all' for DDP")
-    parser.add_argument("--cpu-procs", type=int, default=2, help="processes per member without GPUs")
+    parser.add_argument("--cpu-procs", type=positive_count, default=2, help="processes per member without GPUs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override an experiment key, dotted from the top level (e.g. --set runs_dir=runs/x)")
     parser.add_argument("--keep-states", action="store_true",
@@ -276,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.config, args.overrides)
+        # one driver per experiment: a second one would train nothing (the member folders are locked)
+        # but predict and write the same member files as the first
+        hold_folder_lock(exp.runs_dir, f"make train-members of {exp.path}")
         members = exp.members
         for m in members:  # every list checked (files decode, sizes, crops) before any training
             prepare_member_data(m.config)

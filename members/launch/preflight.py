@@ -25,10 +25,9 @@ import json
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from members.contract.atomic import atomic_write_text
+from members.contract.atomic import atomic_write_text, temp_dir
 from members.contract.cli import run_main
 from members.contract.member import MemberConfig
 from members.contract.schema import Experiment, load_experiment
@@ -36,7 +35,7 @@ from members.contract.data_config import DataError
 from members.data.index import check_pairs
 from members.data.splits import build_splits
 from members.launch.experiment import (cpu_threads, duration, gpus_per_member, member_env, plan_slots,
-                                       resolve_gpus)
+                                       positive_count, resolve_gpus, spawn, stop)
 
 SAMPLE = 8  # images per split whose sizes are decoded and checked against each crop
 RANDOM_WEIGHTS = ["model.vit_weights=none", "model.cnn_weights=none"]
@@ -83,9 +82,15 @@ def run_probe(m, slot: list[str], threads: int, sets: list[str], work: Path, ste
     env = member_env(slot, threads)  # the GPUs and threads the run gives the member
     cmd = [sys.executable, "-m", "members.train.probe", "-c", str(m.path), *[a for s in [*m.overrides, *sets]
            for a in ("--set", s)], "--out", str(out), "--steps", str(steps), "--images", str(images)]
-    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a child that dies with this process (kill -9 included), stopped with it on Ctrl-C
+    proc = spawn(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:
+        stop(proc)
+        raise
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
         raise DataError(f"member {m.name}: preflight failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
     return json.loads(out.read_text(encoding="utf-8"))
 
@@ -122,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: all visible GPUs, else the CPU, as training)")
     parser.add_argument("--gpus-per-member", default=1, type=gpus_per_member,
                         help="as GPUS_PER_MEMBER (a number or 'all')")
-    parser.add_argument("--cpu-procs", type=int, default=2, help="CPU processes per member without GPUs")
+    parser.add_argument("--cpu-procs", type=positive_count, default=2, help="CPU processes per member without GPUs")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the backbones with random weights (where the hub weights are absent)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per member (the first warms up)")
@@ -136,17 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(layout), flush=True)
     sets = RANDOM_WEIGHTS if args.random_weights else []
     rows = []
-    exp.runs_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".preflight-", dir=exp.runs_dir))
-    try:
+    with temp_dir(exp.runs_dir, "preflight") as work:  # a killed preflight's folder goes with the next one
         for k, m in enumerate(exp.members, 1):
             print(f"member {k} of {len(exp.members)}: {m.name} ...", file=sys.stderr, flush=True)
             result = run_probe(m, slots[0], threads, sets, work, args.steps, args.images)
             if not result["state_ok"]:
                 raise DataError(f"member {m.name}: a saved training state did not load back to the same heads")
             rows.append((result, step_seconds(result), *estimate(m.config, result, processes)))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     keep = max(m.config.train.keep_states for m in exp.members)
     need = sum(r["state_mib"] for r, *_ in rows) * (keep + 1)
     free = shutil.disk_usage(exp.runs_dir).free / 2**20

@@ -17,8 +17,6 @@ import argparse
 import copy
 import json
 import resource
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from torchvision.ops import deform_conv2d
 
-from members.contract.atomic import atomic_write_text
+from members.contract.atomic import atomic_write_text, temp_dir
 from members.contract.member import MemberConfig, load_member_config
 from members.data.datasets import RefGroupPairs, TrainPairs
 from members.data.index import Pair
@@ -156,11 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--steps must be >= 2 (the first one warms up) and --images >= 1")
     cfg = load_member_config(args.config, args.set)
     out = Path(args.out)
-    work = Path(tempfile.mkdtemp(prefix=".probe-", dir=out.parent))
-    try:
+    with temp_dir(out.parent, "probe") as work:  # the saved state; a killed probe's is removed by the next
         result = probe(cfg, args.steps, args.images, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     return 0
 
