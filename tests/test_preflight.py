@@ -83,10 +83,11 @@ def test_preflight_places_members_where_training_would(monkeypatch, member_yaml,
     import torch
 
     from members.launch import preflight
-    from members.launch.experiment import resolve_gpus
+    from members.launch.placement import resolve_gpus
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert resolve_gpus("") == ["0", "1"] and resolve_gpus("3, 5") == ["3", "5"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert resolve_gpus("") == ["0", "1"] and resolve_gpus("1, 0") == ["1", "0"]
     seen = {}
 
     def plan(gpus, per_member, cpu_procs):

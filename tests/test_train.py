@@ -155,7 +155,7 @@ def test_experiment_checks_data_before_training(tmp_path, member_yaml, capsys):
     (["5"], 4, ([["5"]], 1)),
 ])
 def test_gpu_slots(gpus, per_member, expected):
-    from members.launch.experiment import plan_slots
+    from members.launch.placement import plan_slots
     assert plan_slots(gpus, per_member, cpu_procs=2) == expected
 
 

@@ -15,7 +15,7 @@ import yaml
 from members.contract.cli import LockedError, folder_lock, hold_folder_lock
 from members.contract.member import load_member_config
 from members.engine.predict import predict_members
-from members.launch import experiment
+from members.launch import placement
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,8 +51,8 @@ def test_threads_share_the_cores_this_process_may_use(monkeypatch):
     """Under SLURM or taskset a job may use a few cores of a large machine: os.cpu_count() counts them all."""
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7}, raising=False)
-    assert experiment.usable_cores() == 4
-    assert experiment.cpu_threads(2) == 2 and experiment.cpu_threads(8) == 1 and experiment.cpu_threads(0) == 4
+    assert placement.usable_cores() == 4
+    assert placement.cpu_threads(2) == 2 and placement.cpu_threads(8) == 1 and placement.cpu_threads(0) == 4
 
 
 # ------------------------------------------------------------------------------------ 9: a killed preflight
@@ -168,3 +168,41 @@ def test_locks_are_reentrant_in_one_process_and_released_after_a_block(tmp_path)
     other = _holder(tmp_path / "b", "another process")  # released after the block: another can take it
     other.kill()
     other.wait()
+
+
+# ------------------------------------------------------------------------------------ GPU placement (26.1)
+def test_members_go_to_the_physical_gpus_the_user_made_visible(monkeypatch, tmp_path, member_yaml):
+    """Before: `resolve_gpus("")` returned the ordinals 0..n-1 and `member_env` wrote them into
+    CUDA_VISIBLE_DEVICES, so `CUDA_VISIBLE_DEVICES=2,3 make train-members` trained on physical GPUs 0 and 1,
+    which may be someone else's. Two members side by side must get physical GPUs 2 and 3."""
+    import torch
+
+    from members.contract.schema import load_experiment
+    from members.launch import experiment as driver
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    gpus = placement.resolve_gpus("")
+    assert gpus == ["2", "3"]
+    assert placement.resolve_gpus("1") == ["3"]  # an ordinal among the visible GPUs, as torch counts them
+    with pytest.raises(ValueError, match="--gpus 2: 2 is not the ordinal of a visible GPU .2 visible, "
+                                         "CUDA_VISIBLE_DEVICES=2,3"):
+        placement.resolve_gpus("2")
+    exp = load_experiment(_experiment(tmp_path, member_yaml, ("pa", "pb")))
+    seen: list[tuple[str, str]] = []
+
+    class Finished:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def fake_spawn(cmd, env, **kwargs):
+        seen.append((cmd[cmd.index("-c") + 1], env["CUDA_VISIBLE_DEVICES"]))
+        return Finished()
+
+    monkeypatch.setattr(driver, "spawn", fake_spawn)
+    assert driver.run_members(exp.members, gpus, 1, cpu_procs=2) == []
+    assert sorted(seen) == [(str(exp.members[0].path), "2"), (str(exp.members[1].path), "3")]
+    env = placement.member_env(["2", "3"], 4)  # a DDP member over both: the physical pair
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["OMP_NUM_THREADS"] == "4"

@@ -19,15 +19,13 @@ files are computed or imported (members.engine.foreign) once the data is checked
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from members.contract.cli import hold_folder_lock, quiet_start, run_main, shim_command
+from members.contract.cli import hold_folder_lock, quiet_start, run_main
 
 if __name__ == "__main__":
     quiet_start()  # before the slow imports below (torch): Ctrl-C during them ends in one line
@@ -37,6 +35,8 @@ from members.contract.member import (MemberConfig, StaleMemberError, check_membe
 from members.contract.schema import MemberEntry, load_experiment
 from members.contract.stagefiles import StageFileError, read_member_meta, sha256_file
 from members.data.splits import prepare_member_data
+from members.launch.placement import (cpu_threads, gpus_per_member, member_env, plan_slots, positive_count,
+                                      resolve_gpus, spawn, stop)
 
 
 def launch_command(module: str, args: list[str], processes: int, cpu: bool) -> list[str]:
@@ -82,85 +82,6 @@ def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
     the members that `needs_prediction` are predicted together by `members.engine.predict_all`."""
     sets = [a for o in overrides for a in ("--set", o)] + (["--keep-states"] if keep_states else [])
     return [("members.train.loop", ["-c", member_path, *sets])] if needs_training(cfg) else []
-
-
-def member_env(gpus: list[str], threads: int) -> dict[str, str]:
-    """The environment of a member's processes: its slot's GPUs (or the CPU) and its CPU threads."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    else:
-        env["ACCELERATE_USE_CPU"] = "1"  # with --multi_gpu: gloo processes on the CPU
-    return env
-
-
-def spawn(cmd: list[str], **kwargs: Any) -> subprocess.Popen:
-    """Start a child that dies with this process (even on kill -9), in its own session so that a
-    Ctrl-C reaches only this process, which then stops the child and prints one line."""
-    return subprocess.Popen(shim_command(cmd), start_new_session=True, **kwargs)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Kill a child started by `spawn` and everything in its session; its writes are atomic, and
-    the next run resumes from its last saved state."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def gpus_per_member(text: str) -> int | None:
-    """--gpus-per-member: a positive whole number of GPUs, or 'all' (None)."""
-    if text == "all":
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive whole number of GPUs or 'all'")
-    return int(text)
-
-
-def plan_slots(gpus: list[str], per_member: int | None, cpu_procs: int) -> tuple[list[list[str]], int]:
-    """Slots that run one member each (GPU id lists; [[]] = the CPU) and processes per member.
-
-    per_member K: len(gpus) // K slots side by side (left-over GPUs idle); None: one slot, all GPUs.
-    """
-    if not gpus:
-        return [[]], cpu_procs
-    if per_member is None or per_member >= len(gpus):
-        return [gpus], len(gpus)
-    slots = [gpus[i:i + per_member] for i in range(0, len(gpus) - per_member + 1, per_member)]
-    return slots, per_member
-
-
-def positive_count(text: str) -> int:
-    """--cpu-procs: a positive whole number of processes."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive whole number of processes")
-    return int(text)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on: its affinity (what SLURM, taskset or a container allot), not
-    every core of the machine."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):  # not Linux
-        return os.cpu_count() or 1
-
-
-def cpu_threads(processes: int) -> int:
-    """CPU threads for each of `processes` processes running at once: the usable cores shared out."""
-    return max(1, usable_cores() // max(processes, 1))
-
-
-def resolve_gpus(text: str) -> list[str]:
-    """--gpus: the comma-separated ids given, else every visible GPU (none: the CPU)."""
-    gpus = [g.strip() for g in text.split(",") if g.strip()]
-    if not gpus:
-        import torch  # here, not at start-up: only a run that places members needs it
-
-        gpus = [str(i) for i in range(torch.cuda.device_count())]
-    return gpus
 
 
 def duration(seconds: float) -> str:
@@ -310,10 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             from members.engine.foreign import prepare_foreign
 
             print("\n".join(prepare_foreign(exp)), flush=True)
+        gpus = resolve_gpus(args.gpus)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    gpus = resolve_gpus(args.gpus)
     per_member = args.gpus_per_member
     started = time.time()
     to_predict = [m.name for m in members if needs_prediction(m.config)]

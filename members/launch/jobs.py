@@ -58,7 +58,7 @@ class StageJob:
         self.cwd, self.attempt, self._proc = os.getcwd(), 1, None  # paths are relative to the driver's folder
 
     def __call__(self) -> str:
-        from members.launch.experiment import spawn, stop
+        from members.launch.placement import spawn, stop
 
         env = dict(os.environ)
         if self.launch and not self.cluster.gpus_per_member:

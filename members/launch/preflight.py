@@ -34,8 +34,9 @@ from members.contract.schema import Experiment, load_experiment
 from members.contract.data_config import DataError
 from members.data.index import check_pairs
 from members.data.splits import build_splits
-from members.launch.experiment import (cpu_threads, duration, gpus_per_member, member_env, plan_slots,
-                                       positive_count, resolve_gpus, spawn, stop)
+from members.launch.experiment import duration
+from members.launch.placement import (cpu_threads, gpus_per_member, member_env, plan_slots, positive_count,
+                                      resolve_gpus, spawn, stop)
 
 SAMPLE = 8  # images per split whose sizes are decoded and checked against each crop
 RANDOM_WEIGHTS = ["model.vit_weights=none", "model.cnn_weights=none"]
