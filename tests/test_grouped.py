@@ -230,3 +230,23 @@ def test_shared_prediction_files_equal_per_member_predictions(member_yaml, tmp_p
     a, b = (metas[f"{n}/val"] for n in ("a", "b"))
     assert a["timing"]["shared_with"] == ["a", "b"] and a["timing"]["run_seconds"] == b["timing"]["run_seconds"]
     assert a["seconds"] + b["seconds"] == pytest.approx(a["timing"]["run_seconds"], abs=2e-3)
+
+
+def test_calls_are_sized_by_the_free_gpu_memory(members):
+    """Before: MAX_CROPS = 8 everywhere, so on a GPU one backbone call held one image's crops. On a GPU a call
+    now takes as many crops as half the free memory holds (crop_elements each), within [1, GPU_MAX_CROPS];
+    the CPU keeps MAX_CROPS."""
+    import torch
+
+    from members.engine.shared import GPU_MAX_CROPS, MAX_CROPS, crop_elements, crops_per_call
+
+    model = members[0]
+    cuda = torch.device("cuda")
+    per_crop = crop_elements(model)
+    assert per_crop > model.cnn.out_channels * 9 * model.cnn_grid ** 2  # the deform columns and more
+    assert crops_per_call(model, torch.device("cpu"), None) == MAX_CROPS
+    assert crops_per_call(model, cuda, torch.bfloat16, free_bytes=80 * 2**30) == GPU_MAX_CROPS
+    assert crops_per_call(model, cuda, torch.bfloat16, free_bytes=0) == 1
+    free = 40 * per_crop * 2 * 2  # bf16: 2 bytes an element; half of it for the call
+    assert crops_per_call(model, cuda, torch.bfloat16, free_bytes=free) == 40
+    assert crops_per_call(model, cuda, None, free_bytes=free) == 20  # fp32 crops are twice the size

@@ -42,8 +42,9 @@ def test_preflight_measures_every_member_and_writes_the_table(tmp_path, member_y
     for row in rows:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert cells[1] == "cpu" and float(cells[4]) > 0 and float(cells[5]) > 0 and float(cells[7]) > 0
+        assert cells[8] == "8"  # crops per call: the CPU's MAX_CROPS (a GPU sizes it by its free memory)
         # fp32 on the CPU both ways: the forward is the same computation, the two deform kernels agree
-        assert float(cells[10]) < 1e-5 and float(cells[11]) < 1e-4
+        assert float(cells[11]) < 1e-5 and float(cells[12]) < 1e-4
     assert "Estimated total" in report and "member 2 of 2: pb" in out.stderr
     # nothing of the probe is left in the run folder, and no member folder was made
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["preflight.md"]

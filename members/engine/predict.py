@@ -124,7 +124,7 @@ def _predict_groups(cfgs: list[MemberConfig], splits_to_run: list[str] | None, o
             workers = lead.predict.num_workers if opts.num_workers is None else opts.num_workers
             loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                 pin_memory=device.type == "cuda")
-            clock = Clock(device)
+            clock = Clock(device, sync=opts.timing)
             state.wait_for_everyone()  # time the split, not the slowest process's start
             started = time.perf_counter()
             scores = scorer.score(loader, len(pairs), opts.reuse_reference, clock,
@@ -141,6 +141,7 @@ def _predict_groups(cfgs: list[MemberConfig], splits_to_run: list[str] | None, o
                     "own_seconds": round(own[k], 3), "shared_seconds": round(shared, 3),
                     "backbone_seconds": round(clock.seconds["backbone"], 3),
                     "attribution": "own heads time + shared time (data, backbones, gathering) / members sharing it",
+                    "synchronised": opts.timing and device.type == "cuda",  # else a GPU's split is the host's view
                 }
                 metas[f"{cfg.name}/{split}"] = meta
                 if state.is_main_process:

@@ -39,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", default="", metavar="BACKEND", help="torch.compile the backbones (e.g. inductor)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="distorted images per reference chunk (default: each member's predict.batch_size)")
-    parser.add_argument("--max-crops", type=int, default=MAX_CROPS,
-                        help=f"crops per backbone and heads call, at least one image's views (memory bound; default {MAX_CROPS})")
+    parser.add_argument("--max-crops", type=int, default=None,
+                        help=f"crops per backbone and heads call, at least one image's views (memory bound; default "
+                             f"{MAX_CROPS} on the CPU, sized by the free memory on a GPU)")
+    parser.add_argument("--timing", action="store_true",
+                        help="synchronise the GPU around every section, so that each member's own time in "
+                             "preds_<split>.json is exact (slower; the wall time is exact either way)")
     parser.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default: predict.num_workers)")
     parser.add_argument("--no-reuse", action="store_true", help="recompute the reference for every pair (checking)")
     parser.add_argument("--device", default="", help="cpu | cuda | cuda:N, one process only (default: the "
@@ -60,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{args.config}: no member named {', '.join(sorted(unknown))}")
         opts = FastOptions(precision=args.precision, channels_last=args.channels_last, compile=args.compile,
                            batch_size=args.batch_size, max_crops=args.max_crops, num_workers=args.num_workers,
-                           reuse_reference=not args.no_reuse, device=args.device)
+                           reuse_reference=not args.no_reuse, device=args.device, timing=args.timing)
         predict_members(cfgs, args.split, opts)  # None: each member's prediction_splits
     except (ValueError, FileNotFoundError, CheckpointError, WeightsError) as err:  # bad input: no traceback
         print(f"error: {err}", file=sys.stderr)

@@ -36,10 +36,13 @@ from members.model.checkpoint import load_heads_into
 from members.model.grouped import GroupedHeads, prepare_model
 
 PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Crops per backbone and heads call (always at least one image's views). The release runs one pair
-# (its V distorted and V reference crops) at a time; one distorted image per call keeps this engine's
-# peak memory below that (`make bench`), and larger values rarely pay on the CPU.
+# Crops per backbone and heads call on the CPU (always at least one image's views). The release runs one
+# pair (its V distorted and V reference crops) at a time; one distorted image per call keeps this engine's
+# peak memory below that (`make bench`), and larger values rarely pay on the CPU. On a GPU the calls are
+# sized by the free memory instead (`crops_per_call`): a call of 8 crops leaves an H100 mostly idle.
 MAX_CROPS = 8
+GPU_MEMORY_SHARE = 0.5  # of the free memory at start, for one call's activations (the rest: fragmentation, other members)
+GPU_MAX_CROPS = 512  # beyond this a call gains nothing and a loader cannot keep up
 
 
 @dataclass
@@ -50,15 +53,16 @@ class FastOptions:
     channels_last: bool = False  # channels-last convolutions (faster on GPUs)
     compile: str = ""  # torch.compile backend for the backbones ("inductor"; "" = off)
     batch_size: int | None = None  # distorted images per reference chunk (default: predict.batch_size)
-    max_crops: int = MAX_CROPS  # crops per backbone and heads call: bounds features and deform columns
+    max_crops: int | None = None  # crops per backbone and heads call (None: MAX_CROPS on the CPU, sized by memory on a GPU)
     num_workers: int | None = None  # DataLoader workers (default: the member's predict.num_workers)
     reuse_reference: bool = True  # False: every pair recomputes its reference (the per-pair path)
+    timing: bool = False  # synchronise CUDA around each section, so the per-member time split is exact (slower)
     device: str = ""  # "" = cuda when available, else cpu
 
     def __post_init__(self) -> None:
         if self.precision != "member" and self.precision not in PRECISIONS:
             raise ValueError(f"precision must be member, {', '.join(PRECISIONS)}; got {self.precision!r}")
-        if self.max_crops < 1:
+        if self.max_crops is not None and self.max_crops < 1:
             raise ValueError(f"max_crops must be >= 1; got {self.max_crops}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch size (distorted images per reference chunk) must be >= 1; got {self.batch_size}")
@@ -95,22 +99,47 @@ def build_group(cfgs: list[MemberConfig], checkpoints: list[str]) -> list[AHIQ]:
     return models
 
 
-class Clock:
-    """Wall time per named section; synchronises CUDA so that GPU work lands in its own section."""
+def crop_elements(model: AHIQ) -> int:
+    """Elements one crop holds at the peak of a backbone + heads call (an estimate from the model's sizes):
+    the deformable convolution's sampled columns (9 per CNN feature), the CNN taps and deformed map, the ViT
+    taps and the regressor's input, and one attention block's scores."""
+    vit, cnn, g, big = model.vit, model.cnn, model.vit.grid, model.cnn_grid
+    tokens = g * g + 1
+    heads = getattr(getattr(vit.vit.blocks[0], "attn", None), "num_heads", 1)
+    return (cnn.out_channels * 9 * big * big + 2 * cnn.out_channels * big * big
+            + 2 * vit.out_channels * g * g + heads * tokens * tokens)
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
+
+def crops_per_call(model: AHIQ, device: torch.device, dtype: torch.dtype | None,
+                   free_bytes: int | None = None) -> int:
+    """How many crops one backbone and heads call takes: MAX_CROPS on the CPU; on a GPU as many as
+    GPU_MEMORY_SHARE of the free memory holds (`crop_elements` each), at most GPU_MAX_CROPS."""
+    if device.type != "cuda":
+        return MAX_CROPS
+    if free_bytes is None:
+        free_bytes = torch.cuda.mem_get_info(device)[0]
+    size = torch.finfo(dtype).bits // 8 if dtype is not None else 4
+    return int(max(1, min(GPU_MAX_CROPS, GPU_MEMORY_SHARE * free_bytes // (crop_elements(model) * size))))
+
+
+class Clock:
+    """Wall time per named section. With `sync` it synchronises CUDA around every section, so that GPU
+    work lands in its own section; that stalls the pipeline, so it is off unless timing is asked for
+    (without it, sections measure the host's time and only their sum, the wall time, is exact)."""
+
+    def __init__(self, device: torch.device, sync: bool = False) -> None:
+        self.sync = sync and device.type == "cuda"
         self.seconds: dict[str, float] = defaultdict(float)
 
     @contextmanager
     def __call__(self, key: str):
-        if self.cuda:
+        if self.sync:
             torch.cuda.synchronize()
         started = time.perf_counter()
         try:
             yield
         finally:
-            if self.cuda:
+            if self.sync:
                 torch.cuda.synchronize()
             self.seconds[key] += time.perf_counter() - started
 
@@ -119,9 +148,10 @@ class SharedScorer:
     """Scores of several members (one backbone group) on reference-grouped items (`RefGroupPairs`)."""
 
     def __init__(self, models: list[AHIQ], device: torch.device, precision: str = "no",
-                 channels_last: bool = False, compile_backend: str = "", max_crops: int = MAX_CROPS) -> None:
-        self.device, self.max_crops = device, max_crops
+                 channels_last: bool = False, compile_backend: str = "", max_crops: int | None = None) -> None:
+        self.device = device
         self.dtype = PRECISIONS[precision]
+        self.max_crops = max_crops or crops_per_call(models[0], device, self.dtype)
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.models = [prepare_model(m.to(device), channels_last) for m in models]
         self.heads = [GroupedHeads(m, channels_last) for m in self.models]
@@ -176,12 +206,12 @@ class SharedScorer:
                 for k, heads in enumerate(self.heads):
                     with clock(f"member{k}"), self.autocast():
                         s = heads.distorted(states[k], vit_dis, cnn_dis)
-                        columns[k].append(s.float().view(-1, v).mean(1).cpu().double().numpy())
+                        columns[k].append(s.float().view(-1, v).mean(1))  # stays on the device: no sync per slice
                 del vit_dis, cnn_dis
             found.append(np.asarray(item["index"], dtype=np.int64))
         with clock("gather"):
             local = (np.concatenate(found) if found else np.zeros(0, np.int64),
-                     np.stack([np.concatenate(c) if c else np.zeros(0) for c in columns]))
+                     np.stack([torch.cat(c).cpu().double().numpy() if c else np.zeros(0) for c in columns]))
             several = processes is not None and processes.num_processes > 1
             parts = gather_object([local]) if several else [local]
         return assemble(parts, n, len(self.models))

@@ -106,12 +106,13 @@ def schedule(durations: list[float], slots: int) -> float:
 
 
 def report(exp: Experiment, layout: list[str], rows: list[tuple], slots: int, processes: int, disk: str) -> str:
-    head = ["| member | device | precision | batch | step s | peak MiB | state MiB | predict s/image | train est. "
-            "| predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |", "|---" * 12 + "|"]
+    head = ["| member | device | precision | batch | step s | peak MiB | state MiB | predict s/image | crops/call "
+            "| train est. | predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |", "|---" * 13 + "|"]
     body = [f"| {r['member']} | {r['device']} | {r['precision']} | {r['batch_size']} | {step:.3f} | "
             f"{r['peak_mib']:.0f} | "
-            f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {duration(t)} | {duration(p)} | "
-            f"{r['precision_vs_cpu_fp32']:.2e} | {r['deform_vs_torchvision']:.2e} |" for r, step, t, p in rows]
+            f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {r['crops_per_call']} | {duration(t)} | "
+            f"{duration(p)} | {r['precision_vs_cpu_fp32']:.2e} | {r['deform_vs_torchvision']:.2e} |"
+            for r, step, t, p in rows]
     total = schedule([t for _, _, t, _ in rows], slots) + sum(p for *_, p in rows) / slots
     plan = f"{slots} slot(s) side by side, {processes} process(es) per member"
     return "\n".join([f"# Preflight: {exp.name}", "", "## Data", *layout, "", "## Members", *head, *body, "",

@@ -137,7 +137,7 @@ def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
     return {"member": cfg.name, "device": str(device), "precision": tc.mixed_precision,
             "batch_size": tc.batch_size, "views": count_views(cfg.predict.views), "setup_s": setup_s,
             "step_s": step_seconds, "state_mib": state_mib, "state_ok": state_ok,
-            "predict_s_per_image": predict_s, "peak_mib": peak_mib(device),
+            "predict_s_per_image": predict_s, "peak_mib": peak_mib(device), "crops_per_call": scorer.max_crops,
             "pairs": {split: len(pairs) for split, pairs in splits.items()}, **checks}
 
 
