@@ -67,6 +67,7 @@ def test_best_is_the_exact_mean_of_the_last_epochs_heads(averaged, member_yaml, 
     assert done["best_metrics"] == info["metrics"] and done["best_single_epoch"] in (0, 1)
     assert done["best_single_epoch_metrics"] != done["best_metrics"]
     cfg = load_member_config(member_yaml, [f"output_dir={tmp_path / 'p'}"])
+    cfg.predict.views = cfg.train.val_views  # validation's views, not the prediction files'
     predict(cfg, ["val"], checkpoint=str(averaged / "best.pth"))
     stats = LabelStats.load(averaged / "splits/label_stats.json")
     mos = {r["name"]: stats.normalise(float(r["mos"])) for r in csv.DictReader(open(cfg.out / "labels_val.csv"))}
