@@ -1,7 +1,7 @@
 """What each departure of the kit's default recipe from the release's costs or changes (README,
 "Faithful to the release, and where the kit departs from it").
 
-    python -m bench.recipe_drift                       # real-size ViT-B/8 + ResNet-50, batch 4, 5 steps (~15 min on 2 CPU cores)
+    python -m bench.recipe_drift                       # ViT-B/8 + ResNet-50, batch 4, 5 steps (~10 min, 2 cores)
     python -m bench.recipe_drift --batch 2 --steps 3   # quicker
     python -m bench.recipe_drift --only counts         # the computed rows only (seconds)
 

@@ -2,9 +2,10 @@
 
 The defaults follow the release's recipe (ahiq-reference.md, section 5): Adam lr 1e-4, weight decay
 1e-5, heads only, cosine annealing with T_max 50 stepped every optimizer step, batch 4, MSE on
-min-max normalised labels, seed 1919, validation on 5 fixed crops. Where the kit departs from it by
-default (the best checkpoint by signed PLCC + SRCC, horizontal flip, every crop offset), a setting
-gives the release's rule; configs/members/ahiq_p8_release.yaml sets them all.
+min-max normalised labels, seed 1919, fp32, validation every epoch on 5 fixed crops, Adam's two
+parameter groups. Where the defaults depart from it (50 epochs, not 200; best.pth by signed PLCC +
+SRCC; horizontal flip; every crop offset), a setting gives the release's value;
+configs/members/ahiq_p8_release.yaml sets them all.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    views: ViewConfig = field(default_factory=ViewConfig)  # the prediction files' (training validates on train.val_views)
+    views: ViewConfig = field(default_factory=ViewConfig)  # the prediction files' (validation: train.val_views)
     # Distorted images per reference chunk: pairs are scored reference by reference, this many distorted
     # images of one reference (each with all its views) per step, on every process. The same meaning in
     # training's validation, `members.engine.predict`, `members.engine.predict_all` (--batch-size) and `Scorer.score_pairs`.
