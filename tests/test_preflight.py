@@ -66,15 +66,16 @@ def test_a_missing_weights_file_fails_in_one_line_naming_it(tmp_path, member_yam
 def test_estimates_follow_the_recipe(member_yaml, tmp_path):
     exp = load_experiment(_experiment(tmp_path, member_yaml))
     cfg = exp.members[0].config
-    probe = {"step_s": [9.0, 1.0, 1.0], "predict_s_per_image": 0.5, "setup_s": 2.0,
+    # validation scores train.val_views (0.25 s per image), prediction predict.views (0.5 s per image)
+    probe = {"step_s": [9.0, 1.0, 1.0], "predict_s_per_image": 0.5, "val_s_per_image": 0.25, "setup_s": 2.0,
              "pairs": {"train": 64, "val": 10, "test": 20}}
     train_s, predict_s = estimate(cfg, probe, processes=1)
     steps = 64 // cfg.train.batch_size * cfg.train.epochs
     validations = cfg.train.epochs  # val_every 1
-    assert train_s == pytest.approx(2.0 + steps * 1.0 + 0.5 * 10 * validations)  # the warm-up step is not counted
+    assert train_s == pytest.approx(2.0 + steps * 1.0 + 0.25 * 10 * validations)  # the warm-up step is not counted
     assert predict_s == pytest.approx(2.0 + 0.5 * 30)
     two = estimate(cfg, probe, processes=2)  # twice the processes: half the steps and images each
-    assert two[0] == pytest.approx(2.0 + steps / 2 + 0.5 / 2 * 10 * validations)
+    assert two[0] == pytest.approx(2.0 + steps / 2 + 0.25 / 2 * 10 * validations)
     assert schedule([3.0, 1.0, 1.0, 1.0], 2) == 3.0 and schedule([3.0, 1.0, 1.0], 1) == 5.0
 
 

@@ -101,11 +101,17 @@ def test_two_process_training_and_prediction_match_one_process(uninterrupted, me
         metas = [json.loads((d / f"preds_{split}.json").read_text()) for d in (single, out)]
         assert [m["processes"] for m in metas] == [1, 2]
     assert (out / "labels_val.csv").read_text() == (single / "labels_val.csv").read_text()
-    # training's validation (engine on 2 processes) chose best.pth by the metrics of these very scores
+    # training's validation (engine on 2 processes) chose best.pth by the metrics of these very scores,
+    # on its own views (train.val_views)
+    on_val_views = tmp_path / "val_views"
+    views = load_member_config(member_yaml).train.val_views
+    run("members.engine.predict", ["-c", str(member_yaml), "--split", "val", "--set", f"output_dir={on_val_views}",
+                                   "--set", f"predict.views.kind={views.kind}", "--set", f"predict.views.flip={views.flip}",
+                                   "--checkpoint", str(out / "best.pth")])
     _, info = read_heads(out / "best.pth")
     stats = LabelStats.load(out / "splits/label_stats.json")
-    mos = {r["name"]: stats.normalise(float(r["mos"])) for r in csv.DictReader(open(single / "labels_val.csv"))}
-    scores = read_preds(single / "preds_val.csv")
+    mos = {r["name"]: stats.normalise(float(r["mos"])) for r in csv.DictReader(open(on_val_views / "labels_val.csv"))}
+    scores = read_preds(on_val_views / "preds_val.csv")
     recomputed = evaluate(np.array([scores[n] for n in mos]), np.array(list(mos.values())))
     assert abs(recomputed["main"] - info["metrics"]["main"]) <= 1e-4
 

@@ -14,6 +14,9 @@ SPLITS = ("train", "val", "test")
 VALID = "valid"
 VIEW_KINDS = ("center", "five", "nine", "grid", "random")
 FLIP_MODES = {"none": "", "horizontal": "h", "vertical": "v"}
+# Training crop offsets: "all" = every valid position 0..H-crop; "release" = 0..H-crop-1, as the
+# release's np.random.randint(0, H - crop) (its last row and column of positions are never drawn).
+OFFSET_MODES = ("all", "release")
 
 
 class DataError(ValueError):
@@ -83,6 +86,7 @@ class ViewConfig:
     kind: "center" (one centre crop), "five" (4 corners + centre), "nine" (3x3 evenly spaced),
     "grid" (rows x cols evenly spaced, corners included), "random" (n boxes from `seed`).
     flip: also add a horizontally flipped copy of every box (doubles the number of views).
+    The default, "five" without flip, is the release's validation: 4 corners + centre.
     """
 
     kind: str = "five"
@@ -109,13 +113,18 @@ class AugmentConfig:
 
     flip: "horizontal" (the intent of the release), "vertical" (what the release actually does, by a
     bug; only for exact reproduction) or "none".
+    offsets: "all" (top and left uniform over 0..H-crop, every valid position) or "release" (over
+    0..H-crop-1, as the release draws them; only for exact reproduction).
     """
 
     flip: str = "horizontal"
     flip_prob: float = 0.5
+    offsets: str = "all"
 
     def __post_init__(self) -> None:
         if self.flip not in FLIP_MODES:
             raise ValueError(f"augment.flip must be one of {', '.join(FLIP_MODES)}; got {self.flip!r}")
+        if self.offsets not in OFFSET_MODES:
+            raise ValueError(f"augment.offsets must be one of {', '.join(OFFSET_MODES)}; got {self.offsets!r}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"augment.flip_prob must be in [0, 1]; got {self.flip_prob}")

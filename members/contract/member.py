@@ -1,8 +1,11 @@
 """One member = one YAML config: model, data, training recipe, views, seed and output folder.
 
-The defaults are the release's recipe (ahiq-reference.md, section 5): Adam lr 1e-4, weight decay
+The defaults follow the release's recipe (ahiq-reference.md, section 5): Adam lr 1e-4, weight decay
 1e-5, heads only, cosine annealing with T_max 50 stepped every optimizer step, batch 4, MSE on
-min-max normalised labels, seed 1919.
+min-max normalised labels, seed 1919, fp32, validation every epoch on 5 fixed crops, Adam's two
+parameter groups. Where the defaults depart from it (50 epochs, not 200; best.pth by signed PLCC +
+SRCC; horizontal flip; every crop offset), a setting gives the release's value;
+configs/members/ahiq_p8_release.yaml sets them all.
 """
 from __future__ import annotations
 
@@ -21,6 +24,10 @@ from members.contract.stagefiles import splits_content
 SCHEDULES = ("cosine_step", "cosine_epoch", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 HEADS = ("all", "readout")
+# main: the best checkpoint has the highest signed PLCC + SRCC (an epoch that ranks backwards never
+# wins). srcc_or_plcc: the release's rule, a checkpoint whenever SRCC or PLCC is above its value at
+# the last checkpoint (members.train.loop.record_if_best).
+BEST_RULES = ("main", "srcc_or_plcc")
 
 
 @dataclass
@@ -62,6 +69,11 @@ class TrainConfig:
     keep_states_when_done: bool = False
     log_with: str | None = None  # "tensorboard" when installed
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Views of each validation image, whose mean score is its validation score (the epoch's metrics
+    # choose best.pth). Separate from predict.views: at PIPAL scale 20 views per image cost more
+    # backbone work per validation than a training epoch. Default: the release's 4 corners + centre.
+    val_views: ViewConfig = field(default_factory=ViewConfig)
+    best_by: str = "main"  # which validation is the best checkpoint: main | srcc_or_plcc (BEST_RULES)
     # all: every head layer trains from PyTorch's default init (the release). readout: for a few
     # training references (the demo): the heads score feature differences only and just their two
     # 1x1 output convs train (members.model.ahiq.start_readout says why).
@@ -76,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"train.heads must be one of {', '.join(HEADS)}; got {self.heads!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.best_by not in BEST_RULES:
+            raise ValueError(f"train.best_by must be one of {', '.join(BEST_RULES)}; got {self.best_by!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}")
         for key in ("epochs", "batch_size", "t_max", "grad_accum", "val_every", "keep_states"):
@@ -109,7 +123,7 @@ class TrainConfig:
 
 @dataclass
 class PredictConfig:
-    views: ViewConfig = field(default_factory=ViewConfig)  # validation during training and prediction
+    views: ViewConfig = field(default_factory=ViewConfig)  # the prediction files' (validation: train.val_views)
     # Distorted images per reference chunk: pairs are scored reference by reference, this many distorted
     # images of one reference (each with all its views) per step, on every process. The same meaning in
     # training's validation, `members.engine.predict`, `members.engine.predict_all` (--batch-size) and `Scorer.score_pairs`.
@@ -157,12 +171,17 @@ NOT_IN_PREDICTION = ("output_dir", "split_dir", "predict.batch_size", "predict.n
 
 # Settings added after members were trained, with the value that does what the kit did before: left
 # out of both fingerprints while they hold it, so the members of existing configs do not turn stale.
-ADDED_LATER = {"train.average_last": 0}
+ADDED_LATER = {"train.average_last": 0, "train.best_by": "main", "train.augment.offsets": "all"}
+# Settings added later that took over from another one: left out of both fingerprints while they
+# equal it. Training validated on predict.views before train.val_views existed, so only members whose
+# validation views change (the real configs: 20 grid crops -> the release's five) turn stale.
+FOLLOWED_BEFORE = {"train.val_views": "predict.views"}
 
 
 def _without(data: dict, dotted: tuple[str, ...]) -> dict:
     data = json.loads(json.dumps(data))
     dotted = dotted + tuple(k for k, old in ADDED_LATER.items() if _get(data, k) == old)
+    dotted = dotted + tuple(k for k, old in FOLLOWED_BEFORE.items() if _get(data, k) == _get(data, old))
     for key in dotted:
         *parents, leaf = key.split(".")
         node = data

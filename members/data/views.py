@@ -79,14 +79,17 @@ def make_views(height: int, width: int, crop: int, cfg: ViewConfig) -> list[View
 
 
 def random_view(height: int, width: int, crop: int, cfg: AugmentConfig, rng: np.random.Generator) -> View:
-    """One training view: top and left uniform over every valid position, flip per `cfg`.
+    """One training view: top and left uniform over every valid position (`cfg.offsets` "all") or
+    over all but the last (`"release"`: 0..H-crop-1, as the release's randint; an image the size of
+    the crop has the one position 0), flip per `cfg`.
 
-    Always draws three numbers from `rng` (top, left, flip coin) so that the crop positions do not
-    depend on the flip settings.
+    Always draws three numbers from `rng` (top, left, flip coin) so that neither the crop positions
+    nor the flip depend on the other settings.
     """
     _check_size(height, width, crop)
-    top = int(rng.integers(0, height - crop + 1))
-    left = int(rng.integers(0, width - crop + 1))
+    last = 0 if cfg.offsets == "release" else 1  # exclusive bound past H - crop
+    top = int(rng.integers(0, max(height - crop + last, 1)))
+    left = int(rng.integers(0, max(width - crop + last, 1)))
     coin = float(rng.random())
     return View(top, left, FLIP_MODES[cfg.flip] if coin < cfg.flip_prob else "")
 

@@ -14,8 +14,9 @@ allocated, or the probe process's peak RSS), and estimates of its training and p
 the experiment's total under the slot plan. It also compares each member's forward in its precision on
 its device with fp32 on the CPU (two crops), and the kit's deformable convolution with torchvision's
 (max abs differences; on the CPU in fp32 both are ~0, on a GPU in bf16 they show what the run will see).
-Estimates are step time x optimizer steps + prediction
-time x images (validation every `val_every` epochs included), plus the measured start-up; they assume
+Estimates are step time x optimizer steps + validation time x images x validations (every `val_every`
+epochs, on the member's `train.val_views`) for training, prediction time x images (on its
+`predict.views`) for prediction, plus the measured start-up; they assume
 the run's machine is as busy as it was during the preflight.
 """
 from __future__ import annotations
@@ -73,7 +74,8 @@ def estimate(cfg: MemberConfig, result: dict, processes: int) -> tuple[float, fl
     batches_per_epoch = pairs["train"] // (tc.batch_size * processes)
     validations = len(range(tc.val_every - 1, tc.epochs, tc.val_every)) + (tc.epochs % tc.val_every != 0)
     per_image = result["predict_s_per_image"] / processes
-    train_s = result["setup_s"] + step_s * batches_per_epoch * tc.epochs + per_image * pairs["val"] * validations
+    per_val_image = result["val_s_per_image"] / processes  # validation scores train.val_views
+    train_s = result["setup_s"] + step_s * batches_per_epoch * tc.epochs + per_val_image * pairs["val"] * validations
     predict_s = result["setup_s"] + per_image * sum(n for split, n in pairs.items() if split != "train")
     return train_s, predict_s
 

@@ -5,9 +5,10 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 \\
         -m members.train.loop -c ...
 
-Outputs in the member's output_dir: config.yaml (resolved), log.csv, best.pth (heads with the best
-validation main score = PLCC + SRCC with their signs, so that an epoch that ranks backwards never wins;
-its metrics also give the published sign-free abs_main), last.pth, done.json, and while training
+Outputs in the member's output_dir: config.yaml (resolved), log.csv, best.pth (heads of the best
+validation on train.val_views: by default the best main score = PLCC + SRCC with their signs, so that an
+epoch that ranks backwards never wins, or with train.best_by: srcc_or_plcc the release's rule; its metrics
+also give the published sign-free abs_main), last.pth, done.json, and while training
 states/ (resumable; dropped once done.json is written, unless --keep-states or
 train.keep_states_when_done). Rerunning the same command resumes from the latest state; a finished
 member is not retrained.
@@ -55,7 +56,9 @@ from members.model.ahiq import AHIQ, build_model, start_readout
 from members.model.backbones import WeightsError
 from members.model.checkpoint import CheckpointError, save_heads
 from members.train.average import HeadAverage, swapped_heads
-from members.train.states import StateError, latest_state, read_progress, save_state, sweep_states
+from members.train.best import fresh_progress, record_if_best
+from members.train.states import (StateError, check_group_layout, group_layout, latest_state, read_progress,
+                                  save_state, sweep_states)
 
 LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
 
@@ -100,16 +103,6 @@ def _validation_metrics(scores: np.ndarray, labels: np.ndarray, where: str, acce
     except MetricError as err:
         accelerator.print(f"warning: {where}: {err}; its correlations count as 0")
         return {"srcc": 0.0, "plcc": 0.0, "krcc": 0.0, "main": 0.0, "abs_main": 0.0}
-
-
-def record_if_best(progress: dict, metrics: dict, epoch: int) -> bool:
-    """Whether this validation is the best so far, by the signed main (PLCC + SRCC): an epoch that
-    ranks backwards scores below zero, so it never beats one that ranks forwards, however weakly. If it
-    is, it becomes `progress`'s best (saved with the state, so a resumed run compares with it)."""
-    if not metrics["main"] > progress["best_main"]:
-        return False
-    progress.update(best_main=metrics["main"], best_epoch=epoch, best_metrics=metrics)
-    return True
 
 
 def _validation_scores(net: AHIQ, loader: DataLoader, n: int, accelerator: Accelerator, precision: str) -> np.ndarray:
@@ -166,8 +159,9 @@ def _setup(cfg: MemberConfig, accelerator: Accelerator) -> Setup:
     optimizer = make_optimizer(model, cfg, stats, splits["train"])
     train_set = TrainPairs(splits["train"], cfg.model.crop, tc.augment, stats, cfg.seed,
                            upscale_small=cfg.data.upscale_small)
-    # validation as prediction does it: this process's references, predict.batch_size images per chunk
-    val_set = RefGroupPairs(splits["val"], cfg.model.crop, cfg.predict.views, None, chunk=cfg.predict.batch_size,
+    # validation as prediction does it (this process's references, predict.batch_size images per chunk),
+    # on its own views
+    val_set = RefGroupPairs(splits["val"], cfg.model.crop, tc.val_views, None, chunk=cfg.predict.batch_size,
                             upscale_small=cfg.data.upscale_small, process=accelerator.process_index,
                             processes=accelerator.num_processes)
     pin = torch.cuda.is_available()
@@ -184,15 +178,19 @@ def _setup(cfg: MemberConfig, accelerator: Accelerator) -> Setup:
     return Setup(model, optimizer, train_set, train_loader, val_loader, val_labels, steps_per_epoch)
 
 
-def _resume(cfg: MemberConfig, accelerator: Accelerator, average: HeadAverage | None) -> dict:
-    """The loop's position (epoch, step, batch, best so far): the start, or the latest saved state,
-    whose model, optimizer, RNG and sampler states are loaded into `accelerator`'s objects (and the
-    running sum of train.average_last into `average`)."""
+def _resume(cfg: MemberConfig, accelerator: Accelerator, average: HeadAverage | None,
+            optimizer: torch.optim.Optimizer) -> dict:
+    """The loop's position (epoch, step, batch, best so far, the optimizer's group layout): the start,
+    or the latest saved state, whose model, optimizer, RNG and sampler states are loaded into
+    `accelerator`'s objects (and the running sum of train.average_last into `average`)."""
     states = cfg.out / "states"
     latest = latest_state(states)
+    layout = group_layout(optimizer)
     if latest is None:
-        return {"epoch": 0, "step": 0, "batch": 0, "best_main": -math.inf, "best_epoch": None}
+        return {**fresh_progress(), "optimizer_groups": layout}
     progress = read_progress(latest)
+    check_group_layout(latest, progress.get("optimizer_groups"), layout)
+    progress["optimizer_groups"] = layout
     if average is not None:
         average.restore(latest, progress["epoch"])
     try:
@@ -208,12 +206,16 @@ def _resume(cfg: MemberConfig, accelerator: Accelerator, average: HeadAverage | 
 
 
 def make_optimizer(model: AHIQ, cfg: MemberConfig, stats: LabelStats, train_pairs: list[Pair]) -> torch.optim.Optimizer:
-    """Adam over the head parameters that train. Call it before `accelerator.prepare`: with
-    train.heads: readout it starts the heads first, and DDP registers the parameters that need gradients."""
-    params = model.head_parameters()
+    """Adam over the head parameters that train, in the release's two groups (regressor, then
+    deform_net; same lr and weight decay, so the updates are those of one group) so that its optimizer
+    layout is the release's; a group with nothing to train (train.heads: readout) is left out. Call it
+    before `accelerator.prepare`: with train.heads: readout it starts the heads first, and DDP registers
+    the parameters that need gradients."""
     if cfg.train.heads == "readout":
-        params = start_readout(model, float(np.mean(stats.normalise(np.array([p.mos for p in train_pairs])))))
-    return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        start_readout(model, float(np.mean(stats.normalise(np.array([p.mos for p in train_pairs])))))
+    groups = [{"name": name, "params": [p for p in part.parameters() if p.requires_grad]}
+              for name, part in (("regressor", model.regressor), ("deform_net", model.deform_net))]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 def training_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
@@ -252,7 +254,7 @@ def _validate(cfg: MemberConfig, accelerator: Accelerator, run: Setup, progress:
               step: int) -> None:
     """Score the validation split, log its metrics, and save best.pth when they are the best so far."""
     metrics = _score(cfg, accelerator, run, f"epoch {epoch}")
-    best = record_if_best(progress, metrics, epoch)
+    best = record_if_best(progress, metrics, epoch, cfg.train.best_by)
     if accelerator.is_main_process:
         _log(cfg.out / "log.csv", {"step": step, "epoch": epoch, **metrics})
         if best:
@@ -316,7 +318,7 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
     set_seed(cfg.seed)  # identical head init everywhere; crops are keyed by (seed, epoch, index)
     run = _setup(cfg, accelerator)
     average = HeadAverage(accelerator.unwrap_model(run.model), tc.epochs, tc.average_last) if tc.average_last else None
-    progress = _resume(cfg, accelerator, average)
+    progress = _resume(cfg, accelerator, average, run.optimizer)
     if tc.log_with:
         accelerator.init_trackers(cfg.name, config=flat_config(to_dict(cfg)))  # trackers get the whole config
 

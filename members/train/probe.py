@@ -8,7 +8,8 @@ threads), so that the peak memory it reports is this member's alone. It builds t
 `--steps` optimizer steps at the member's batch size and precision with the same pieces as
 `members.train.loop` (model, optimizer, TrainPairs, the one training step), saves an Accelerate state
 and loads it back (and checks that the heads come back bit for bit), then scores `--images` validation
-images through the prediction engine with the member's test-time views. Nothing is written into the
+images through the prediction engine with the member's test-time views (predict.views), and again with
+its validation views (train.val_views) when they differ. Nothing is written into the
 member's run folder: the state goes to a temporary folder beside `--out`.
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import deform_conv2d
 
 from members.contract.atomic import atomic_write_text, temp_dir
+from members.contract.data_config import ViewConfig
 from members.contract.member import MemberConfig, load_member_config
 from members.data.datasets import RefGroupPairs, TrainPairs
 from members.data.index import Pair
@@ -75,6 +77,19 @@ def numerics(net: torch.nn.Module, batch: dict, precision: str, device: torch.de
         tv = deform_conv2d(x, offset, conv.weight, conv.bias, padding=1)
     return {"precision_vs_cpu_fp32": float((here - fp32).abs().max()),
             "deform_vs_torchvision": float((kit - tv).abs().max())}
+
+
+def _seconds_per_image(cfg: MemberConfig, scorer: SharedScorer, pairs: list[Pair], views: ViewConfig) -> float:
+    """Seconds per image of scoring `pairs` through the prediction engine with `views`."""
+    data = RefGroupPairs(pairs, cfg.model.crop, views, None, chunk=cfg.predict.batch_size,
+                         upscale_small=cfg.data.upscale_small)
+    loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
+    t0 = time.perf_counter()
+    scores = scorer.score(loader, len(pairs), progress=False)[0]
+    seconds = (time.perf_counter() - t0) / len(pairs)
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{cfg.name}: non-finite prediction in preflight")
+    return seconds
 
 
 def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
@@ -123,21 +138,18 @@ def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
                    for part in saved)
 
     val = _sample(splits["val"], images)
-    val_set = RefGroupPairs(val, cfg.model.crop, cfg.predict.views, None, chunk=cfg.predict.batch_size,
-                            upscale_small=cfg.data.upscale_small)
-    val_loader = DataLoader(val_set, batch_size=None, shuffle=False, num_workers=0)
     net = accelerator.unwrap_model(model).eval()
     scorer = SharedScorer([net], device, tc.mixed_precision)
-    t0 = time.perf_counter()
-    scores = scorer.score(val_loader, len(val), progress=False)[0]
-    predict_s = (time.perf_counter() - t0) / len(val)
-    if not np.isfinite(scores).all():
-        raise ValueError(f"{cfg.name}: non-finite prediction in preflight")
+    predict_s = _seconds_per_image(cfg, scorer, val, cfg.predict.views)
+    # training's validation has views of its own (train.val_views); timed apart unless they are the same
+    val_s = predict_s if tc.val_views == cfg.predict.views else _seconds_per_image(cfg, scorer, val, tc.val_views)
 
     return {"member": cfg.name, "device": str(device), "precision": tc.mixed_precision,
-            "batch_size": tc.batch_size, "views": count_views(cfg.predict.views), "setup_s": setup_s,
+            "batch_size": tc.batch_size, "views": count_views(cfg.predict.views),
+            "val_views": count_views(tc.val_views), "setup_s": setup_s,
             "step_s": step_seconds, "state_mib": state_mib, "state_ok": state_ok,
-            "predict_s_per_image": predict_s, "peak_mib": peak_mib(device), "crops_per_call": scorer.max_crops,
+            "predict_s_per_image": predict_s, "val_s_per_image": val_s, "peak_mib": peak_mib(device),
+            "crops_per_call": scorer.max_crops,
             "pairs": {split: len(pairs) for split, pairs in splits.items()}, **checks}
 
 

@@ -64,6 +64,26 @@ def latest_state(states: Path) -> Path | None:
     return complete[-1]
 
 
+def group_layout(optimizer: torch.optim.Optimizer) -> list[list]:
+    """[name, number of parameters] of each of the optimizer's parameter groups (name None if unnamed):
+    recorded in every state's progress.json."""
+    return [[group.get("name"), len(group["params"])] for group in optimizer.param_groups]
+
+
+def check_group_layout(state: Path, saved: list[list] | None, layout: list[list]) -> None:
+    """A saved optimizer state loads only into the same parameter groups: say so in one line, before
+    Accelerate's loader fails on it. A state without a recorded layout (`saved` None) comes from a kit
+    whose Adam had one group of every trainable head parameter."""
+    if saved is None:
+        saved = [[None, sum(n for _, n in layout)]]
+    if [n for _, n in saved] == [n for _, n in layout]:
+        return
+    show = lambda groups: ", ".join(f"{name or 'one group'}: {n} tensors" for name, n in groups)  # noqa: E731
+    raise StateError(f"{state}: its optimizer state has other parameter groups ({show(saved)}) than this run's "
+                     f"Adam ({show(layout)}), so it cannot be resumed; delete {state.parent} (and "
+                     f"{state.parent.parent / 'log.csv'}) to train this member from the start")
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux shows it (other threads may be creating files)."""
     try:
