@@ -184,14 +184,32 @@ def read_split(path: Path) -> list[Pair]:
 TRAINING_SPLITS = ("train", "val")  # what training reads; test and valid only feed predictions
 
 
+def _image_paths(splits: dict[str, list[Pair]]) -> list[Path]:
+    return sorted({path for pairs in splits.values() for p in pairs for path in (p.dis, p.ref)}, key=str)
+
+
+def _content(splits: dict[str, list[Pair]], hashes: dict[str, str | None]) -> str:
+    """`content_fingerprint` from image hashes already computed (`hashes` may hold more images)."""
+    return _fingerprint({"lists": {s: _split_csv(p) for s, p in sorted(splits.items())},
+                         "images": {str(path): hashes[str(path)] for path in _image_paths(splits)}})
+
+
 def content_fingerprint(splits: dict[str, list[Pair]], cache_dir: Path | None = None) -> str:
     """Hash of the data the splits were built from: every list (names, paths, MOS) and the sha256 of
     every image, so an edited score or an image replaced, even by one of the same size, changes it.
     Time stamps only decide whether a hash cached in `cache_dir` can be reused: copying a dataset to
     another machine changes nothing."""
-    paths = sorted({path for pairs in splits.values() for p in pairs for path in (p.dis, p.ref)}, key=str)
-    return _fingerprint({"lists": {s: _split_csv(p) for s, p in sorted(splits.items())},
-                         "images": image_hashes(paths, cache_dir)})
+    return _content(splits, image_hashes(_image_paths(splits), cache_dir))
+
+
+def content_record(splits: dict[str, list[Pair]], cache_dir: Path | None = None) -> dict:
+    """The content fingerprints `splits.json` records, every image hashed once: "content" (every list),
+    "training_content" (the lists training reads) and "split_content" (each split on its own: what a
+    member's predictions of that split were made from, `members.contract.verify`)."""
+    hashes = image_hashes(_image_paths(splits), cache_dir)
+    return {"content": _content(splits, hashes),
+            "training_content": _content({s: splits[s] for s in TRAINING_SPLITS}, hashes),
+            "split_content": {s: _content({s: pairs}, hashes) for s, pairs in sorted(splits.items())}}
 
 
 def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
@@ -218,12 +236,13 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
                             f"({'; '.join(diff) or 'unknown difference'}); use another split directory "
                             f"or delete {split_dir}")
     splits = build_splits(cfg)
-    content = content_fingerprint(splits, split_dir)
+    contents = content_record(splits, split_dir)
+    content = contents["content"]
     texts = {split: _split_csv(pairs) for split, pairs in splits.items()}
     # A list edited by hand would be hashed into the members' manifests as if they had predicted it,
     # while they predict (and train on) what the data says: the files must say the same.
     edited = [s for s, text in texts.items() if _read_text(split_dir / f"{s}.csv") != text]
-    if saved.get("content") == content and "training_content" in saved and not edited:
+    if all(saved.get(k) == v for k, v in contents.items()) and not edited:
         return splits
     if saved.get("content") == content and edited:
         print(f"{split_dir}: {', '.join(f'{s}.csv' for s in edited)} differ(s) from the data (edited by hand, "
@@ -231,6 +250,9 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
     elif saved and saved.get("hashes") != HASHES:
         print(f"{split_dir}: these split lists were fingerprinted by an older kit (image sizes, not contents); "
               "recording their new fingerprint", flush=True)
+    elif saved.get("content") == content:
+        print(f"{split_dir}: recording the content fingerprint of each split (splits.json of an older kit)",
+              flush=True)
     elif saved:
         print(f"{split_dir}: the data changed since these split lists were written; rewriting them", flush=True)
     marker.unlink(missing_ok=True)  # the lists below and the marker never disagree, even if killed
@@ -241,11 +263,8 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
     LabelStats.from_pairs(splits["train"], cfg.higher_is_better).save(split_dir / "label_stats.json")
     counts = {s: {"images": len(p), "references": len({x.ref_id for x in p}),
                   "labelled": all(x.mos is not None for x in p)} for s, p in splits.items()}
-    training = content_fingerprint({s: splits[s] for s in TRAINING_SPLITS}, split_dir)
-    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "hashes": HASHES,
-                                          "content": content,
-                                          "training_content": training, "data": data, "counts": counts},
-                                         indent=2) + "\n")
+    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "hashes": HASHES, **contents,
+                                          "data": data, "counts": counts}, indent=2) + "\n")
     return splits
 
 
