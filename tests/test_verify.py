@@ -83,7 +83,7 @@ def test_a_replaced_test_image_is_predicted_again_not_trained(predicted, capsys)
     assert not needs_prediction(cfg)
     load_members(exp)  # current: fine
     old = read_preds(cfg.out / "preds_test.csv")[SWAPPED]
-    replace_image(tmp := Path(cfg.data.root))
+    replace_image(Path(cfg.data.root))
     prepare_member_data(cfg)  # what make train-members does first: the lists follow the data
     assert "rewriting them" in capsys.readouterr().out
     check_member_folder(cfg)  # the training inputs (train, val) did not change: no retraining
@@ -102,7 +102,6 @@ def test_a_replaced_test_image_is_predicted_again_not_trained(predicted, capsys)
     data = load_members(exp)
     assert read_preds(cfg.out / "preds_test.csv")[SWAPPED] != old
     assert data.x_test[data.test_names.index(SWAPPED), 1] == pytest.approx(1.0)  # ssim of an image with itself
-    assert tmp.is_dir()
 
 
 def test_a_replaced_val_image_makes_the_member_stale(predicted):
@@ -132,6 +131,28 @@ def test_member_files_of_an_older_kit_are_stale_with_the_command(predicted):
         load_members(exp)
     assert f"{path}: records no content fingerprint of the test images (written by an older kit)" in str(err.value)
     assert f"make train-members EXPERIMENT={predicted}" in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_split_lists_of_an_older_kit_get_their_content_recorded_without_retraining(predicted, capsys):
+    """A splits.json without per-split fingerprints: the ensemble refuses it with the command; the driver
+    records them (the lists and images unchanged) and the members' files, made from these images, are
+    current again: nothing is trained or predicted."""
+    exp = load_experiment(predicted)
+    cfg = exp.members[0].config
+    marker = exp.split_dir / "splits.json"
+    record = json.loads(marker.read_text())
+    record.pop("split_content")
+    marker.write_text(json.dumps(record))
+    assert needs_prediction(cfg)
+    with pytest.raises(EnsembleInputError) as err:
+        load_members(exp)
+    line = f"{marker}: records no content fingerprint of the val split (written by an older kit)"
+    assert str(err.value).count(line) == 1 and f"make train-members EXPERIMENT={predicted}" in str(err.value)
+    prepare_member_data(cfg)
+    assert "recording the content fingerprint of each split" in capsys.readouterr().out
+    check_member_folder(cfg)
+    assert not needs_prediction(cfg)
+    load_members(exp)
 
 
 # ---------------------------------------------------------------- each best.pth hashed once per run

@@ -132,6 +132,7 @@ def check_experiment(exp: Experiment, splits: tuple[str, ...]) -> tuple[dict[tup
 def raise_problems(problems: list[str], experiment: str | Path | None, error: type[ValueError] = StageFileError,
                    what: str = "member files that are not current", then: str = "") -> None:
     """One error listing every problem, with the command that rebuilds the members of `experiment` (and
-    `then`, what to run after it)."""
+    `then`, what to run after it); a line shared by several members (the split lists') is said once."""
     if problems:
-        raise error(f"{what} (rebuild them with {rebuild_members(experiment)}{then}):\n  " + "\n  ".join(problems))
+        raise error(f"{what} (rebuild them with {rebuild_members(experiment)}{then}):\n  "
+                    + "\n  ".join(dict.fromkeys(problems)))

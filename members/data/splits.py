@@ -184,14 +184,17 @@ def read_split(path: Path) -> list[Pair]:
 TRAINING_SPLITS = ("train", "val")  # what training reads; test and valid only feed predictions
 
 
-def _image_paths(splits: dict[str, list[Pair]]) -> list[Path]:
-    return sorted({path for pairs in splits.values() for p in pairs for path in (p.dis, p.ref)}, key=str)
-
-
-def _content(splits: dict[str, list[Pair]], hashes: dict[str, str | None]) -> str:
-    """`content_fingerprint` from image hashes already computed (`hashes` may hold more images)."""
-    return _fingerprint({"lists": {s: _split_csv(p) for s, p in sorted(splits.items())},
-                         "images": {str(path): hashes[str(path)] for path in _image_paths(splits)}})
+def _fingerprints(splits: dict[str, list[Pair]], groups: dict[str, tuple[str, ...]], cache_dir: Path | None,
+                  texts: dict[str, str] | None = None) -> dict[str, str]:
+    """The content fingerprint of each group of splits (its lists and the sha256 of their images; see
+    `content_fingerprint`), every image hashed once for all groups; `texts`: the lists, if made already."""
+    texts = texts or {s: _split_csv(p) for s, p in splits.items()}
+    paths = {s: {path for p in pairs for path in (p.dis, p.ref)} for s, pairs in splits.items()}
+    hashes = image_hashes(sorted(set().union(*paths.values()), key=str), cache_dir)
+    keys = {s: {str(path) for path in group} for s, group in paths.items()}
+    return {name: _fingerprint({"lists": {s: texts[s] for s in sorted(chosen)},
+                                "images": {k: hashes[k] for k in set().union(*(keys[s] for s in chosen))}})
+            for name, chosen in groups.items()}
 
 
 def content_fingerprint(splits: dict[str, list[Pair]], cache_dir: Path | None = None) -> str:
@@ -199,17 +202,18 @@ def content_fingerprint(splits: dict[str, list[Pair]], cache_dir: Path | None = 
     every image, so an edited score or an image replaced, even by one of the same size, changes it.
     Time stamps only decide whether a hash cached in `cache_dir` can be reused: copying a dataset to
     another machine changes nothing."""
-    return _content(splits, image_hashes(_image_paths(splits), cache_dir))
+    return _fingerprints(splits, {"all": tuple(splits)}, cache_dir)["all"]
 
 
-def content_record(splits: dict[str, list[Pair]], cache_dir: Path | None = None) -> dict:
+def content_record(splits: dict[str, list[Pair]], cache_dir: Path | None = None,
+                   texts: dict[str, str] | None = None) -> dict:
     """The content fingerprints `splits.json` records, every image hashed once: "content" (every list),
     "training_content" (the lists training reads) and "split_content" (each split on its own: what a
     member's predictions of that split were made from, `members.contract.verify`)."""
-    hashes = image_hashes(_image_paths(splits), cache_dir)
-    return {"content": _content(splits, hashes),
-            "training_content": _content({s: splits[s] for s in TRAINING_SPLITS}, hashes),
-            "split_content": {s: _content({s: pairs}, hashes) for s, pairs in sorted(splits.items())}}
+    found = _fingerprints(splits, {"content": tuple(splits), "training_content": TRAINING_SPLITS,
+                                   **{f"split/{s}": (s,) for s in splits}}, cache_dir, texts)
+    return {"content": found["content"], "training_content": found["training_content"],
+            "split_content": {s: found[f"split/{s}"] for s in sorted(splits)}}
 
 
 def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
@@ -236,9 +240,9 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
                             f"({'; '.join(diff) or 'unknown difference'}); use another split directory "
                             f"or delete {split_dir}")
     splits = build_splits(cfg)
-    contents = content_record(splits, split_dir)
-    content = contents["content"]
     texts = {split: _split_csv(pairs) for split, pairs in splits.items()}
+    contents = content_record(splits, split_dir, texts)
+    content = contents["content"]
     # A list edited by hand would be hashed into the members' manifests as if they had predicted it,
     # while they predict (and train on) what the data says: the files must say the same.
     edited = [s for s, text in texts.items() if _read_text(split_dir / f"{s}.csv") != text]
