@@ -7,8 +7,8 @@ found. numpy only (plus `members.contract.metrics.logistic4`): no torch, no fitt
 A record holds `method`, `weights` (one per member, non-negative, summing to 1: every method's
 contract), `standardisation` (each member's validation mean and std), `calibration` (see
 `ensemble.calibrate`) and, for rank_mean, `rank_reference` (the standardised validation scores that new
-scores are placed among). The stage combines the members' written (6-decimal) scores: a caller with
-fresh scores rounds them so first (the Scorer does).
+scores are placed among). The stage combines the members' written scores (6 decimals for AHIQ members,
+in full for the others): a caller with fresh AHIQ scores rounds them so first (the Scorer does).
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ Everything is checked before any fitting, and every problem of a kind is listed 
 - each member's `preds_<split>.json` vouches for its CSVs (content hashes): no file of an interrupted
   or another prediction run is read;
 - the split lists are still what the data says (a fixed label makes them, and the members, stale);
-- each member predicted the experiment's current split list, with its current heads and config;
+- each member predicted the experiment's current split list and images, with its current heads and
+  config (`members.contract.verify`, the check every stage makes);
 - every member covers the same image names per split, with identical labels; scores are finite and
   not constant; all members agree on the MOS direction.
 Members that are not AHIQ (`exp.foreign`: metrics, other models' predictions) are read from the same
@@ -21,8 +22,8 @@ import numpy as np
 
 from members.contract.member import prediction_fingerprint
 from members.contract.schema import Experiment
-from members.contract.stagefiles import (StageFileError, name_difference, read_labels, read_member_meta,
-                                         read_preds, rebuild_members, sha256_file)
+from members.contract.stagefiles import StageFileError, name_difference, read_labels, read_preds, sha256_file
+from members.contract.verify import check_experiment, raise_problems
 from members.data.splits import check_split_lists
 
 SPLITS = ("val", "test")
@@ -53,40 +54,6 @@ class MemberData:
     x_valid: np.ndarray | None = None
 
 
-def _stale(exp: Experiment, metas: dict[tuple[str, str], dict], splits: tuple[str, ...]) -> list[str]:
-    """Members whose predictions were not made from the experiment's current splits, heads and config."""
-    problems = []
-    for m in exp.members:
-        best = m.out / "best.pth"
-        best_sha = sha256_file(best) if best.is_file() else None
-        for split in splits:
-            meta, where = metas[m.name, split], m.out / f"preds_{split}.json"
-            split_list = exp.split_dir / f"{split}.csv"
-            if not split_list.is_file():
-                problems.append(f"{split_list}: missing (the members' split lists)")
-            elif meta.get("split_sha256") != sha256_file(split_list):
-                problems.append(f"{where}: predicted another {split} split list than {split_list}")
-            if meta.get("prediction_fingerprint") != prediction_fingerprint(m.config):
-                problems.append(f"{where}: predicted with another config of {m.name} than {m.path}")
-            if best_sha is not None and meta.get("checkpoint_sha256") != best_sha:
-                problems.append(f"{where}: predicted with other heads than {best}")
-    for f in exp.foreign:
-        try:
-            current = f.fingerprint()
-        except StageFileError as err:
-            problems.append(str(err))
-            continue
-        for split in splits:
-            meta, where = metas[f.name, split], f.out / f"preds_{split}.json"
-            split_list = exp.split_dir / f"{split}.csv"
-            if split_list.is_file() and meta.get("split_sha256") != sha256_file(split_list):
-                problems.append(f"{where}: made for another {split} split list than {split_list}")
-            if meta.get("prediction_fingerprint") != current:
-                changed = f"the files in {f.source}" if f.kind == "predictions" else f"its metric ({f.spec.metric})"
-                problems.append(f"{where}: made before {changed} changed")
-    return problems
-
-
 def _check_names(dirs: list[Path], val: list[dict], labels: list[dict], test: list[dict]) -> None:
     first = dirs[0]
     problems = []
@@ -114,22 +81,15 @@ def _check_constant(scores: np.ndarray, path: Path) -> None:
 
 
 def _read_metas(exp: Experiment, splits: tuple[str, ...]) -> dict[tuple[str, str], dict]:
-    """Every member's verified `preds_<split>.json`, keyed by (member, split); every unusable or stale
-    one is listed in one error, with the command that rebuilds the members of this experiment."""
-    metas, problems = {}, []
+    """Every member's verified `preds_<split>.json`, keyed by (member, split), after checking that each
+    was made from the experiment's current split lists and images, heads and config
+    (`members.contract.verify`); every unusable or stale one is listed in one error, with the command that
+    rebuilds the members of this experiment."""
+    metas, problems = check_experiment(exp, splits)
     for m in [*exp.members, *exp.foreign]:
-        for split in splits:
-            try:
-                metas[m.name, split] = read_member_meta(m.out, split, exp.path)
-            except StageFileError as err:
-                problems.append(str(err))
         if (m.name, "val") in metas and "labels_val.csv" not in metas[m.name, "val"]["files"]:
             problems.append(f"{m.out / 'preds_val.json'}: the val split was predicted without labels")
-    if not problems:
-        problems = _stale(exp, metas, splits)
-    if problems:
-        raise EnsembleInputError(f"member files that cannot be used (rebuild them with "
-                                 f"{rebuild_members(exp.path)}):\n  " + "\n  ".join(problems))
+    raise_problems(problems, exp.path, EnsembleInputError, "member files that cannot be used")
     return metas
 
 

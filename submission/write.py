@@ -24,10 +24,10 @@ from typing import Any
 
 from ensemble.combine import CombineError, check_outputs, rebuild_hint
 from members.contract.atomic import atomic_path
-from members.contract.member import prediction_fingerprint
 from members.contract.schema import PHASES, Experiment
 from members.contract.stagefiles import (REBUILD_ENSEMBLE, StageFileError, read_json, read_preds,
                                          read_stage_outputs, rebuild_ensemble, rebuild_members, sha256_file)
+from members.contract.verify import check_experiment, raise_problems
 from members.data.splits import check_split_lists, read_split
 from submission.check import OUTPUT, README, Report, check_zip, names_in_dir, read_names_file
 from submission.readme import ReadmeInfo, format_readme
@@ -165,40 +165,31 @@ def read_predictions(path: Path) -> list[tuple[str, float]]:
 
 def verify_ensemble(exp: Experiment, needed: list[str]) -> dict:
     """`ensemble.json`, after proving that the ensemble's files are one set and were made from the
-    experiment's current members, member files, split lists and ensemble settings."""
+    experiment's current members, member files, split lists and ensemble settings, and that those member
+    files are current (made from the current split lists and images, heads and configs:
+    `members.contract.verify`, the check every stage makes)."""
     try:
         record = read_stage_outputs(exp.out_dir, "ensemble.json", needed, rebuild_ensemble(exp.path))
     except StageFileError as err:
         raise SubmissionInputError(str(err)) from None
     path = exp.out_dir / "ensemble.json"
     manifest = record["manifest"]
-    used = sorted(manifest.get("inputs", {}).get("members", {}))
+    inputs = manifest.get("inputs", {})
+    used = sorted(inputs.get("members", {}))
+    if used == sorted(exp.member_names):  # the members' own files first: stale ones need the earlier command
+        _, stale = check_experiment(exp, tuple(inputs.get("splits", {})))
+        raise_problems(stale, exp.path, SubmissionInputError, then=f", then {rebuild_ensemble(exp.path)}")
     problems = []
     if used != sorted(exp.member_names):
         problems.append(f"the experiment lists members {sorted(exp.member_names)} but the ensemble used {used}")
     elif manifest.get("ensemble_fingerprint") != exp.ensemble_fingerprint():
         problems.append(f"the ensemble: section of {exp.path} changed since the ensemble was fitted")
-    for name, files in manifest.get("inputs", {}).get("members", {}).items():
+    for name, files in inputs.get("members", {}).items():
         for file, digest in files.items():
             current = exp.runs_dir / name / file
             if name in exp.member_names and (not current.is_file() or sha256_file(current) != digest):
                 problems.append(f"{current} changed since the ensemble was fitted")
-    configs = manifest.get("inputs", {}).get("member_configs", {})
-    for m in exp.members:
-        if m.name in configs and configs[m.name] != prediction_fingerprint(m.config):
-            problems.append(f"the config of member {m.name} ({m.path}) changed since the ensemble was fitted "
-                            f"(config hash {configs[m.name]} -> {prediction_fingerprint(m.config)}); "
-                            f"run {rebuild_members(exp.path)} first")
-    for f in exp.foreign:  # a metric renamed, or the files of a `predictions:` folder edited
-        try:
-            current = f.fingerprint()
-        except StageFileError as err:
-            problems.append(str(err))
-            continue
-        if f.name in configs and configs[f.name] != current:
-            changed = f"the files in {f.source}" if f.kind == "predictions" else f"the metric of member {f.name}"
-            problems.append(f"{changed} changed since the ensemble was fitted; run {rebuild_members(exp.path)} first")
-    for split, digest in manifest.get("inputs", {}).get("splits", {}).items():
+    for split, digest in inputs.get("splits", {}).items():
         current = exp.split_dir / f"{split}.csv"
         if not current.is_file() or sha256_file(current) != digest:
             problems.append(f"{current} changed since the ensemble was fitted")

@@ -23,6 +23,7 @@ from members.contract.member import (MemberConfig, StaleMemberError, check_membe
                                      prediction_fingerprint)
 from members.contract.schema import load_experiment
 from members.contract.stagefiles import read_member_meta, sha256_file, write_member_split, write_stage_outputs
+from members.contract.verify import made_from
 from members.data.splits import DataConfig, prepare_splits, read_split
 from members.engine.inputs import as_image
 from members.engine.score import main as score_main
@@ -171,8 +172,7 @@ def _pipeline(tmp_path: Path) -> tuple[Path, Path]:
             rows = [(p.name, (p.mos or 1000.0) / 100 + float(rng.normal(0, 0.05))) for p in pairs]
             labels = [(p.name, p.ref_id, p.mos) for p in pairs] if split == "val" else None
             meta = {**_meta(m.name, 0.1, "cpu", False), "split": split,
-                    "split_sha256": sha256_file(exp.split_dir / f"{split}.csv"), "checkpoint_sha256": None,
-                    "prediction_fingerprint": prediction_fingerprint(m.config)}
+                    **made_from(exp.split_dir, split, prediction_fingerprint(m.config), None)}
             write_member_split(m.out, split, rows, labels, meta)
     return config, data
 

@@ -16,8 +16,8 @@ from ensemble.io import EnsembleInputError, load_members
 from members.contract.config import ConfigError
 from members.contract.member import prediction_fingerprint
 from members.contract.schema import load_experiment
-from members.contract.stagefiles import (StageFileError, read_labels, read_preds, sha256_file,
-                                         write_member_split)
+from members.contract.stagefiles import StageFileError, read_labels, read_preds, write_member_split
+from members.contract.verify import made_from
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["mean", "rank_mean", "nnls", "ridge", "greedy"]
@@ -48,8 +48,7 @@ def write_member(exp_config: Path, name: str, val: list[tuple[str, str]], mos: n
             ("val", [(n, s) for (n, _), s in zip(val, val_scores)], [(n, r, float(m)) for (n, r), m in zip(val, mos)],
              {**meta(name, len(val)), "split": "val"}),
             ("test", list(zip(test, test_scores)), None, test_meta or meta(name, len(test)))):
-        extra = {"split_sha256": sha256_file(exp.split_dir / f"{split}.csv"), "checkpoint_sha256": None,
-                 "prediction_fingerprint": prediction_fingerprint(cfg)}
+        extra = made_from(exp.split_dir, split, prediction_fingerprint(cfg), None)
         write_member_split(cfg.out, split, [(n, float(s)) for n, s in rows], labels, {**base, **extra})
 
 
@@ -148,7 +147,7 @@ def test_stale_member_files_are_refused(tmp_path, capsys):
     run_fails(config, capsys, "predicted another test split list")
     config = make_experiment(tmp_path / "b")
     (tmp_path / "b" / "configs" / "members" / "m0.yaml").write_text("name: m0\nseed: 0\ntrain: {epochs: 3}\n")
-    run_fails(config, capsys, "predicted with another config of m0")
+    run_fails(config, capsys, "made before the config of member m0")
 
 
 def test_mismatched_names_list_the_differences(tmp_path, capsys):

@@ -19,7 +19,8 @@ from members.contract import metrics
 from members.contract.config import ConfigError
 from members.contract.member import prediction_fingerprint
 from members.contract.schema import load_experiment
-from members.contract.stagefiles import sha256_file, write_member_split
+from members.contract.stagefiles import write_member_split
+from members.contract.verify import made_from
 from members.data import demo_data
 from members.data.index import read_label_rows
 from members.data.splits import DataConfig, build_splits, prepare_splits
@@ -141,8 +142,7 @@ def write_fake_members(exp_path: Path, sets: list[str], noise: float) -> None:
         for split in ("val", "test"):
             pairs = splits[split]
             meta = {"member": m.name, "split": split, "n_images": len(pairs), "higher_is_better": True,
-                    "split_sha256": sha256_file(exp.split_dir / f"{split}.csv"), "checkpoint_sha256": None,
-                    "prediction_fingerprint": prediction_fingerprint(m.config)}
+                    **made_from(exp.split_dir, split, prediction_fingerprint(m.config), None)}
             write_member_split(m.out, split, [(p.name, p.mos + rng.normal(0, noise)) for p in pairs],
                                [(p.name, p.ref_id, p.mos) for p in pairs], meta)
 

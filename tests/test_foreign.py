@@ -15,6 +15,7 @@ from members.contract.config import ConfigError
 from members.contract.member import prediction_fingerprint
 from members.contract.schema import load_experiment
 from members.contract.stagefiles import preds_csv, sha256_file, write_member_split
+from members.contract.verify import made_from
 from members.data import demo_data
 from members.data.splits import prepare_splits
 from members.engine.foreign import main as foreign_main
@@ -64,8 +65,7 @@ def write_fake_ahiq(exp_path: Path, noise: float = 30.0) -> dict[str, list]:
             meta = {"member": m.name, "split": split, "n_images": len(pairs), "higher_is_better": True,
                     "n_views": 5, "views": "five crops", "seconds_per_image": 0.01, "device": "cpu",
                     "pretrained_backbones": False, "model": {"vit": "vit_tiny", "cnn": "resnet18", "crop": 32},
-                    "split_sha256": sha256_file(exp.split_dir / f"{split}.csv"), "checkpoint_sha256": None,
-                    "prediction_fingerprint": prediction_fingerprint(m.config)}
+                    **made_from(exp.split_dir, split, prediction_fingerprint(m.config), None)}
             write_member_split(m.out, split, noisy(pairs, noise, j),
                                [(p.name, p.ref_id, p.mos) for p in pairs] if labelled else None, meta)
     return splits
@@ -180,10 +180,64 @@ def test_edited_predictions_are_refused_by_the_ensemble_and_the_submission(data_
     capsys.readouterr()
     assert submission_main(["-c", str(exp)]) != 0
     err = capsys.readouterr().err
-    assert f"the files in {tmp_path / 'other_model'} changed since the ensemble was fitted" in err
+    assert f"{runs / 'other' / 'preds_test.json'}: made before the files in {tmp_path / 'other_model'} changed" in err
+    assert "make train-members" in err and "then make ensemble" in err
     assert "Traceback" not in err and not (runs / "submission.zip").exists()
     assert ensemble_main(["-c", str(exp)]) != 0  # the imported copy is stale too, until the members stage reruns
     assert "made before the files in" in capsys.readouterr().err
+
+
+
+def test_small_imported_scores_keep_their_ranking(data_root, tmp_path, capsys):
+    """Before: another model's scores at the 1e-9 scale were written with 6 decimals (56 distinct values
+    became 1-7 levels), so the ensemble fitted on ties, exit 0. Imported scores are stored exactly now, and
+    the ensemble, its recomputation (combine.check_outputs) and the submission agree on them."""
+    from ensemble.combine import check_outputs
+    from members.contract.metrics import srcc
+    from members.contract.stagefiles import read_labels, read_preds
+
+    (tmp_path / "small_model").mkdir()
+    exp = experiment(tmp_path, data_root, ["a", "b"], [{"name": "small", "predictions": "small_model"}])
+    splits = write_fake_ahiq(exp)
+    folder = write_predictions_dir(tmp_path / "small_model", splits, noise=60.0)
+    for split in ("val", "test", "valid"):
+        path = folder / f"preds_{split}.csv"
+        scores = read_preds(path)
+        path.write_text("name,score\n" + "".join(f"{n},{(s - 5) * 1e-9!r}\n" for n, s in sorted(scores.items())))
+    assert foreign_main(["-c", str(exp)]) == 0
+    runs = tmp_path / "runs"
+    for split in ("val", "test", "valid"):
+        assert read_preds(runs / "small" / f"preds_{split}.csv") == read_preds(folder / f"preds_{split}.csv")
+    labels = {n: mos for n, (_, mos) in read_labels(runs / "small" / "labels_val.csv").items()}
+    stored, source = read_preds(runs / "small" / "preds_val.csv"), read_preds(folder / "preds_val.csv")
+    names = sorted(labels)
+    assert len(set(stored.values())) == len(names)  # no ties made by rounding
+    assert srcc([stored[n] for n in names], [labels[n] for n in names]) == \
+        pytest.approx(srcc([source[n] for n in names], [labels[n] for n in names]), abs=1e-12)
+
+    assert ensemble_main(["-c", str(exp)]) == 0
+    record = json.loads((runs / "ensemble" / "ensemble.json").read_text())
+    members = {m: read_preds(runs / m / "preds_test.csv") for m in ("a", "b", "small")}
+    check_outputs(record, members, read_preds(runs / "ensemble" / "preds_test.csv"), "preds_test.csv")
+    assert submission_main(["-c", str(exp)]) == 0
+
+
+def test_imported_scores_whose_ranking_cannot_be_stored_are_refused(data_root, tmp_path, capsys):
+    """Two scores that differ in the file but not as 64-bit floats would tie once read: refused, in one
+    line naming the file."""
+    (tmp_path / "fine_model").mkdir()
+    exp = experiment(tmp_path, data_root, ["a"], [{"name": "fine", "predictions": "fine_model"}])
+    splits = write_fake_ahiq(exp)
+    folder = write_predictions_dir(tmp_path / "fine_model", splits, noise=60.0)
+    lines = (folder / "preds_test.csv").read_text().splitlines()
+    first, second = lines[1].split(",")[0], lines[2].split(",")[0]
+    lines[1], lines[2] = f"{first},0.30000000000000000001", f"{second},0.30000000000000000002"
+    (folder / "preds_test.csv").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert foreign_main(["-c", str(exp)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {folder / 'preds_test.csv'}") and first in err and "64-bit" in err
+    assert not (tmp_path / "runs" / "fine" / "preds_test.json").exists()
 
 
 @pytest.mark.parametrize("change, message", [("drop", "1 name(s) missing"), ("add", "1 extra name(s)")])

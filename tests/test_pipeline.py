@@ -79,3 +79,49 @@ def test_experiment_ensemble_and_submission(member_yaml, tmp_path, capsys):
     (wrong / first.name).write_text(first.read_text())
     assert evaluate_main(["-c", str(exp_path), "--labels", str(wrong)]) == 2
     assert "does not match the test split" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_replaced_test_image_reaches_the_zip_after_the_advised_rerun(tmp_path, capsys):
+    """The issue's reproduction on a generated dataset: a reference copied over a test image of the same
+    size. Before: `make submit` refused ('run make train-members'), the advised rerun said 'trained and
+    predicted already' and the zip, VALID, still held the old image's score."""
+    from members import Scorer
+    from members.data import demo_data
+
+    data = tmp_path / "data"
+    demo_data.build(data, size=40, seed=3)
+    member = {"base": str(Path(__file__).resolve().parents[1] / "configs/members/tiny.yaml"), "name": "tiny_a",
+              "model": {"crop": 32}, "data": {"root": str(data)},
+              "train": {"epochs": 1, "batch_size": 8, "num_workers": 0},
+              "predict": {"views": {"kind": "center", "flip": False}, "batch_size": 8, "num_workers": 0}}
+    (tmp_path / "tiny_a.yaml").write_text(yaml.safe_dump(member))
+    test_dir = data / "NTIRE2022_FR_Testing_Dis"
+    exp = {"name": "swap", "runs_dir": str(tmp_path / "runs"), "members": ["tiny_a.yaml", {"name": "ssim", "metric": "ssim"}],
+           "ensemble": {"folds": 3, "n_boot": 50}, "submission": {"test_dir": str(test_dir)}}
+    exp_path = tmp_path / "exp.yaml"
+    exp_path.write_text(yaml.safe_dump(exp))
+    runs = tmp_path / "runs"
+
+    def zipped() -> dict[str, float]:
+        with zipfile.ZipFile(runs / "submission.zip") as zf:
+            return {n: float(s) for n, s in (line.split(",") for line in zf.read("output.txt").decode().splitlines())}
+
+    assert experiment_main(["-c", str(exp_path), "--cpu-procs", "1"]) == 0
+    assert ensemble_main(["-c", str(exp_path)]) == 0 and submission_main(["-c", str(exp_path)]) == 0
+    before = zipped()
+    name, ref = "A0015_10_00.bmp", data / "NTIRE2022_FR_Testing_Ref" / "A0015.bmp"
+    (test_dir / name).write_bytes(ref.read_bytes())  # the same size: only the content changed
+    capsys.readouterr()
+    assert submission_main(["-c", str(exp_path)]) == 2
+    assert "make train-members" in capsys.readouterr().err
+
+    assert experiment_main(["-c", str(exp_path), "--cpu-procs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "rewriting them" in out and "trained and predicted already" not in out
+    assert "member 1 of" not in out and "predicting tiny_a" in out  # predicted again, not trained again
+    assert "ssim (metric ssim): wrote test" in out
+    assert ensemble_main(["-c", str(exp_path)]) == 0 and submission_main(["-c", str(exp_path)]) == 0
+    after = zipped()
+    new_score = Scorer.from_ensemble(runs).score_pairs([(test_dir / name, ref)])[0]
+    assert after[name] == pytest.approx(new_score, abs=1e-5) and abs(after[name] - before[name]) > 1e-4

@@ -25,7 +25,7 @@ from members import Scorer
 from members.contract.config import dump_yaml, to_dict
 from members.contract.metrics import plcc
 from members.contract.schema import load_experiment
-from members.contract.stagefiles import _sealed, read_labels, read_preds
+from members.contract.stagefiles import read_labels, read_preds, sealed_json
 from members.data.splits import prepare_member_data, read_split
 from members.engine.predict import predict_members
 from members.engine.score import main as score_main
@@ -140,8 +140,37 @@ def test_ensemble_refuses_heads_it_was_not_fitted_with(fitted, tmp_path):
     copy = tmp_path / "runs"
     shutil.copytree(exp.runs_dir, copy)
     _heads(dataclasses.replace(exp.members[0].config, output_dir=str(copy / "sa")), 7, flip=False)  # retrained
-    with pytest.raises(ScorerError, match="not the heads the ensemble's predictions were made with"):
+    with pytest.raises(ScorerError, match="preds_test.json: predicted with other heads than .*best.pth"):
         Scorer.from_ensemble(copy)
+
+
+
+def test_heads_changed_after_prediction_are_refused_by_every_stage_alike(fitted, tmp_path, capsys):
+    """Before: `make submit` wrote a VALID zip from predictions of heads that best.pth no longer holds, while
+    the ensemble and the Scorer refused the same state (each in its own words). One verifier says it now,
+    in the same line everywhere, with the command that rebuilds the members."""
+    from ensemble.io import EnsembleInputError, load_members
+    from members.launch.experiment import needs_prediction
+
+    exp = load_experiment(fitted)
+    copy = tmp_path / "runs"
+    shutil.copytree(exp.runs_dir, copy)
+    sets = ["--set", f"runs_dir={copy}"]
+    assert submission_main(["-c", str(fitted), *sets]) == 0  # the copy as it is: fine
+    moved = load_experiment(fitted, sets[1::2])
+    _heads(moved.members[0].config, 7, flip=False)  # best.pth replaced after the prediction
+    line = f"{copy / 'sa' / 'preds_test.json'}: predicted with other heads than {copy / 'sa' / 'best.pth'}"
+    capsys.readouterr()
+    assert submission_main(["-c", str(fitted), *sets]) == 2
+    err = capsys.readouterr().err
+    assert line in err and f"make train-members EXPERIMENT={fitted}" in err
+    assert needs_prediction(moved.members[0].config) and not needs_prediction(moved.members[1].config)
+    with pytest.raises(EnsembleInputError) as ens:
+        load_members(moved)
+    assert line in str(ens.value) and f"make train-members EXPERIMENT={fitted}" in str(ens.value)
+    with pytest.raises(ScorerError) as scorer:
+        Scorer.from_ensemble(copy)
+    assert line in str(scorer.value) and "make train-members" in str(scorer.value)
 
 
 def test_a_resealed_ensemble_record_is_refused(fitted, tmp_path):
@@ -154,7 +183,7 @@ def test_a_resealed_ensemble_record_is_refused(fitted, tmp_path):
     record = json.loads(path.read_text())
     record.pop("self_sha256")
     record["weights"] = {k: -v for k, v in record["weights"].items()}
-    path.write_text(_sealed(record))
+    path.write_text(sealed_json(record))
     with pytest.raises(ScorerError, match=rf"ensemble.json: .*make ensemble EXPERIMENT={fitted}"):
         Scorer.from_ensemble(copy)
 

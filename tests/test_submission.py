@@ -16,7 +16,9 @@ import pytest
 
 from members.contract.config import ConfigError
 from members.contract.schema import load_experiment
+from members.contract.member import prediction_fingerprint
 from members.contract.stagefiles import sha256_file, write_member_split, write_stage_outputs
+from members.contract.verify import made_from
 from submission.__main__ import main as submission_main
 from submission.check import check_zip
 from submission.check import main as check_main
@@ -319,9 +321,11 @@ def make_runs(tmp_path: Path, metas: list[dict], scores: list[str] | None = None
         f"{n},dis/{n},ref/{n[:5]}.bmp,{n[:5]},,t\n" for n in sorted(split_names or names)))
     exp = load_experiment(config)
     as_member = [(n, float(s) if _finite(s) else 0.0) for n, s in zip(names, scores)]  # a bad row is the ensemble's
+    configs = {entry.name: entry.config for entry in exp.members}
     for m in metas:
         (runs / m["member"]).mkdir()
-        write_member_split(runs / m["member"], "test", as_member, None, m)
+        made = made_from(exp.split_dir, "test", prediction_fingerprint(configs[m["member"]]), None)
+        write_member_split(runs / m["member"], "test", as_member, None, {**m, **made})
     doc = {
         "members": [{"name": m["member"], "dir": str(runs / m["member"]), "test_meta": m} for m in metas],
         "method": "nnls", "weights": {m["member"]: w for m, w in zip(metas, (0.7, 0.3))},

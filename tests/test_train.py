@@ -175,13 +175,17 @@ def test_member_jobs_follow_done_marker_and_prediction_age(member_yaml, tmp_path
     (cfg.out / "done.json").write_text("{}")
     (cfg.out / "best.pth").write_bytes(b"")
     assert needs_prediction(cfg) and modules() == []
-    from members.contract.member import prediction_fingerprint
-    from members.contract.stagefiles import sha256_file, write_member_split
+    from members.contract.member import prediction_fingerprint, prediction_splits
+    from members.contract.stagefiles import write_member_split
+    from members.contract.verify import made_from
+    from members.data.splits import prepare_member_data
+
+    prepare_member_data(cfg)  # the split lists the predictions are checked against
 
     def predicted() -> None:
-        for split in ("val", "test"):
-            meta = {"higher_is_better": True, "split_sha256": None, "prediction_fingerprint": prediction_fingerprint(cfg),
-                    "checkpoint_sha256": sha256_file(cfg.out / "best.pth")}
+        for split in prediction_splits(cfg):
+            meta = {"higher_is_better": True,
+                    **made_from(Path(cfg.split_dir), split, prediction_fingerprint(cfg), cfg.out / "best.pth")}
             write_member_split(cfg.out, split, [("a.bmp", 0.5)], None, meta)
 
     (cfg.out / "preds_val.json").write_text("{}")  # no manifest: not a usable prediction

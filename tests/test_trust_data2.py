@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from test_data import make_pipal
 
+from members.contract import filehash
 from members.contract.member import load_member_config
 from members.contract.schema import load_experiment
 from members.contract.stagefiles import StageFileError
@@ -63,7 +64,7 @@ def test_a_same_size_swap_of_a_test_image_is_refused_by_the_later_stages(tmp_pat
 def test_the_fingerprint_ignores_mtimes_and_the_cache_is_reused(tmp_path, monkeypatch):
     make_pipal(tmp_path / "pipal")
     cfg = DataConfig(root=str(tmp_path / "pipal"), val_fraction=0.2)
-    monkeypatch.setattr(hashing, "RACY_SECONDS", 0.0)  # the files were written just now
+    monkeypatch.setattr(filehash, "RACY_SECONDS", 0.0)  # the files were written just now
     hashed = []
     real = hashing.sha256_file
     monkeypatch.setattr(hashing, "sha256_file", lambda path: hashed.append(path) or real(path))
@@ -98,13 +99,45 @@ def test_a_cached_hash_of_a_file_since_rewritten_is_not_trusted(tmp_path, monkey
     # A stale entry must never vouch for other bytes: an entry whose stat differs is re-hashed.
     make_pipal(tmp_path / "pipal")
     cfg = DataConfig(root=str(tmp_path / "pipal"), val_fraction=0.2)
-    monkeypatch.setattr(hashing, "RACY_SECONDS", 0.0)
+    monkeypatch.setattr(filehash, "RACY_SECONDS", 0.0)
     prepare_splits(cfg, tmp_path / "splits")
     cache = json.loads((tmp_path / "splits" / CONTENT_CACHE).read_text(encoding="utf-8"))
     assert cache["files"] and all(len(v) == 5 for v in cache["files"].values())
     _swap(tmp_path / "pipal", "A0202_10_01.bmp", "A0202_10_00.bmp", keep_mtime=True)
     with pytest.raises(StageFileError, match="changed since these split lists were written"):
         check_split_lists(tmp_path / "splits", cfg)
+
+
+
+def test_a_forged_cache_entry_does_not_hide_a_swapped_image(tmp_path, monkeypatch, capsys):
+    """Before: content_cache.json was trusted as it stood, so an image swapped and its entry given the new
+    stat but the old hash passed check_split_lists: the swap was never seen. The cache is sealed now; one
+    whose seal fails is ignored (every image hashed again), with one line saying so."""
+    make_pipal(tmp_path / "pipal")
+    cfg = DataConfig(root=str(tmp_path / "pipal"), val_fraction=0.2)
+    monkeypatch.setattr(filehash, "RACY_SECONDS", 0.0)
+    prepare_splits(cfg, tmp_path / "splits")
+    path = tmp_path / "splits" / CONTENT_CACHE
+    cache = json.loads(path.read_text(encoding="utf-8"))
+    target = next((tmp_path / "pipal").glob("*/A0202_10_00.bmp"))
+    old_hash = cache["files"][os.path.abspath(target)][4]
+    _swap(tmp_path / "pipal", "A0202_10_01.bmp", "A0202_10_00.bmp", keep_mtime=False)
+    st = target.stat()
+    cache["files"][os.path.abspath(target)] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, old_hash]
+    path.write_text(json.dumps(cache), encoding="utf-8")  # the entry forged: new stat, old hash
+    capsys.readouterr()
+    with pytest.raises(StageFileError, match="changed since these split lists were written"):
+        check_split_lists(tmp_path / "splits", cfg)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and str(path) in out[0] and "hashing every image again" in out[0]
+    # the rewritten cache is sealed again: the next run reuses it, silently
+    prepare_splits(cfg, tmp_path / "splits")
+    capsys.readouterr()
+    hashed = []
+    real = hashing.sha256_file
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: hashed.append(p) or real(p))
+    check_split_lists(tmp_path / "splits", cfg)
+    assert hashed == [] and capsys.readouterr().out == ""
 
 
 # ---- case 8: the demo's hidden labels stay hidden -------------------------------------------------

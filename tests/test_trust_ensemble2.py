@@ -18,7 +18,7 @@ import ensemble.__main__ as ensemble_cli
 from ensemble.combine import CombineError, ensemble_scores
 from members.contract.config import dump_yaml
 from members.contract.member import MemberConfig
-from members.contract.stagefiles import _sealed, read_preds
+from members.contract.stagefiles import read_preds, sealed_json
 from members.engine.score import main as score_main
 from members.engine.scorer import Scorer, ScorerError
 from submission.__main__ import main as submission_main
@@ -29,7 +29,7 @@ def _reseal(path: Path, change) -> None:
     record = json.loads(path.read_text())
     change(record)
     record.pop("self_sha256")
-    path.write_text(_sealed(record))
+    path.write_text(sealed_json(record))
 
 
 @pytest.fixture()

@@ -4,8 +4,9 @@ A member writes, per predicted split, into its folder:
 - `preds_<split>.csv`: `name,score` sorted by name (normalised scale, higher = better);
 - `labels_<split>.csv`: `name,ref,mos` (labelled splits only);
 - `preds_<split>.json`, written LAST: timing, device, views, and the manifest of the two files above
-  (`files`: content hashes), of the split list predicted (`split_sha256`), of the heads
-  (`checkpoint_sha256`) and of the member config (`prediction_fingerprint`).
+  (`files`: content hashes) and of what they were made from (`members.contract.verify.made_from`: the
+  split list's text, the content of its images, the heads and the member config), which
+  `members.contract.verify` checks, for every stage, against what is current.
 The ensemble writes `ensemble.json` LAST into its folder; its `manifest` holds the hashes of every
 member file it read, of the split lists, of the experiment's ensemble settings and of its own outputs.
 
@@ -22,12 +23,17 @@ import hashlib
 import json
 import math
 import shlex
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 from members.contract.atomic import atomic_write_bytes, atomic_write_text
+from members.contract.filehash import sha256_file
 
 _SHOW = 5  # names shown per difference; more would drown the message
-SCORE_DECIMALS = 6  # scores are written with %.6f; the ensemble fits on the written values
+# AHIQ members' scores are written with %.6f (normalised 0..1 scale; the ensemble fits on the written
+# values, and the Scorer rounds its own the same way). Members that are not AHIQ (metrics, imported
+# predictions) may sit on any scale, 1e-9 included: theirs are written exactly (shortest round trip).
+SCORE_DECIMALS = 6
 
 
 def make_command(target: str, experiment: str | Path | None = None) -> str:
@@ -56,14 +62,6 @@ class StageFileError(ValueError):
     file (and line) and the command that rebuilds it."""
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_name(name: str, where: str) -> None:
     """Names go into comma-separated files unquoted: no commas, line breaks or surrounding spaces."""
     if not name or "," in name or "\n" in name or "\r" in name or name != name.strip():
@@ -72,9 +70,12 @@ def check_name(name: str, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CSVs
-def preds_csv(rows: list[tuple[str, float]]) -> str:
+def preds_csv(rows: list[tuple[str, float]], exact: bool = False) -> str:
+    """`name,score` text: 6 decimals, or `exact` (the float's shortest round-trip form)."""
     for name, _ in rows:
         check_name(name, "predictions")
+    if exact:
+        return "name,score\n" + "".join(f"{n},{float(s)!r}\n" for n, s in sorted(rows))
     return "name,score\n" + "".join(f"{n},{s:.{SCORE_DECIMALS}f}\n" for n, s in sorted(rows))
 
 
@@ -136,6 +137,18 @@ def read_preds(path: Path) -> dict[str, float]:
     return out
 
 
+def ties_made_by_reading(path: Path) -> list[str]:
+    """Names whose scores differ in the `name,score` file but not once read as 64-bit floats: their
+    ranking cannot be kept (values beyond float precision). Empty when every distinct value stays distinct."""
+    values: dict[float, dict[Decimal, str]] = {}
+    for _, (name, text) in _rows(Path(path), ("name", "score")):
+        try:
+            values.setdefault(float(text), {}).setdefault(Decimal(text), name)
+        except (ValueError, InvalidOperation):
+            continue  # read_preds names the line
+    return [n for texts in values.values() if len(texts) > 1 for n in texts.values()]
+
+
 def read_labels(path: Path) -> dict[str, tuple[str, float]]:
     """`name,ref,mos` file -> {name: (ref, mos)}."""
     seen: dict[str, int] = {}
@@ -154,10 +167,15 @@ def _record_digest(record: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _sealed(record: dict) -> str:
+def sealed_json(record: dict, indent: int | None = 2) -> str:
     """A manifest as JSON text, with the hash of its own content."""
     plain = json.loads(json.dumps(record))  # hashed as a reader will see it (int keys become strings)
-    return json.dumps({**plain, SELF_HASH: _record_digest(plain)}, indent=2) + "\n"
+    return json.dumps({**plain, SELF_HASH: _record_digest(plain)}, indent=indent) + "\n"
+
+
+def seal_holds(record: dict) -> bool:
+    """Whether `record` (read from a file `sealed_json` wrote) still matches its own hash."""
+    return isinstance(record, dict) and record.get(SELF_HASH) == _record_digest(record)
 
 
 def _check_seal(record: dict, path: Path, rebuild: str, required: bool) -> None:
@@ -188,11 +206,12 @@ def read_json(path: Path, rebuild: str) -> dict:
 
 # ----------------------------------------------------------------------------------- member outputs
 def write_member_split(out: Path, split: str, rows: list[tuple[str, float]],
-                       labels: list[tuple[str, str, float]] | None, meta: dict) -> None:
+                       labels: list[tuple[str, str, float]] | None, meta: dict, exact: bool = False) -> None:
     """Write a member's predictions (and labels) for `split`, then `preds_<split>.json` with their
-    hashes: the json is the split's manifest, so a reader never pairs it with files of another run."""
+    hashes: the json is the split's manifest, so a reader never pairs it with files of another run.
+    `exact`: scores written in full (members that are not AHIQ), else with SCORE_DECIMALS."""
     out = Path(out)
-    files = {f"preds_{split}.csv": preds_csv(rows)}
+    files = {f"preds_{split}.csv": preds_csv(rows, exact)}
     if labels is not None:
         files[f"labels_{split}.csv"] = labels_csv(labels)
     stale = out / f"labels_{split}.csv"
@@ -202,7 +221,7 @@ def write_member_split(out: Path, split: str, rows: list[tuple[str, float]],
     for name, text in files.items():
         atomic_write_text(out / name, text)
     manifest = {**meta, "split": split, "files": {n: hashlib.sha256(t.encode()).hexdigest() for n, t in files.items()}}
-    atomic_write_text(out / f"preds_{split}.json", _sealed(manifest))
+    atomic_write_text(out / f"preds_{split}.json", sealed_json(manifest))
 
 
 def read_member_meta(member_dir: Path, split: str, experiment: str | Path | None = None) -> dict:
@@ -241,7 +260,7 @@ def write_stage_outputs(out_dir: Path, files: dict[str, str | bytes], manifest_n
         atomic_write_bytes(out_dir / name, data)
         digests[name] = hashlib.sha256(data).hexdigest()
     manifest = {**manifest, "manifest": {**manifest.get("manifest", {}), "outputs": digests}}
-    atomic_write_text(out_dir / manifest_name, _sealed(manifest))
+    atomic_write_text(out_dir / manifest_name, sealed_json(manifest))
 
 
 def read_stage_outputs(out_dir: Path, manifest_name: str, needed: list[str], rebuild: str) -> dict:
@@ -265,11 +284,13 @@ def read_stage_outputs(out_dir: Path, manifest_name: str, needed: list[str], reb
 
 
 # ------------------------------------------------------------------------------------ split lists
-def splits_content(split_dir: Path, key: str = "content") -> str | None:
-    """A content fingerprint recorded in `split_dir/splits.json`: "content" (every list) or
-    "training_content" (the lists training reads); None when there is none."""
+def splits_content(split_dir: Path, key: str = "content", split: str | None = None) -> str | None:
+    """A content fingerprint recorded in `split_dir/splits.json`: "content" (every list),
+    "training_content" (the lists training reads) or, with `split`, that split's entry of "split_content"
+    (its list and the sha256 of its images); None when there is none."""
     try:
-        return json.loads((Path(split_dir) / "splits.json").read_text(encoding="utf-8")).get(key)
+        value = json.loads((Path(split_dir) / "splits.json").read_text(encoding="utf-8")).get(key)
+        return value.get(split) if split is not None else value
     except (OSError, ValueError, AttributeError):
         return None
 

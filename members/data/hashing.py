@@ -3,7 +3,9 @@
 The split lists' content fingerprint (`members.data.splits.content_fingerprint`) hashes every image, so
 that an image replaced by another of the same size is seen. Hashing a 23k-image PIPAL tree (~6 GB) reads
 it all; the cache (`content_cache.json`) lets a later check reuse the hash of every file whose stat is
-unchanged. The fingerprints never depend on the cache: it only saves reading.
+unchanged. The fingerprints never depend on the cache: it only saves reading. The cache is sealed like
+the stage manifests (`self_sha256`): one edited by hand (an entry given a swapped image's new stat and
+its old hash), torn or of an older kit is ignored, and every image is hashed again.
 """
 from __future__ import annotations
 
@@ -16,31 +18,32 @@ from pathlib import Path
 from tqdm import tqdm
 
 from members.contract.atomic import atomic_write_text
-from members.contract.stagefiles import sha256_file
+from members.contract.filehash import settled, stat_key
+from members.contract.stagefiles import seal_holds, sealed_json, sha256_file
 
 # sha256 of every image, keyed by its path and stat, beside the split lists: it only saves re-reading
 # unchanged images (a 23k-image PIPAL tree is ~6 GB); the fingerprints never depend on it.
 CONTENT_CACHE = "content_cache.json"
-# A file written this close to its hashing may later be rewritten with an equal time stamp (coarse
-# file-system clocks): its hash is used once but not cached.
-RACY_SECONDS = 2.0
+CACHE_VERSION = 2  # 2: sealed
 PROGRESS_MIN = 200  # images to hash above which a progress bar is shown
 
 
-def _stat_key(st: os.stat_result) -> list[int]:
-    """What must be unchanged for a cached hash to be reused. Not the mtime alone: `cp -p` keeps it,
-    and images of one size have one byte count; a write changes the ctime, which no tool sets back."""
-    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-
-
 def _read_cache(path: Path) -> dict[str, list]:
-    """{absolute path: stat key + [sha256]}; a missing, torn or foreign cache is an empty one."""
+    """{absolute path: stat key + [sha256]}; a missing cache is an empty one, and so is one whose seal
+    fails (edited by hand, torn, or written by an older kit), with one line saying so."""
     try:
-        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if not seal_holds(record) or record.get("version") != CACHE_VERSION:
+            raise ValueError("seal")
+        files = record["files"]
         return {k: v for k, v in files.items()
                 if isinstance(v, list) and len(v) == 5 and all(isinstance(x, int) for x in v[:4])
                 and isinstance(v[4], str)}
+    except FileNotFoundError:
+        return {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        print(f"{path}: not a cache this kit wrote and sealed (edited by hand, damaged, or written by an older "
+              "kit); hashing every image again", flush=True)
         return {}
 
 
@@ -65,7 +68,7 @@ def image_hashes(paths: list[Path], cache_dir: Path | None) -> dict[str, str | N
         except OSError:
             hashes[str(path)] = None
             continue
-        key, entry = os.path.abspath(path), _stat_key(st)
+        key, entry = os.path.abspath(path), stat_key(st)
         if cache.get(key, [])[:4] == entry:
             hashes[str(path)] = cache[key][4]
         else:
@@ -77,14 +80,13 @@ def image_hashes(paths: list[Path], cache_dir: Path | None) -> dict[str, str | N
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         digests = list(tqdm(pool.map(_sha256_or_none, [p for p, _, _ in todo]), total=len(todo),
                             desc="hashing images", unit="img", disable=len(todo) < PROGRESS_MIN))
-    fresh = started - int(RACY_SECONDS * 1e9)
     for (path, key, entry), digest in zip(todo, digests):
         hashes[str(path)] = digest
-        if digest is not None and max(entry[1], entry[2]) < fresh:
+        if digest is not None and settled(entry, started):
             cache[key] = [*entry, digest]
     if cache_file is not None:
         try:
-            atomic_write_text(cache_file, json.dumps({"version": 1, "files": cache}) + "\n")
+            atomic_write_text(cache_file, sealed_json({"version": CACHE_VERSION, "files": cache}, indent=None))
         except OSError:
             pass  # a read-only split folder: the next check hashes again, nothing else changes
     return hashes

@@ -184,14 +184,36 @@ def read_split(path: Path) -> list[Pair]:
 TRAINING_SPLITS = ("train", "val")  # what training reads; test and valid only feed predictions
 
 
+def _fingerprints(splits: dict[str, list[Pair]], groups: dict[str, tuple[str, ...]], cache_dir: Path | None,
+                  texts: dict[str, str] | None = None) -> dict[str, str]:
+    """The content fingerprint of each group of splits (its lists and the sha256 of their images; see
+    `content_fingerprint`), every image hashed once for all groups; `texts`: the lists, if made already."""
+    texts = texts or {s: _split_csv(p) for s, p in splits.items()}
+    paths = {s: {path for p in pairs for path in (p.dis, p.ref)} for s, pairs in splits.items()}
+    hashes = image_hashes(sorted(set().union(*paths.values()), key=str), cache_dir)
+    keys = {s: {str(path) for path in group} for s, group in paths.items()}
+    return {name: _fingerprint({"lists": {s: texts[s] for s in sorted(chosen)},
+                                "images": {k: hashes[k] for k in set().union(*(keys[s] for s in chosen))}})
+            for name, chosen in groups.items()}
+
+
 def content_fingerprint(splits: dict[str, list[Pair]], cache_dir: Path | None = None) -> str:
     """Hash of the data the splits were built from: every list (names, paths, MOS) and the sha256 of
     every image, so an edited score or an image replaced, even by one of the same size, changes it.
     Time stamps only decide whether a hash cached in `cache_dir` can be reused: copying a dataset to
     another machine changes nothing."""
-    paths = sorted({path for pairs in splits.values() for p in pairs for path in (p.dis, p.ref)}, key=str)
-    return _fingerprint({"lists": {s: _split_csv(p) for s, p in sorted(splits.items())},
-                         "images": image_hashes(paths, cache_dir)})
+    return _fingerprints(splits, {"all": tuple(splits)}, cache_dir)["all"]
+
+
+def content_record(splits: dict[str, list[Pair]], cache_dir: Path | None = None,
+                   texts: dict[str, str] | None = None) -> dict:
+    """The content fingerprints `splits.json` records, every image hashed once: "content" (every list),
+    "training_content" (the lists training reads) and "split_content" (each split on its own: what a
+    member's predictions of that split were made from, `members.contract.verify`)."""
+    found = _fingerprints(splits, {"content": tuple(splits), "training_content": TRAINING_SPLITS,
+                                   **{f"split/{s}": (s,) for s in splits}}, cache_dir, texts)
+    return {"content": found["content"], "training_content": found["training_content"],
+            "split_content": {s: found[f"split/{s}"] for s in sorted(splits)}}
 
 
 def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
@@ -218,12 +240,13 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
                             f"({'; '.join(diff) or 'unknown difference'}); use another split directory "
                             f"or delete {split_dir}")
     splits = build_splits(cfg)
-    content = content_fingerprint(splits, split_dir)
     texts = {split: _split_csv(pairs) for split, pairs in splits.items()}
+    contents = content_record(splits, split_dir, texts)
+    content = contents["content"]
     # A list edited by hand would be hashed into the members' manifests as if they had predicted it,
     # while they predict (and train on) what the data says: the files must say the same.
     edited = [s for s, text in texts.items() if _read_text(split_dir / f"{s}.csv") != text]
-    if saved.get("content") == content and "training_content" in saved and not edited:
+    if all(saved.get(k) == v for k, v in contents.items()) and not edited:
         return splits
     if saved.get("content") == content and edited:
         print(f"{split_dir}: {', '.join(f'{s}.csv' for s in edited)} differ(s) from the data (edited by hand, "
@@ -231,6 +254,9 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
     elif saved and saved.get("hashes") != HASHES:
         print(f"{split_dir}: these split lists were fingerprinted by an older kit (image sizes, not contents); "
               "recording their new fingerprint", flush=True)
+    elif saved.get("content") == content:
+        print(f"{split_dir}: recording the content fingerprint of each split (splits.json of an older kit)",
+              flush=True)
     elif saved:
         print(f"{split_dir}: the data changed since these split lists were written; rewriting them", flush=True)
     marker.unlink(missing_ok=True)  # the lists below and the marker never disagree, even if killed
@@ -241,11 +267,8 @@ def prepare_splits(cfg: DataConfig, split_dir: Path) -> dict[str, list[Pair]]:
     LabelStats.from_pairs(splits["train"], cfg.higher_is_better).save(split_dir / "label_stats.json")
     counts = {s: {"images": len(p), "references": len({x.ref_id for x in p}),
                   "labelled": all(x.mos is not None for x in p)} for s, p in splits.items()}
-    training = content_fingerprint({s: splits[s] for s in TRAINING_SPLITS}, split_dir)
-    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "hashes": HASHES,
-                                          "content": content,
-                                          "training_content": training, "data": data, "counts": counts},
-                                         indent=2) + "\n")
+    atomic_write_text(marker, json.dumps({"fingerprint": _fingerprint(data), "hashes": HASHES, **contents,
+                                          "data": data, "counts": counts}, indent=2) + "\n")
     return splits
 
 

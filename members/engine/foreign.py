@@ -7,8 +7,10 @@ the split lists, no training), and for each `{name: N, predictions: DIR}` entry 
 `preds_<split>.json`, through `members.engine.predict.write_predictions`), on the split lists the AHIQ
 members are predicted on (val, test, and valid when the data has the NTIRE validation folder), so the
 ensemble reads and verifies them the same way. Lower-is-better measures (gmsd) are negated: every
-member file is higher = better. A member whose files already match its split lists and its
-fingerprint (metric name, or the hashes of DIR's files) is left as it is.
+member file is higher = better. Their scores are written in full (any scale: 1e-9 keeps its ranking);
+imported scores that differ in DIR's files but not as 64-bit floats are refused. A member whose files
+are current (members.contract.verify: its split lists and their images, and its fingerprint: metric
+name, or the hashes of DIR's files) is left as it is.
 
 `members.launch.experiment` (`make train-members`) runs this before training the AHIQ members.
 """
@@ -28,8 +30,8 @@ from members.contract.config import ConfigError
 from members.contract.foreign import METRICS, ForeignEntry
 from members.contract.member import prediction_splits
 from members.contract.schema import Experiment, load_experiment
-from members.contract.stagefiles import (StageFileError, name_difference, read_member_meta, read_preds,
-                                         sha256_file)
+from members.contract.stagefiles import StageFileError, name_difference, read_preds, ties_made_by_reading
+from members.contract.verify import Current, check_member, foreign_current, made_from
 from members.data.datasets import load_rgb
 from members.contract.data_config import DataError
 from members.data.index import Pair
@@ -72,6 +74,11 @@ def imported_scores(entry: ForeignEntry, split: str, pairs: list[Pair], split_li
         raise StageFileError(f"{entry.source / f'preds_{split}.csv'}: not found; member {entry.name!r} needs it "
                              f"because the experiment predicts the {split} split ({split_list})")
     preds = read_preds(file)
+    tied = ties_made_by_reading(file)
+    if tied:  # stored exactly, a score keeps its rank; these would not even survive reading
+        raise StageFileError(f"{file}: {len(tied)} scores differ in the file but not as 64-bit floats (e.g. "
+                             f"{', '.join(tied[:3])}), so member {entry.name!r} would rank them as ties; rescale "
+                             "the scores (e.g. subtract their mean and multiply) and run this stage again")
     names = [p.name for p in pairs]
     differ = name_difference(file, set(preds), split_list, set(names))
     if differ:
@@ -79,8 +86,7 @@ def imported_scores(entry: ForeignEntry, split: str, pairs: list[Pair], split_li
     return np.array([preds[n] for n in names], dtype=np.float64)
 
 
-def _meta(exp: Experiment, entry: ForeignEntry, split: str, n: int, seconds: float, split_sha: str,
-          fingerprint: str) -> dict:
+def _meta(exp: Experiment, entry: ForeignEntry, split: str, n: int, seconds: float, fingerprint: str) -> dict:
     """`preds_<split>.json` as an AHIQ member writes it, plus `kind` (and what a readme needs to say)."""
     metric = entry.kind == "metric"
     return {
@@ -92,17 +98,14 @@ def _meta(exp: Experiment, entry: ForeignEntry, split: str, n: int, seconds: flo
         "device": "cpu" if metric else entry.spec.device, "processes": 1,
         "extra_data": False if metric else entry.spec.extra_data, "pretrained_backbones": False,
         "higher_is_better": exp.members[0].config.data.higher_is_better,
-        "split_sha256": split_sha, "prediction_fingerprint": fingerprint,
+        **made_from(exp.split_dir, split, fingerprint, None),
     }
 
 
-def _up_to_date(exp: Experiment, entry: ForeignEntry, split: str, split_sha: str, fingerprint: str) -> bool:
-    try:
-        meta = read_member_meta(entry.out, split)
-    except StageFileError:
-        return False
-    return (meta.get("split_sha256") == split_sha and meta.get("prediction_fingerprint") == fingerprint
-            and meta.get("higher_is_better") == exp.members[0].config.data.higher_is_better)
+def _up_to_date(exp: Experiment, entry: ForeignEntry, split: str, current: Current) -> bool:
+    """The member's files of `split` are current (members.contract.verify) and on the experiment's MOS direction."""
+    meta, problems = check_member(entry.out, split, current)
+    return not problems and meta.get("higher_is_better") == exp.members[0].config.data.higher_is_better
 
 
 def prepare_foreign(exp: Experiment, progress: bool = True) -> list[str]:
@@ -110,12 +113,11 @@ def prepare_foreign(exp: Experiment, progress: bool = True) -> list[str]:
     splits = prediction_splits(exp.members[0].config)  # the splits the AHIQ members are predicted on
     lines = []
     for entry in exp.foreign:
-        fingerprint = entry.fingerprint()  # first: a predictions folder without its files is refused here
+        current = foreign_current(entry, exp.split_dir)  # first: a predictions folder without its files is refused
         done = []
         for split in splits:
             split_list = exp.split_dir / f"{split}.csv"
-            split_sha = sha256_file(split_list)
-            if _up_to_date(exp, entry, split, split_sha, fingerprint):
+            if _up_to_date(exp, entry, split, current):
                 continue
             pairs = read_split(split_list)
             start = time.perf_counter()
@@ -124,7 +126,7 @@ def prepare_foreign(exp: Experiment, progress: bool = True) -> list[str]:
             seconds = time.perf_counter() - start
             entry.out.mkdir(parents=True, exist_ok=True)
             write_predictions(entry.out, split, pairs, scores,
-                              _meta(exp, entry, split, len(pairs), seconds, split_sha, fingerprint))
+                              _meta(exp, entry, split, len(pairs), seconds, current.fingerprint), exact=True)
             done.append(split)
         what = f"metric {entry.spec.metric}" if entry.kind == "metric" else f"predictions from {entry.source}"
         lines.append(f"{entry.name} ({what}): " + (f"wrote {', '.join(done)}" if done else "up to date"))

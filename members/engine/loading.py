@@ -7,7 +7,7 @@ from pathlib import Path
 
 from members.contract.config import ConfigError, from_dict, load_yaml
 from members.contract.member import MemberConfig, prediction_fingerprint
-from members.contract.stagefiles import StageFileError, make_command, read_member_meta, read_preds
+from members.contract.stagefiles import StageFileError, make_command, read_preds
 from members.engine.inputs import ScorerError
 
 
@@ -44,15 +44,13 @@ def value_span(preds: Path) -> tuple[float, float] | None:
 
 def check_ensemble_outputs(folder: Path, record: dict, dirs: dict[str, Path]) -> None:
     """Refuse an ensemble.json whose weights, standardisation and calibration, applied to its members'
-    preds_test.csv, do not give its preds_test.csv: resealed after an edit, it would score every pair
-    with another rule than the one its files (and the submission zip) were made with."""
+    preds_test.csv (each verified by the caller against its preds_test.json: `members.contract.verify`),
+    do not give its preds_test.csv: resealed after an edit, it would score every pair with another rule
+    than the one its files (and the submission zip) were made with."""
     from ensemble.combine import CombineError, check_outputs, rebuild_hint
 
     try:
-        members = {}
-        for name, member_dir in dirs.items():
-            read_member_meta(member_dir, "test")  # its preds_test.csv is the one its json vouches for
-            members[name] = read_preds(member_dir / "preds_test.csv")
+        members = {name: read_preds(member_dir / "preds_test.csv") for name, member_dir in dirs.items()}
         written = read_preds(folder / "preds_test.csv")
     except StageFileError as err:
         raise ScorerError(str(err)) from None

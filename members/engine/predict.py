@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from members.contract.cli import folder_lock, run_main
 from members.contract.member import (MemberConfig, load_member_config, prediction_fingerprint,
                                      prediction_splits)
-from members.contract.stagefiles import sha256_file, write_member_split
+from members.contract.stagefiles import write_member_split
+from members.contract.verify import made_from
 from members.data.datasets import RefGroupPairs
 from members.data.index import Pair
 from members.data.splits import prepare_member_data
@@ -41,19 +42,21 @@ from members.model.backbones import WeightsError
 from members.model.checkpoint import CheckpointError
 
 
-def write_predictions(out: Path, split: str, pairs: list[Pair], scores: np.ndarray, meta: dict) -> None:
-    """The split's files through `members.contract.stagefiles` (preds, labels when labelled, then the json)."""
+def write_predictions(out: Path, split: str, pairs: list[Pair], scores: np.ndarray, meta: dict,
+                      exact: bool = False) -> None:
+    """The split's files through `members.contract.stagefiles` (preds, labels when labelled, then the json);
+    `exact`: scores in full (members that are not AHIQ), else with SCORE_DECIMALS."""
     rows = [(p.name, float(s)) for p, s in zip(pairs, scores)]
     labelled = all(p.mos is not None for p in pairs)
     labels = [(p.name, p.ref_id, p.mos) for p in pairs] if labelled else None
-    write_member_split(out, split, rows, labels, meta)
+    write_member_split(out, split, rows, labels, meta, exact)
 
 
 def prediction_meta(cfg: MemberConfig, split: str, n_images: int, n_views: int, seconds: float,
                     device: str, processes: int, checkpoint: str) -> dict:
     """`preds_<split>.json`: what later stages need (timing, device, views, backbones) in one place,
-    and what the predictions were made from (split list, heads, config), for the next stage to verify."""
-    split_list = Path(cfg.split_dir) / f"{split}.csv"
+    and what the predictions were made from (split list and its images, heads, config:
+    `members.contract.verify.made_from`), for the next stage to verify."""
     return {
         "member": cfg.name, "split": split, "n_images": n_images, "n_views": n_views,
         "views": describe(cfg.predict.views), "seconds": round(seconds, 3),
@@ -62,9 +65,7 @@ def prediction_meta(cfg: MemberConfig, split: str, n_images: int, n_views: int, 
         "pretrained_backbones": "none" not in (cfg.model.vit_weights, cfg.model.cnn_weights),
         "higher_is_better": cfg.data.higher_is_better,
         "model": {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop},
-        "split_sha256": sha256_file(split_list) if split_list.is_file() else None,
-        "checkpoint_sha256": sha256_file(checkpoint),
-        "prediction_fingerprint": prediction_fingerprint(cfg),
+        **made_from(Path(cfg.split_dir), split, prediction_fingerprint(cfg), checkpoint),
     }
 
 

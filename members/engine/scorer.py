@@ -41,7 +41,8 @@ from torch import nn
 from members.contract.foreign import METRICS
 from members.contract.member import MemberConfig, load_member_config
 from members.contract.stagefiles import (REBUILD_ENSEMBLE, SCORE_DECIMALS, StageFileError, make_command,
-                                         read_json, read_stage_outputs, sha256_file)
+                                         read_stage_outputs, sha256_file)
+from members.contract.verify import Current, check_member, raise_problems
 from members.data.datasets import RefGroupPairs, load_rgb
 from members.contract.data_config import DataError
 from members.data.index import Pair, check_pairs
@@ -199,7 +200,10 @@ class Scorer(nn.Module):
             if not meta_path.is_file() or (recorded and sha256_file(meta_path) != recorded):
                 raise ScorerError(f"{meta_path}: not the member files the ensemble was fitted on; rerun "
                                   f"{make_command('ensemble', experiment)}")
-            dirs[name], metas[name] = member_dir, read_json(meta_path, REBUILD_ENSEMBLE)
+            # its files, seal and heads: current (the split lists do not matter here: new images are scored)
+            meta, problems = check_member(member_dir, "test", Current(None, heads=member_dir / "best.pth"), experiment)
+            raise_problems(problems, experiment, ScorerError, then=f", then {make_command('ensemble', experiment)}")
+            dirs[name], metas[name] = member_dir, meta
             if metas[name].get("kind") == "predictions":
                 raise ScorerError(f"{folder / 'ensemble.json'}: member {name!r} is another model's predictions; the "
                                   "Scorer cannot compute that model's score for new images, so fit an ensemble "
@@ -215,10 +219,9 @@ class Scorer(nn.Module):
                                       f"{make_command('train-members', experiment)}")
                 continue
             best = member_dir / "best.pth"
-            if not best.is_file() or sha256_file(best) != meta.get("checkpoint_sha256"):
-                raise ScorerError(f"{best}: not the heads the ensemble's predictions were made with; "
-                                  f"rerun {make_command('train-members', experiment)} and "
-                                  f"{make_command('ensemble', experiment)}")
+            if not best.is_file():  # check_member found its predictions recorded no heads: nothing to score with
+                raise ScorerError(f"{best}: not found, and {member_dir / 'preds_test.json'} records no heads; rerun "
+                                  f"{make_command('train-members', experiment)} and {make_command('ensemble', experiment)}")
             members.append((prediction_config(member_dir, meta, record["manifest"].get("experiment")), str(best)))
         return cls(members, ensemble=record, validation_range=value_span(folder / "preds_val.csv"), metrics=metrics,
                    **kwargs)
@@ -303,7 +306,7 @@ class Scorer(nn.Module):
         try:
             x = np.round(columns, SCORE_DECIMALS)  # the stage combined the members' written scores
             named = {c.name: x[:, j] for j, c in enumerate(self.configs)}
-            named.update({n: np.round(col, SCORE_DECIMALS) for n, col in (metric_columns or {}).items()})
+            named.update(metric_columns or {})  # metric members' files hold their scores in full
             return ensemble_scores(self.ensemble, named)
         except CombineError as err:
             raise ScorerError(f"ensemble.json: {err}; run {REBUILD_ENSEMBLE}") from None

@@ -8,8 +8,8 @@ under `accelerate launch`:
 - --gpus-per-member all: one member after another, DDP over all the GPUs;
 - --gpus-per-member K: members side by side, each on its own K GPUs (logs in <member>/run.log).
 Finished members (done.json) are not retrained (their resumable states/ are dropped then, unless
---keep-states), interrupted ones resume, and predictions are redone only when missing or older than
-the member's best.pth. A line says which member starts ("member k of N") and, once one has finished,
+--keep-states), interrupted ones resume, and predictions are redone only when they are not current
+(members.contract.verify: missing, or made from other heads, split lists, images or config). A line says which member starts ("member k of N") and, once one has finished,
 about how long the others will take. The members that need predictions are predicted together once
 training is over (`members.engine.predict_all` under `accelerate launch`, on all
 the GPUs or --cpu-procs CPU processes: backbones shared, each reference's part computed once).
@@ -31,9 +31,9 @@ if __name__ == "__main__":
     quiet_start()  # before the slow imports below (torch): Ctrl-C during them ends in one line
 from members.contract.config import ConfigError
 from members.contract.member import (MemberConfig, StaleMemberError, check_member_folder, drop_states,
-                                     prediction_fingerprint, prediction_splits)
+                                     prediction_splits)
 from members.contract.schema import MemberEntry, load_experiment
-from members.contract.stagefiles import StageFileError, read_member_meta, sha256_file
+from members.contract.verify import ahiq_current, check_member
 from members.data.splits import prepare_member_data
 from members.launch.placement import (cpu_threads, gpus_per_member, member_env, plan_slots, positive_count,
                                       resolve_gpus, spawn, stop)
@@ -57,23 +57,16 @@ def needs_training(cfg: MemberConfig) -> bool:
     return not (cfg.out / "done.json").is_file()
 
 
+def prediction_problems(cfg: MemberConfig) -> list[str]:
+    """Why a trained member's predictions must be made again: a split's files missing or damaged, or made
+    from other heads, another split list, other images or another config (members.contract.verify)."""
+    current = ahiq_current(cfg)
+    return [p for split in prediction_splits(cfg) for p in check_member(cfg.out, split, current)[1]]
+
+
 def needs_prediction(cfg: MemberConfig) -> bool:
-    """Training still to run, or a split's predictions missing, damaged, or made from other heads,
-    another split list or another config (their preds_<split>.json records all three)."""
-    if needs_training(cfg):
-        return True
-    best = cfg.out / "best.pth"
-    for split in prediction_splits(cfg):
-        try:
-            meta = read_member_meta(cfg.out, split)
-        except StageFileError:
-            return True
-        split_list = Path(cfg.split_dir) / f"{split}.csv"
-        if (meta.get("prediction_fingerprint") != prediction_fingerprint(cfg)
-                or (best.is_file() and meta.get("checkpoint_sha256") != sha256_file(best))
-                or meta.get("split_sha256") != (sha256_file(split_list) if split_list.is_file() else None)):
-            return True
-    return False
+    """Training still to run, or predictions that are not current (`prediction_problems`)."""
+    return needs_training(cfg) or bool(prediction_problems(cfg))
 
 
 def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
@@ -121,6 +114,14 @@ class Progress:
               + (f"; about {duration(eta)} left for the other {left}" if left else ""), flush=True)
 
 
+def _state(cfg: MemberConfig) -> str:
+    """What a trained member still needs, in one line: nothing, or its predictions, and why."""
+    if needs_training(cfg):
+        return ""  # it trains: its own lines follow
+    problems = prediction_problems(cfg)
+    return f"trained already; to predict again: {problems[0]}" if problems else "trained and predicted already"
+
+
 def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | None, cpu_procs: int,
                 keep_states: bool = False) -> list[str]:
     """Run every member's training jobs; returns the failed members."""
@@ -131,8 +132,7 @@ def run_members(members: list[MemberEntry], gpus: list[str], per_member: int | N
             print(f"{m.name}: removed the states a finished run left behind (--keep-states keeps them)")
     slots, processes = plan_slots(gpus, per_member, cpu_procs)
     threads = cpu_threads(processes * len(slots))
-    queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides, keep_states),
-              "trained and predicted already" if not needs_prediction(m.config) else "trained already")
+    queue = [(m.name, m.out, member_jobs(str(m.path), m.config, m.overrides, keep_states), _state(m.config))
              for m in members]
     progress = Progress(sum(1 for entry in queue if entry[2]), len(slots))
     running: dict[int, tuple[str, Path, subprocess.Popen, list, Any]] = {}
