@@ -20,7 +20,7 @@ ARGS ?=
 # make evaluate REPEATS=K: K random reference-disjoint splits (data.format csv), mean ± std.
 REPEATS ?= 1
 
-.PHONY: help install test demo demo-data weights train-members predict-all ensemble submit evaluate preflight score bench clean-demo
+.PHONY: help install test test-fast demo demo-data weights train-members predict-all ensemble submit evaluate preflight score bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -33,8 +33,11 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)  ## create .venv and install requirements (re-runs only when requirements.txt changes)
 
-test: $(STAMP)  ## run the test suite (CPU, tiny configs, a few minutes)
+test: $(STAMP)  ## run the whole test suite, slow end-to-end tests included (CPU, tiny configs; 10-25 min on 2 cores)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## the test suite without the tests marked slow (end-to-end CLI runs, installs)
+	$(PY) -m pytest -q -m "not slow"
 
 demo-data: $(STAMP)  ## generate the small synthetic-label demo dataset in data/demo
 	$(PY) -m members.data.demo_data --out data/demo
@@ -56,8 +59,8 @@ endif
 preflight: $(STAMP)  ## before a long run: data layout, disk, and per member a few real steps, a state, predictions; time estimates (ARGS="--random-weights")
 	$(PY) -m members.launch.preflight -c $(EXPERIMENT) $(LOCAL_FLAGS) $(ARGS)
 
-predict-all: $(STAMP)  ## re-predict EXPERIMENT's trained members at once, sharing backbones and reference work
-	$(PY) -m members.engine.predict_all -c $(EXPERIMENT)
+predict-all: $(STAMP)  ## predict EXPERIMENT's trained members again (current or not), on GPUS / CPU_PROCS; ARGS
+	$(PY) -m members.launch.experiment -c $(EXPERIMENT) $(LOCAL_FLAGS) $(ARGS) --predict-all
 
 ensemble: $(STAMP)  ## fit the ensemble of EXPERIMENT's members (grouped CV) and write its report; ARGS="--set ..."
 	$(PY) -m ensemble -c $(EXPERIMENT) $(ARGS)

@@ -125,8 +125,7 @@ def test_refusal_names_the_experiment_to_rebuild(tmp_path):
     done = subprocess.run([sys.executable, "-m", "ensemble", "-c", "configs/exp.yaml"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) >= 2
-    assert "rebuild them with make train-members EXPERIMENT=configs/exp.yaml " \
-           "(or make predict-all EXPERIMENT=configs/exp.yaml)" in done.stderr
+    assert "rebuild them with make train-members EXPERIMENT=configs/exp.yaml)" in done.stderr
     assert "; run make train-members EXPERIMENT=configs/exp.yaml" in done.stderr  # the file's own line too
     assert "Traceback" not in done.stderr
 

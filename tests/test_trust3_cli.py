@@ -206,3 +206,39 @@ def test_members_go_to_the_physical_gpus_the_user_made_visible(monkeypatch, tmp_
     assert sorted(seen) == [(str(exp.members[0].path), "2"), (str(exp.members[1].path), "3")]
     env = placement.member_env(["2", "3"], 4)  # a DDP member over both: the physical pair
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3" and env["OMP_NUM_THREADS"] == "4"
+
+
+# ------------------------------------------------------------------------------------ make predict-all
+@pytest.mark.slow
+def test_predict_all_predicts_every_trained_member_on_the_drivers_processes(tmp_path, member_yaml):
+    """Before: `make predict-all` ran `members.engine.predict_all` alone, ignoring ARGS, GPUS and CPU_PROCS,
+    while every refusal suggested it. Now it is the driver's own prediction (the same placement as
+    make train-members), forced for every trained member, and the refusals suggest make train-members."""
+    import json
+
+    from members.contract.config import dump_yaml, to_dict
+    from members.contract.member import write_training_record
+    from members.contract.schema import load_experiment
+    from members.contract.stagefiles import read_member_meta
+    from members.data.splits import prepare_member_data
+    from members.model.ahiq import build_model
+    from members.model.checkpoint import save_heads
+
+    exp_path = _experiment(tmp_path, member_yaml, ("pa", "pb"))
+    exp = load_experiment(exp_path)
+    trained = exp.members[0].config  # pa is trained (by hand: heads, record, done.json); pb is not
+    prepare_member_data(trained)
+    trained.out.mkdir(parents=True, exist_ok=True)
+    dump_yaml(trained, trained.out / "config.yaml")
+    write_training_record(trained)
+    save_heads(build_model(trained.model), trained.out / "best.pth", to_dict(trained.model))
+    (trained.out / "done.json").write_text(json.dumps({"member": "pa"}))
+    done = subprocess.run([sys.executable, "-m", "members.launch.experiment", "-c", str(exp_path), "--cpu-procs", "2",
+                           "--predict-all", "--set", "members.predict.batch_size=3"], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "not trained yet, so not predicted: pb" in done.stdout
+    assert "predicting pa together on 2 CPU processes" in done.stdout
+    for split in ("val", "test"):
+        assert read_member_meta(trained.out, split)["processes"] == 2
+    assert not (exp.members[1].out / "preds_test.json").exists()

@@ -44,7 +44,7 @@ def make_command(target: str, experiment: str | Path | None = None) -> str:
 
 def rebuild_members(experiment: str | Path | None = None) -> str:
     """The commands that rebuild the members' files of `experiment` (its config path, when known)."""
-    return f"{make_command('train-members', experiment)} (or {make_command('predict-all', experiment)})"
+    return make_command("train-members", experiment)  # trains what needs it, predicts what is not current
 
 
 def rebuild_ensemble(experiment: str | Path | None = None) -> str:

@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="override an experiment key, dotted from the top level (e.g. --set runs_dir=runs/x)")
     parser.add_argument("--keep-states", action="store_true",
                         help="keep the resumable states/ of finished members (default: dropped once trained)")
+    parser.add_argument("--predict-all", action="store_true",
+                        help="train nothing; predict every trained member again, current or not (make predict-all)")
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.config, args.overrides)
@@ -237,9 +239,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     per_member = args.gpus_per_member
     started = time.time()
-    to_predict = [m.name for m in members if needs_prediction(m.config)]
-    failed = run_members(members, gpus, per_member, args.cpu_procs, args.keep_states)
-    to_predict = [name for name in to_predict if name not in failed]
+    if args.predict_all:
+        to_predict, failed = [m.name for m in members if not needs_training(m.config)], []
+        untrained = [m.name for m in members if needs_training(m.config)]
+        if untrained:
+            print(f"not trained yet, so not predicted: {', '.join(untrained)} (make train-members trains them)")
+    else:
+        to_predict = [m.name for m in members if needs_prediction(m.config)]
+        failed = run_members(members, gpus, per_member, args.cpu_procs, args.keep_states)
+        to_predict = [name for name in to_predict if name not in failed]
     if to_predict and not predict_shared(args.config, args.overrides, to_predict, gpus, args.cpu_procs):
         failed += to_predict
     print(f"{exp.name}: {len(members) - len(failed)}/{len(members)} members ready in {time.time() - started:.0f} s")
