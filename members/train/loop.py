@@ -127,16 +127,19 @@ def _claim_folder(cfg: MemberConfig) -> None:
 
 
 def _prepare_data(cfg: MemberConfig, accelerator: Accelerator) -> tuple[dict, LabelStats]:
-    """The member's checked split lists and label statistics; records in its folder what it is trained from."""
-    splits, stats = prepare_member_data(cfg)
-    check_member_folder(cfg)  # never resume states trained from another config or other labels
-    if any(p.mos is None for p in splits["val"]):
-        raise ValueError(f"{cfg.name}: the validation split has no labels, so no checkpoint can be chosen; "
-                         "use data.val_source: holdout, or give data.valid_labels")
-    if accelerator.is_main_process:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, cfg.out / "config.yaml")
-        write_training_record(cfg)
+    """The member's checked split lists and label statistics; records in its folder what it is trained from.
+    The main process goes first: processes writing a fresh split folder at once removed each other's
+    splits.json, and one recorded (or checked) the member's data fingerprint as missing."""
+    with accelerator.main_process_first():
+        splits, stats = prepare_member_data(cfg)
+        check_member_folder(cfg)  # never resume states trained from another config or other labels
+        if any(p.mos is None for p in splits["val"]):
+            raise ValueError(f"{cfg.name}: the validation split has no labels, so no checkpoint can be chosen; "
+                             "use data.val_source: holdout, or give data.valid_labels")
+        if accelerator.is_main_process:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, cfg.out / "config.yaml")
+            write_training_record(cfg)
     return splits, stats
 
 
