@@ -117,6 +117,24 @@ def test_a_whole_model_state_of_the_kit_before_resumes_exactly(straight, member_
     _same_heads(straight / "last.pth", out / "last.pth")
 
 
+def test_a_whole_model_state_of_ddp_loads_its_heads(member_yaml, tmp_path):
+    """A state the kit wrote before under DDP names every key with the wrapper's 'module.' prefix."""
+    from safetensors.torch import save_file
+
+    from members.model.ahiq import build_model
+    from members.train.states import _load_heads
+
+    model = build_model(load_member_config(member_yaml).model)
+    with torch.no_grad():
+        for p in model.head_parameters():
+            p.add_(torch.randn_like(p))
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    fresh = build_model(load_member_config(member_yaml).model)
+    _load_heads(fresh, tmp_path / "model.safetensors")
+    want, got = model.state_dict(), fresh.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 def test_a_state_with_other_heads_is_refused_in_one_line(straight, member_yaml, tmp_path):
     out = tmp_path / "other"
     _train(member_yaml, out, abort=5)
