@@ -75,6 +75,17 @@ def one_line(err: BaseException) -> str:
     return text
 
 
+def duration(seconds: float) -> str:
+    """A rough human duration: 40 s, 12 min, 3 h 05 min ("?" when unknown)."""
+    if not seconds >= 0 or seconds == float("inf"):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
 def _close_progress_bars() -> None:
     """Close open tqdm bars now: at exit they would redraw themselves after our last line."""
     tqdm_module = sys.modules.get("tqdm")

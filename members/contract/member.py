@@ -63,6 +63,10 @@ class TrainConfig:
     num_workers: int = 2
     val_every: int = 1  # epochs between validations (the last epoch is always validated)
     state_every: int = 0  # optimizer steps between resumable states (0: end of epoch only)
+    # Optimizer steps between log.csv rows (the mean loss of those steps, the lr) and progress lines;
+    # the training loss is checked for NaN/inf (the one host sync of the loop) at each row, before
+    # every state and before every validation.
+    log_every: int = 50
     keep_states: int = 2  # resumable states kept while training
     # A finished member's states/ (several times the size of its heads) are dropped once done.json is
     # written; true keeps them (as --keep-states of members.train.loop and members.launch.experiment does).
@@ -92,7 +96,7 @@ class TrainConfig:
             raise ValueError(f"train.best_by must be one of {', '.join(BEST_RULES)}; got {self.best_by!r}")
         if self.mixed_precision not in PRECISIONS:
             raise ValueError(f"train.mixed_precision must be one of {', '.join(PRECISIONS)}")
-        for key in ("epochs", "batch_size", "t_max", "grad_accum", "val_every", "keep_states"):
+        for key in ("epochs", "batch_size", "t_max", "grad_accum", "val_every", "keep_states", "log_every"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1; got {getattr(self, key)}")
         # Checked here, not by the optimizer or a DataLoader after the launch and the data checks.
@@ -164,10 +168,10 @@ class MemberConfig:
 # makes its trained heads (training) or its prediction files (prediction) stale.
 NOT_IN_TRAINING = ("output_dir", "split_dir", "predict", "train.num_workers", "train.val_every",
                    "train.state_every", "train.keep_states", "train.keep_states_when_done", "train.log_with",
-                   "data.upscale_small")
+                   "train.log_every", "data.upscale_small")
 NOT_IN_PREDICTION = ("output_dir", "split_dir", "predict.batch_size", "predict.num_workers", "train.num_workers",
                      "train.val_every", "train.state_every", "train.keep_states", "train.keep_states_when_done",
-                     "train.log_with")
+                     "train.log_with", "train.log_every")
 
 # Settings added after members were trained, with the value that does what the kit did before: left
 # out of both fingerprints while they hold it, so the members of existing configs do not turn stale.

@@ -308,9 +308,14 @@ def name_difference(path: Path, names: set[str], ref_path: Path, ref_names: set[
     return " ".join(parts)
 
 
+def _weighted_mean(rows: list[tuple[float, int]]) -> float:
+    return sum(x * n for x, n in rows) / sum(n for _, n in rows)
+
+
 def read_training_curves(member_dir: Path) -> dict[str, list[float]] | None:
     """Per epoch of a member's `log.csv`: mean training loss and validation main score (NaN where the
-    epoch was not validated); None when there is no readable log (a member trained elsewhere)."""
+    epoch was not validated); None when there is no readable log (a member trained elsewhere). A row's
+    loss is the mean of its `steps` optimizer steps (rows of logs without that column: one step each)."""
     path = Path(member_dir) / "log.csv"
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -318,14 +323,16 @@ def read_training_curves(member_dir: Path) -> dict[str, list[float]] | None:
         col = {name: header.index(name) for name in ("epoch", "loss", "main")}
     except (OSError, UnicodeDecodeError, IndexError, ValueError):
         return None
-    losses: dict[int, list[float]] = {}
+    steps = header.index("steps") if "steps" in header else None
+    losses: dict[int, list[tuple[float, int]]] = {}
     mains: dict[int, float] = {}
     for line in lines[1:]:
         fields = line.split(",")
         try:
             epoch = int(fields[col["epoch"]])
             if fields[col["loss"]]:
-                losses.setdefault(epoch, []).append(float(fields[col["loss"]]))
+                weight = int(fields[steps]) if steps is not None else 1
+                losses.setdefault(epoch, []).append((float(fields[col["loss"]]), weight))
             if fields[col["main"]]:
                 mains[epoch] = float(fields[col["main"]])
         except (IndexError, ValueError):
@@ -334,5 +341,5 @@ def read_training_curves(member_dir: Path) -> dict[str, list[float]] | None:
     if not epochs:
         return None
     return {"epoch": [e + 1 for e in epochs],
-            "train_loss": [sum(losses[e]) / len(losses[e]) if e in losses else math.nan for e in epochs],
+            "train_loss": [_weighted_mean(losses[e]) if e in losses else math.nan for e in epochs],
             "val_main": [mains.get(e, math.nan) for e in epochs]}

@@ -115,8 +115,8 @@ class TrainPairs(Dataset):
 
     The crop of item i in epoch e comes from `np.random.default_rng([seed, e, i])`, so it does not
     depend on workers, processes or the order items are drawn in (exact resume relies on it). Call
-    `set_epoch` before iterating each epoch; with a DataLoader, do not use persistent workers, which
-    keep the copy of the dataset they started with.
+    `set_epoch` before iterating each epoch. The epoch lives in shared memory, so that persistent
+    DataLoader workers (forked or spawned once, each with its own copy of the dataset) see it too.
     """
 
     def __init__(self, pairs: list[Pair], crop: int, augment: AugmentConfig, stats: LabelStats, seed: int,
@@ -128,12 +128,18 @@ class TrainPairs(Dataset):
             raise ValueError(f"seed must be >= 0; got {seed}")
         self.pairs, self.crop, self.augment, self.stats, self.seed = pairs, crop, augment, stats, seed
         self.min_size = crop if upscale_small else 0
-        self.epoch = 0
+        # One int64 in shared memory: a copy of the dataset pickled into a worker shares it
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch.numpy()[0])
 
     def set_epoch(self, epoch: int) -> None:
+        """Written before the epoch's iterator hands out its first index, so no worker reads it early."""
         if epoch < 0:
             raise ValueError(f"epoch must be >= 0; got {epoch}")
-        self.epoch = epoch
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return len(self.pairs)

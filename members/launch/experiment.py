@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from members.contract.cli import hold_folder_lock, quiet_start, run_main
+from members.contract.cli import duration, hold_folder_lock, quiet_start, run_main
 
 if __name__ == "__main__":
     quiet_start()  # before the slow imports below (torch): Ctrl-C during them ends in one line
@@ -75,15 +75,6 @@ def member_jobs(member_path: str, cfg: MemberConfig, overrides: list[str],
     the members that `needs_prediction` are predicted together by `members.engine.predict_all`."""
     sets = [a for o in overrides for a in ("--set", o)] + (["--keep-states"] if keep_states else [])
     return [("members.train.loop", ["-c", member_path, *sets])] if needs_training(cfg) else []
-
-
-def duration(seconds: float) -> str:
-    """A rough human duration: 40 s, 12 min, 3 h 05 min."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
 
 class Progress:

@@ -5,7 +5,8 @@
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 0 \\
         -m members.train.loop -c ...
 
-Outputs in the member's output_dir: config.yaml (resolved), log.csv, best.pth (heads of the best
+Outputs in the member's output_dir: config.yaml (resolved), log.csv (a row every train.log_every
+optimizer steps with their mean loss, and a row per validation; members.train.logs), best.pth (heads of the best
 validation on train.val_views: by default the best main score = PLCC + SRCC with their signs, so that an
 epoch that ranks backwards never wins, or with train.best_by: srcc_or_plcc the release's rule; its metrics
 also give the published sign-free abs_main), last.pth, done.json, and while training
@@ -22,9 +23,9 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from members.contract.cli import die_with_parent, quiet_start
 
@@ -40,7 +41,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from members.contract.atomic import atomic_write_text, sweep_temps
 from members.contract.cli import hold_folder_lock, one_line, run_main
@@ -57,10 +57,9 @@ from members.model.backbones import WeightsError
 from members.model.checkpoint import CheckpointError, save_heads
 from members.train.average import HeadAverage, swapped_heads
 from members.train.best import fresh_progress, record_if_best
+from members.train.logs import LossWindow, Progress, append_row, truncate_log
 from members.train.states import (StateError, check_group_layout, group_layout, latest_state, read_progress,
-                                  save_state, sweep_states)
-
-LOG_COLUMNS = ["step", "epoch", "lr", "loss", "srcc", "plcc", "krcc", "main"]
+                                  register_head_states, save_state, sweep_states)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,22 +75,6 @@ def flat_config(data: dict, prefix: str = "") -> dict[str, int | float | str | b
         else:
             flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
-
-
-def _log(path: Path, row: dict) -> None:
-    new = not path.exists()
-    with open(path, "a", encoding="utf-8") as f:
-        if new:
-            f.write(",".join(LOG_COLUMNS) + "\n")
-        f.write(",".join("" if row.get(c) is None else str(row[c]) for c in LOG_COLUMNS) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop rows a crashed run wrote after the state we resume from."""
-    if path.exists():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= step]
-        atomic_write_text(path, "\n".join(kept) + "\n")
 
 
 def _validation_metrics(scores: np.ndarray, labels: np.ndarray, where: str, accelerator: Accelerator) -> dict:
@@ -111,7 +94,9 @@ def _validation_scores(net: AHIQ, loader: DataLoader, n: int, accelerator: Accel
     was_training = net.training
     try:  # the engine folds the heads' current weights: a new scorer after every epoch
         scorer = SharedScorer([net], accelerator.device, precision)
-        return scorer.score(loader, n, progress=accelerator.is_local_main_process, processes=accelerator)[0]
+        # a bar on a terminal only: in a run.log its redraws would be most of the file
+        progress = accelerator.is_local_main_process and sys.stderr.isatty()
+        return scorer.score(loader, n, progress=progress, processes=accelerator)[0]
     finally:
         net.train(was_training)
 
@@ -126,7 +111,11 @@ class Setup:
     train_loader: DataLoader
     val_loader: DataLoader
     val_labels: np.ndarray  # normalised MOS of the validation pairs
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer steps
+
+    def trained(self) -> list[torch.Tensor]:
+        """The parameters the optimizer updates (checked for NaN/inf before anything is saved)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
 
 def _claim_folder(cfg: MemberConfig) -> None:
@@ -138,16 +127,19 @@ def _claim_folder(cfg: MemberConfig) -> None:
 
 
 def _prepare_data(cfg: MemberConfig, accelerator: Accelerator) -> tuple[dict, LabelStats]:
-    """The member's checked split lists and label statistics; records in its folder what it is trained from."""
-    splits, stats = prepare_member_data(cfg)
-    check_member_folder(cfg)  # never resume states trained from another config or other labels
-    if any(p.mos is None for p in splits["val"]):
-        raise ValueError(f"{cfg.name}: the validation split has no labels, so no checkpoint can be chosen; "
-                         "use data.val_source: holdout, or give data.valid_labels")
-    if accelerator.is_main_process:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, cfg.out / "config.yaml")
-        write_training_record(cfg)
+    """The member's checked split lists and label statistics; records in its folder what it is trained from.
+    The main process goes first: processes writing a fresh split folder at once removed each other's
+    splits.json, and one recorded (or checked) the member's data fingerprint as missing."""
+    with accelerator.main_process_first():
+        splits, stats = prepare_member_data(cfg)
+        check_member_folder(cfg)  # never resume states trained from another config or other labels
+        if any(p.mos is None for p in splits["val"]):
+            raise ValueError(f"{cfg.name}: the validation split has no labels, so no checkpoint can be chosen; "
+                             "use data.val_source: holdout, or give data.valid_labels")
+        if accelerator.is_main_process:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+            dump_yaml(cfg, cfg.out / "config.yaml")
+            write_training_record(cfg)
     return splits, stats
 
 
@@ -165,15 +157,18 @@ def _setup(cfg: MemberConfig, accelerator: Accelerator) -> Setup:
                             upscale_small=cfg.data.upscale_small, process=accelerator.process_index,
                             processes=accelerator.num_processes)
     pin = torch.cuda.is_available()
+    # persistent workers, started once and not every epoch: they read the epoch from the dataset's
+    # shared memory (TrainPairs.set_epoch)
     train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
-                              num_workers=tc.num_workers, pin_memory=pin)
+                              num_workers=tc.num_workers, pin_memory=pin, persistent_workers=tc.num_workers > 0)
     val_loader = DataLoader(val_set, batch_size=None, shuffle=False, num_workers=cfg.predict.num_workers,
                             pin_memory=pin)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    steps_per_epoch = len(train_loader) // tc.grad_accum
+    # Accelerate steps the optimizer every grad_accum batches and on the last batch of an epoch
+    steps_per_epoch = math.ceil(len(train_loader) / tc.grad_accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{cfg.name}: {len(train_set)} training pairs make no full batch of "
-                         f"{tc.batch_size} x {accelerator.num_processes} processes x {tc.grad_accum}")
+                         f"{tc.batch_size} x {accelerator.num_processes} processes")
     val_labels = stats.normalise(np.array([p.mos for p in splits["val"]], dtype=np.float64))
     return Setup(model, optimizer, train_set, train_loader, val_loader, val_labels, steps_per_epoch)
 
@@ -197,10 +192,10 @@ def _resume(cfg: MemberConfig, accelerator: Accelerator, average: HeadAverage | 
         accelerator.load_state(str(latest))
     except Exception as err:  # a torn or foreign state folder: say which, not a loader traceback
         raise StateError(f"{latest}: cannot load this saved state ({err.__class__.__name__}: "
-                         f"{str(err)[:200]}); delete it (and {states / 'latest.txt'}) to resume from "
-                         "an older state, or delete the whole states folder to start over") from None
+                         f"{' '.join(str(err).split())[:300]}); delete it (and {states / 'latest.txt'}) to resume "
+                         "from an older state, or delete the whole states folder to start over") from None
     if accelerator.is_main_process:
-        _truncate_log(cfg.out / "log.csv", progress["step"])
+        truncate_log(cfg.out / "log.csv", progress["step"])
     accelerator.print(f"{cfg.name}: resuming from {latest} (epoch {progress['epoch']}, step {progress['step']})")
     return progress
 
@@ -219,23 +214,42 @@ def make_optimizer(model: AHIQ, cfg: MemberConfig, stats: LabelStats, train_pair
 
 
 def training_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
-                  lr: float) -> float:
+                  lr: float) -> torch.Tensor:
     """Forward and backward of one batch; the optimizer steps at `lr` when the gradients sync (every
-    train.grad_accum batches). Returns the loss averaged over the processes; when any process's loss is
-    NaN or infinite, returns it before the backward pass, on every process, so that all stop together."""
+    train.grad_accum batches and on an epoch's last batch). Returns this process's loss, detached and
+    on the device: nothing here waits for the device. A NaN or inf loss is not caught here; the loop
+    checks the losses (and weights) every train.log_every steps and before anything is saved."""
     with accelerator.accumulate(model):
         pred = model(batch["dis"], batch["ref"])
         loss = F.mse_loss(pred.float(), batch["label"].float())
-        losses = accelerator.gather(loss.detach()[None])
-        if not torch.isfinite(losses).all():
-            return math.nan
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             for group in optimizer.param_groups:
                 group["lr"] = lr
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return losses.mean().item()
+    return loss.detach()
+
+
+def _check(cfg: MemberConfig, accelerator: Accelerator, run: Setup, window: LossWindow, report: Progress,
+           epoch: int, step: int, epoch_end: bool = False) -> None:
+    """Close the loss window (the loop's one host sync): every process stops together when a loss or
+    a head weight went NaN or infinite since the last check, before anything is saved; otherwise its
+    mean loss is logged (log.csv, trackers, progress)."""
+    if window.batches == 0:
+        return  # nothing trained since the last check
+    first, steps, lr = window.start + 1, step - window.start, window.lr
+    loss = window.close(accelerator, run.trained(), step)
+    if loss is None:
+        raise NonFiniteLoss(f"{cfg.name}: non-finite training loss or head weights in steps {first}-{step} (epoch "
+                            f"{epoch}); nothing was saved after step {first - 1}: the last good state is kept in "
+                            f"{cfg.out / 'states'} (lower train.lr or use mixed_precision: no)")
+    if accelerator.is_main_process:
+        append_row(cfg.out / "log.csv", {"step": step, "epoch": epoch, "lr": f"{lr:.6e}", "loss": f"{loss:.6f}",
+                                         "steps": steps})
+    if cfg.train.log_with:
+        accelerator.log({"loss": loss, "lr": lr}, step=step)
+    report.show(step, epoch, loss, lr, epoch_end)
 
 
 def _score(cfg: MemberConfig, accelerator: Accelerator, run: Setup, what: str) -> dict:
@@ -256,7 +270,7 @@ def _validate(cfg: MemberConfig, accelerator: Accelerator, run: Setup, progress:
     metrics = _score(cfg, accelerator, run, f"epoch {epoch}")
     best = record_if_best(progress, metrics, epoch, cfg.train.best_by)
     if accelerator.is_main_process:
-        _log(cfg.out / "log.csv", {"step": step, "epoch": epoch, **metrics})
+        append_row(cfg.out / "log.csv", {"step": step, "epoch": epoch, **metrics})
         if best:
             save_heads(accelerator.unwrap_model(run.model), cfg.out / "best.pth", to_dict(cfg.model),
                        metrics=metrics, epoch=epoch)
@@ -310,22 +324,25 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
     accelerator = Accelerator(
         mixed_precision=tc.mixed_precision,
         gradient_accumulation_steps=tc.grad_accum,
-        # a seedable sampler + set_epoch gives the same order after a restart
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # a seedable sampler + set_epoch gives the same order after a restart; batches in pinned
+        # memory go to the GPU without blocking the host
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, non_blocking=torch.cuda.is_available()),
         log_with=tc.log_with,
         project_dir=str(out),
     )
     set_seed(cfg.seed)  # identical head init everywhere; crops are keyed by (seed, epoch, index)
     run = _setup(cfg, accelerator)
+    register_head_states(accelerator)  # states hold the heads, not the frozen backbones
     average = HeadAverage(accelerator.unwrap_model(run.model), tc.epochs, tc.average_last) if tc.average_last else None
     progress = _resume(cfg, accelerator, average, run.optimizer)
     if tc.log_with:
         accelerator.init_trackers(cfg.name, config=flat_config(to_dict(cfg)))  # trackers get the whole config
 
-    states, log_path = out / "states", out / "log.csv"
+    states = out / "states"
     step, started = progress["step"], time.time()
-    bar = tqdm(total=run.steps_per_epoch * tc.epochs, initial=step, desc=cfg.name,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    window = LossWindow(accelerator.device, step)  # the losses since the last check, on the device
+    report = Progress(cfg.name, run.steps_per_epoch * tc.epochs, step, tc.epochs, tc.log_every,
+                      accelerator.is_local_main_process)
     for epoch in range(progress["epoch"], tc.epochs):
         run.model.train()
         run.train_set.set_epoch(epoch)
@@ -334,32 +351,28 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
         loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
         for batch_index, batch in enumerate(loader, start=skip):
             lr = tc.lr_at(step, run.steps_per_epoch)
-            loss = training_step(accelerator, run.model, run.optimizer, batch, lr)
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(f"{cfg.name}: non-finite loss at epoch {epoch}, step {step}; the last good state "
-                                    f"is kept in {states} (lower train.lr or use mixed_precision: no)")
+            window.add(training_step(accelerator, run.model, run.optimizer, batch, lr), lr)
             if not accelerator.sync_gradients:  # gradients accumulate: no optimizer step yet
                 continue
             step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-            if accelerator.is_main_process:
-                _log(log_path, {"step": step, "epoch": epoch, "lr": f"{lr:.6e}", "loss": f"{loss:.6f}"})
-            if tc.log_with:
-                accelerator.log({"loss": loss, "lr": lr}, step=step)
-            if tc.state_every and step % tc.state_every == 0:
+            report.step()
+            state_due = tc.state_every and step % tc.state_every == 0
+            if step % tc.log_every == 0 or state_due:  # a state is saved only after its steps are checked
+                _check(cfg, accelerator, run, window, report, epoch, step)
+            if state_due:
                 save_state(accelerator, states, {**progress, "epoch": epoch, "step": step, "batch": batch_index + 1},
                            tc.keep_states, average and average.tensors())
             if abort_after_steps is not None and step >= abort_after_steps:
                 os._exit(3)  # simulate a crash (tests of resume): no cleanup, no state saved here
 
+        _check(cfg, accelerator, run, window, report, epoch, step, epoch_end=True)  # before averaging, validation, state
         if average is not None and average.in_window(epoch):
             average.add(accelerator.unwrap_model(run.model))  # before the state: a resumed run must not add it twice
         if (epoch + 1) % tc.val_every == 0 or epoch + 1 == tc.epochs:
             _validate(cfg, accelerator, run, progress, epoch, step)
         progress.update(epoch=epoch + 1, step=step, batch=0)
         save_state(accelerator, states, progress, tc.keep_states, average and average.tensors())
-    bar.close()
+    report.close()
     if average is not None:
         _validate_average(cfg, accelerator, run, average, progress)
     return _finish(cfg, accelerator, run, progress, time.time() - started)

@@ -43,6 +43,7 @@ from members.model.ahiq import build_model
 from members.model.checkpoint import head_state
 from members.model.deform import build_sampling, deform_conv_sampled
 from members.train.loop import make_optimizer, training_step
+from members.train.states import register_head_states
 
 
 def peak_mib(device: torch.device) -> float:
@@ -105,6 +106,7 @@ def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
     train_set = TrainPairs(batch_pairs, cfg.model.crop, tc.augment, stats, cfg.seed, upscale_small=cfg.data.upscale_small)
     loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=False, drop_last=True, num_workers=0)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    register_head_states(accelerator)  # the state the loop saves: heads, not the frozen backbones
     setup_s = time.perf_counter() - started
 
     step_seconds: list[float] = []
@@ -114,7 +116,7 @@ def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        loss = training_step(accelerator, model, optimizer, batch, tc.lr_at(step, steps))
+        loss = float(training_step(accelerator, model, optimizer, batch, tc.lr_at(step, steps)))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_seconds.append(time.perf_counter() - t0)
