@@ -148,15 +148,16 @@ def test_held_out_inputs_are_refused_unless_allowed_and_the_flag_is_recorded(fit
     assert pseudo_main(["-c", str(fitted), "--source", str(pairs), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "2 pair(s) refused" in err
-    assert f"pair {test[0].name}: its reference {test[0].ref} is a test-split image (listed there)" in err
-    assert f"pair {copied.name}: its distorted image {copied} is a test-split image (same content as an image" in err
-    assert "--allow-test-inputs" in err and not (out / MANIFEST).exists()
+    assert f"pair {test[0].name} ({pairs} pair 1): its reference {test[0].ref} is a test-split image (listed there)" in err
+    assert (f"pair {copied.name} ({pairs} pair 2): its distorted image {copied} is a test-split image (same content as "
+            "an image listed there)") in err
+    assert "only with --allow-test-inputs" in err and not (out / MANIFEST).exists()
 
     with_val = _pairs_csv(tmp_path / "with_val.csv", [(test[0].dis, test[0].ref), (val.dis, val.ref)])
     assert pseudo_main(["-c", str(fitted), "--source", str(with_val), "--out", str(out), "--allow-test-inputs"]) == 2
     err = capsys.readouterr().err
-    assert "1 pair(s) refused" in err and f"pair {val.name}: its reference {val.ref} is a val-split image" in err
-    assert "never pseudo-labelled" in err
+    assert "1 pair(s) refused" in err and f"pair {val.name} ({with_val} pair 2): its reference {val.ref} is a val-split" in err
+    assert "the validation split is never pseudo-labelled" in err
 
     assert pseudo_main(["-c", str(fitted), "--source", str(pairs), "--out", str(out), "--allow-test-inputs"]) == 0
     manifest = _read(out / MANIFEST)

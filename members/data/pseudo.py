@@ -76,10 +76,10 @@ def _where(path: Path, digest: str | None, index: SplitImages) -> tuple[str, str
 
 
 def classify_pairs(pairs: list[Pair], hashes: dict[str, str | None], index: SplitImages, allow_test_inputs: bool,
-                   generated: set[str], where: str) -> tuple[dict[str, str], list[str]]:
+                   generated: set[str]) -> tuple[dict[str, str], list[str]]:
     """Each pair's origin (members.contract.pseudo.ORIGINS) by name, and one line per pair that may not be
     pseudo-labelled or trained on (it touches a validation image, or a test/valid one without
-    `allow_test_inputs`); `where` names the list in those lines."""
+    `allow_test_inputs`), naming the pair, where it was listed and the image."""
     origins, refused = {}, []
     for pair in pairs:
         found = {role: _where(path, hashes.get(str(path)), index) for role, path in (("reference", pair.ref),
@@ -90,10 +90,7 @@ def classify_pairs(pairs: list[Pair], hashes: dict[str, str | None], index: Spli
         if val or (held and not allow_test_inputs):
             role, (split, how) = shown[0]
             path = pair.ref if role == "reference" else pair.dis
-            why = ("the validation split chooses checkpoints and fits the ensemble, so it is never pseudo-labelled"
-                   if split == "val" else "test and valid inputs are not pseudo-labelled unless --allow-test-inputs "
-                   "says so (challenge rules usually forbid training on them)")
-            refused.append(f"{where}: pair {pair.name}: its {role} {path} is a {split}-split image ({how}); {why}")
+            refused.append(f"pair {pair.name} ({pair.source}): its {role} {path} is a {split}-split image ({how})")
         elif held:
             origins[pair.name] = "test_inputs"
         elif pair.name in generated:
@@ -105,11 +102,16 @@ def classify_pairs(pairs: list[Pair], hashes: dict[str, str | None], index: Spli
     return origins, refused
 
 
+WHY_REFUSED = ("the validation split is never pseudo-labelled or trained on (it chooses checkpoints and fits the "
+               "ensemble), test and valid inputs only with --allow-test-inputs (challenge rules usually forbid "
+               "training on them)")
+
+
 def refuse(lines: list[str], what: str, then: str) -> None:
-    """One DataError listing the refused pairs (the first MAX_REPORTED), with what to do (`then`)."""
+    """One DataError listing the refused pairs (the first MAX_REPORTED), why, and what to do (`then`)."""
     if lines:
         more = f"\n  ... and {len(lines) - MAX_REPORTED} more" if len(lines) > MAX_REPORTED else ""
-        raise DataError(f"{what}: {len(lines)} pair(s) refused ({then}):\n  "
+        raise DataError(f"{what}: {len(lines)} pair(s) refused: {WHY_REFUSED}; {then}:\n  "
                         + "\n  ".join(lines[:MAX_REPORTED]) + more)
 
 
@@ -168,10 +170,9 @@ def read_pseudo_labels(setting: str, weight: float, splits: dict[str, list[Pair]
             raise StageFileError(f"{image}: {state} (its sha256 no longer matches {path}); rebuild the pseudo-labels "
                                  f"with {rebuild}")
     _, refused = classify_pairs(pairs, now, split_images(splits, split_dir), bool(first.get("allow_test_inputs")),
-                                set(), str(path.parent / LABELS))
-    refuse(refused, f"data.pseudo_labels {setting}", "pseudo-labelled pairs never touch this member's validation "
-           "split, nor its test or valid split unless the labels were made with --allow-test-inputs; rebuild them "
-           "without those pairs")
+                                set())
+    refuse(refused, f"{path.parent / LABELS} (data.pseudo_labels)", "compared with this member's split lists in "
+           f"{split_dir}; rebuild the labels without those pairs (a teacher with this member's split lists)")
     _note_teacher(first, path)
     check_pairs(pairs, crop, upscale_small, str(path.parent / LABELS))
     return PseudoLabels(pairs, summary(first, sha256_file(path), path, weight))

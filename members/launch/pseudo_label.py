@@ -158,14 +158,14 @@ def pseudo_label(exp: Experiment, args: argparse.Namespace, command: str) -> Pat
     check_unique(pairs, "the pairs to pseudo-label")
     hashes = image_hashes(sorted({p for pair in pairs for p in (pair.dis, pair.ref)}, key=str), out)
     origins, refused = classify_pairs(pairs, hashes, split_images(splits, exp.split_dir), args.allow_test_inputs,
-                                      generated, "pseudo-label inputs")
+                                      generated)
     if refused and args.skip_refused:
         print(f"leaving out {len(refused)} pair(s) that touch validation/test images (--skip-refused), e.g.\n  "
               + "\n  ".join(refused[:3]), file=sys.stderr)
         pairs = [p for p in pairs if p.name in origins]
     else:
-        refuse(refused, "pseudo-label inputs", "leave them out, or --skip-refused; --allow-test-inputs admits test "
-               "and valid inputs, never validation ones")
+        refuse(refused, "pseudo-label inputs", f"compared with the split lists in {exp.split_dir}; leave them "
+               "out (or --skip-refused)")
     crop = max((m.config.model.crop for m in exp.members if not m.config.data.upscale_small), default=0)
     check_pairs(pairs, crop, False, "the pairs to pseudo-label")  # every file decodes and fits: before scoring
 
