@@ -196,7 +196,7 @@ def test_a_student_trains_resumes_exactly_and_its_zip_says_so(member_yaml, pseud
     runs = tmp_path / "runs"
     trained = runs / "student"  # trained where the experiment keeps it (the experiment then only predicts it)
     run("members.train.loop", ["-c", str(path), "--set", f"output_dir={trained}", "--set", f"split_dir={runs / 'splits'}"])
-    cfg = load_member_config(path)
+    cfg = load_member_config(path, [f"output_dir={trained}", f"split_dir={runs / 'splits'}"])
     n = len(prepare_member_data(cfg)[0]["train"]) + len(read_split(pseudo_folder / "labels.csv"))
     assert json.loads((trained / "done.json").read_text())["steps"] == cfg.train.epochs * (n // cfg.train.batch_size)
 
