@@ -19,8 +19,12 @@ PHASE ?= test
 ARGS ?=
 # make evaluate REPEATS=K: K random reference-disjoint splits (data.format csv), mean ± std.
 REPEATS ?= 1
+# make pseudo-label: what EXPERIMENT's fitted ensemble labels: generate (distorted training references), a CSV of
+# pairs, or a folder of distorted images (REF=its reference folder); several separated by spaces.
+SOURCE ?= generate
+REF ?=
 
-.PHONY: help install test test-fast demo demo-data weights train-members predict-all ensemble submit evaluate preflight score bench clean-demo
+.PHONY: help install test test-fast demo demo-data weights train-members predict-all ensemble submit evaluate preflight score pseudo-label bench clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -92,6 +96,9 @@ demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 	@echo "demo scores (against the synthetic proxy labels; test = hidden labels of other photos, README \"The demo\"):"
 	@$(PY) -m ensemble.evaluate -c $(DEMO) --labels data/demo/demo_test_labels
 	@echo "report: runs/demo/ensemble/report.md  test-phase zip: runs/demo/submission.zip  development-phase zip: runs/demo/submission_valid.zip"
+
+pseudo-label: $(STAMP)  ## label SOURCE pairs with EXPERIMENT's fitted ensemble -> <runs_dir>/pseudo_labels (data.pseudo_labels); ARGS
+	$(PY) -m members.launch.pseudo_label -c $(EXPERIMENT) --source $(SOURCE) $(if $(REF),--ref-dir $(REF)) $(ARGS)
 
 score: $(STAMP)  ## score your own pairs: make score ARGS="--ensemble runs/demo DIS.png REF.png" (--help lists all)
 	$(PY) -m members.engine.score $(if $(ARGS),$(ARGS),--help)

@@ -24,6 +24,7 @@ from typing import Any
 
 from ensemble.combine import CombineError, check_outputs, rebuild_hint
 from members.contract.atomic import atomic_path
+from members.contract.pseudo import ORIGINS
 from members.contract.schema import PHASES, Experiment
 from members.contract.stagefiles import (REBUILD_ENSEMBLE, StageFileError, read_json, read_preds,
                                          read_stage_outputs, rebuild_ensemble, rebuild_members, sha256_file)
@@ -60,6 +61,7 @@ class MemberMeta:
     pretrained_backbones: bool  # for a member that is not AHIQ: whether it used extra data
     kind: str = "ahiq"  # or "metric" / "predictions" (members.contract.foreign)
     detail: str = ""  # the metric's name, or the folder the predictions came from
+    pseudo: dict | None = None  # the pseudo-labels it trained on (members.contract.pseudo.summary), if any
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,19 @@ def _member(entry: Any, index: int, path: Path) -> MemberMeta:
         seconds_per_image=seconds,
         device=device,
         pretrained_backbones=_field(meta, "pretrained_backbones", bool, where, path),
+        pseudo=_pseudo(meta, where, path),
     )
+
+
+def _pseudo(meta: dict, where: str, path: Path) -> dict | None:
+    """The member's pseudo-label summary (its counts and whether test inputs were allowed), checked."""
+    if "pseudo_labels" not in meta:
+        return None
+    pseudo = _field(meta, "pseudo_labels", dict, where, path)
+    for key in ("pairs", *ORIGINS):
+        _field(pseudo, key, int, f"{where}pseudo_labels.", path)
+    _field(pseudo, "allow_test_inputs", bool, f"{where}pseudo_labels.", path)
+    return pseudo
 
 
 def _foreign_member(name: str, meta: dict, where: str, path: Path) -> MemberMeta:
@@ -251,18 +265,45 @@ def describe(ensemble: EnsembleMeta) -> str:
         parts.append("Backbones are pretrained (counted as extra data).")
     if any(m.pretrained_backbones for m in ensemble.members if m.kind != "ahiq"):
         parts.append("Members that are not AHIQ used extra data.")
+    for m in ensemble.members:
+        if m.pseudo is not None:
+            counts = ", ".join(f"{m.pseudo[k]} {ORIGIN_WORDS[k]}" for k in ORIGINS if m.pseudo[k])
+            parts.append(f"{m.name} also trained on {m.pseudo['pairs']} pairs pseudo-labelled by a full-reference "
+                         f"teacher ensemble ({counts}).")
     parts.append("Runtime is the sum over members of their measured seconds per image.")
     return " ".join(parts)
+
+
+# How the readme words each origin of pseudo-labelled pairs (members.contract.pseudo.ORIGINS).
+ORIGIN_WORDS = {"generated": "generated from training references", "training": "training-set images",
+                "test_inputs": "test/validation inputs", "outside": "from outside the challenge data"}
+
+
+def test_input_note(ensemble: EnsembleMeta) -> str | None:
+    """The sentence a readme must carry when a member trained on pseudo-labels made with
+    --allow-test-inputs (challenge rules usually forbid training on test inputs); None otherwise."""
+    named = [m for m in ensemble.members if m.pseudo is not None and m.pseudo["allow_test_inputs"]]
+    if not named:
+        return None
+    listed = ", ".join(f"{m.name} ({m.pseudo['test_inputs']} images)" for m in named)
+    return (f"Test/validation inputs were allowed in the pseudo-labels of {listed}: "
+            "made with --allow-test-inputs.")
 
 
 def readme_info(ensemble: EnsembleMeta, description: str | None) -> ReadmeInfo:
     """The readme values, all derived from the members' measured test metadata."""
     members = ensemble.members
+    text = description if description is not None else describe(ensemble)
+    note = test_input_note(ensemble)
+    if note is not None and note not in text:  # said even under a description of the user's own
+        text = f"{text} {note}"
+    # pairs from outside the challenge data are extra data; generated ones come from its training references
+    outside = any(m.pseudo is not None and m.pseudo["outside"] for m in members)
     return ReadmeInfo(
         runtime_per_image=sum(m.seconds_per_image or 0.0 for m in members),  # None: not given (described)
         cpu=0 if any(m.device == "cuda" for m in members) else 1,
-        extra_data=int(any(m.pretrained_backbones for m in members)),
-        description=description if description is not None else describe(ensemble),
+        extra_data=int(any(m.pretrained_backbones for m in members) or outside),
+        description=text,
         full_reference=1,
     )
 

@@ -37,6 +37,12 @@ class DataConfig:
     (ids as in the split lists: PIPAL `A0001`, csv the reference path). The seeded holdout (and the
     csv split) then shuffles and cuts whole groups, so crops of one photo never land in two splits.
     Empty: every reference is its own photo, as in PIPAL.
+
+    `pseudo_labels`: a folder (or its `pseudo_labels.json`) written by `make pseudo-label`; its pairs are
+    appended to the TRAINING list only (never val, test or valid), each with the loss weight
+    `pseudo_weight` (human-labelled pairs weigh 1). A weight rather than a share of each batch: the
+    training list just grows, so the sampler, the (seed, epoch, index) crops and exact resume stay as
+    they are. Neither changes which images land in which split (members.data.splits).
     """
 
     format: str = "pipal"
@@ -59,6 +65,8 @@ class DataConfig:
     higher_is_better: bool = True
     split_seed: int = 0
     upscale_small: bool = False
+    pseudo_labels: str = ""
+    pseudo_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.format not in ("pipal", "csv"):
@@ -76,6 +84,9 @@ class DataConfig:
                              f"to 1; got {self.fractions}")
         if self.split_seed < 0:
             raise ValueError(f"data.split_seed must be >= 0; got {self.split_seed}")
+        if not self.pseudo_weight > 0:
+            raise ValueError(f"data.pseudo_weight must be > 0 (the loss weight of a pseudo-labelled pair); "
+                             f"got {self.pseudo_weight}")
 
 
 
@@ -115,11 +126,17 @@ class AugmentConfig:
     bug; only for exact reproduction) or "none".
     offsets: "all" (top and left uniform over 0..H-crop, every valid position) or "release" (over
     0..H-crop-1, as the release draws them; only for exact reproduction).
+    strength: 0 (off, the release) to 1: stronger augmentation for a noisy student, the same draw
+    applied to the distorted image and its reference: a random rescale before the crop (factor
+    1 +- 0.25 * strength, never below the crop), then brightness, contrast and saturation jitter
+    (+- 0.3 * strength) and Gaussian pixel noise (sd 0.03 * strength) on the crops
+    (members.data.augment).
     """
 
     flip: str = "horizontal"
     flip_prob: float = 0.5
     offsets: str = "all"
+    strength: float = 0.0
 
     def __post_init__(self) -> None:
         if self.flip not in FLIP_MODES:
@@ -128,3 +145,5 @@ class AugmentConfig:
             raise ValueError(f"augment.offsets must be one of {', '.join(OFFSET_MODES)}; got {self.offsets!r}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"augment.flip_prob must be in [0, 1]; got {self.flip_prob}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"augment.strength must be in [0, 1] (0: off); got {self.strength}")

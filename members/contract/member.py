@@ -19,6 +19,8 @@ from pathlib import Path
 from members.contract.atomic import atomic_write_text
 from members.contract.config import apply_overrides, from_dict, read_yaml_with_base, to_dict
 from members.contract.data_config import VALID, AugmentConfig, DataConfig, ViewConfig
+from members.contract.filehash import sha256_file
+from members.contract.pseudo import manifest_path
 from members.contract.stagefiles import splits_content
 
 SCHEDULES = ("cosine_step", "cosine_epoch", "constant")
@@ -38,10 +40,15 @@ class ModelConfig:
     vit_weights: str = "hub"  # hub | path to a timm state dict | none
     cnn_weights: str = "hub"
     init_from: str | None = None  # heads checkpoint: the authors' .pth or one of ours
+    # Dropout on the regressor's features before its two 1x1 output convs, in training only (noise for a
+    # noisy student; the frozen backbones have no stochastic depth to switch on). 0: off, the release.
+    drop_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.crop < 16:
             raise ValueError(f"crop must be at least 16 px, got {self.crop}")
+        if not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"model.drop_rate must be in [0, 1); got {self.drop_rate}")
 
 
 @dataclass
@@ -166,16 +173,19 @@ class MemberConfig:
 
 # Settings that change how a member runs but not what it computes; a change to any other setting
 # makes its trained heads (training) or its prediction files (prediction) stale.
+# data.pseudo_labels is a path: the content of the labels it names is recorded in the training record
+# (its manifest's sha256, `write_training_record`), so moving the folder changes nothing, editing it does.
 NOT_IN_TRAINING = ("output_dir", "split_dir", "predict", "train.num_workers", "train.val_every",
                    "train.state_every", "train.keep_states", "train.keep_states_when_done", "train.log_with",
-                   "train.log_every", "data.upscale_small")
+                   "train.log_every", "data.upscale_small", "data.pseudo_labels")
 NOT_IN_PREDICTION = ("output_dir", "split_dir", "predict.batch_size", "predict.num_workers", "train.num_workers",
                      "train.val_every", "train.state_every", "train.keep_states", "train.keep_states_when_done",
-                     "train.log_with", "train.log_every")
+                     "train.log_with", "train.log_every", "data.pseudo_labels")
 
 # Settings added after members were trained, with the value that does what the kit did before: left
 # out of both fingerprints while they hold it, so the members of existing configs do not turn stale.
-ADDED_LATER = {"train.average_last": 0, "train.best_by": "main", "train.augment.offsets": "all"}
+ADDED_LATER = {"train.average_last": 0, "train.best_by": "main", "train.augment.offsets": "all",
+               "train.augment.strength": 0.0, "model.drop_rate": 0.0, "data.pseudo_weight": 1.0}
 # Settings added later that took over from another one: left out of both fingerprints while they
 # equal it. Training validated on predict.views before train.val_views existed, so only members whose
 # validation views change (the real configs: 20 grid crops -> the release's five) turn stale.
@@ -233,11 +243,23 @@ class StaleMemberError(ValueError):
 RECORD = "fingerprint.json"
 
 
-def write_training_record(cfg: MemberConfig) -> None:
-    """Record, at the start of training, what the heads in this folder are trained from."""
+def write_training_record(cfg: MemberConfig, pseudo: dict | None = None) -> None:
+    """Record, at the start of training, what the heads in this folder are trained from; `pseudo`: the
+    verified pseudo-labels' summary (`members.contract.pseudo.summary`) when data.pseudo_labels is set."""
     record = {"training_fingerprint": training_fingerprint(cfg),
               "splits_content": splits_content(Path(cfg.split_dir), "training_content")}
+    if pseudo is not None:
+        record["pseudo_labels"] = pseudo
     atomic_write_text(cfg.out / RECORD, json.dumps(record, indent=2) + "\n")
+
+
+def current_pseudo_sha256(cfg: MemberConfig) -> str | None:
+    """The sha256 of the pseudo-label manifest data.pseudo_labels names now ("missing" when it names
+    none that exists; None without data.pseudo_labels)."""
+    if not cfg.data.pseudo_labels:
+        return None
+    path = manifest_path(cfg.data.pseudo_labels)
+    return sha256_file(path) if path.is_file() else "missing"
 
 
 def check_member_folder(cfg: MemberConfig) -> None:
@@ -267,6 +289,10 @@ def check_member_folder(cfg: MemberConfig) -> None:
     if saved_splits != current:
         what.append(f"the split lists changed since training (data fingerprint {saved_splits} -> {current}: "
                     "edited labels or images)")
+    saved_pseudo = (record.get("pseudo_labels") or {}).get("manifest_sha256")
+    if saved_pseudo != current_pseudo_sha256(cfg):
+        what.append(f"the pseudo-labels changed since training (data.pseudo_labels manifest {saved_pseudo} -> "
+                    f"{current_pseudo_sha256(cfg)})")
     if what:
         state = "trained" if (cfg.out / "done.json").is_file() else "partly trained"
         raise StaleMemberError(f"{cfg.out}: member {cfg.name} was {state} from other inputs: {'; '.join(what)}. "

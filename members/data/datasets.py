@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from members.contract.data_config import AugmentConfig, DataError, ViewConfig
+from members.data.augment import jitter_pair, rescale_pair
 from members.data.index import Pair, as_rgb
 from members.data.splits import LabelStats
 from members.data.views import apply_view, count_views, make_views, random_view
@@ -120,7 +121,7 @@ class TrainPairs(Dataset):
     """
 
     def __init__(self, pairs: list[Pair], crop: int, augment: AugmentConfig, stats: LabelStats, seed: int,
-                 upscale_small: bool = False) -> None:
+                 upscale_small: bool = False, weights: list[float] | None = None) -> None:
         unlabelled = [p for p in pairs if p.mos is None]
         if unlabelled:
             raise DataError(f"{unlabelled[0].source}: training needs labels; {unlabelled[0].name} has none")
@@ -130,6 +131,11 @@ class TrainPairs(Dataset):
         self.min_size = crop if upscale_small else 0
         # One int64 in shared memory: a copy of the dataset pickled into a worker shares it
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Loss weight of each pair (data.pseudo_weight for pseudo-labelled ones); None: every item weighs
+        # 1 and items carry no "weight" (the loss is plain MSE, as without pseudo-labels).
+        if weights is not None and len(weights) != len(pairs):
+            raise ValueError(f"{len(weights)} weights for {len(pairs)} pairs")
+        self.weights = weights
 
     @property
     def epoch(self) -> int:
@@ -148,7 +154,16 @@ class TrainPairs(Dataset):
         pair = self.pairs[i]
         dis, ref = load_rgb(pair.dis, self.min_size), load_rgb(pair.ref, self.min_size)
         rng = np.random.default_rng([self.seed, self.epoch, i])
+        strength = self.augment.strength
+        noisy = np.random.default_rng([self.seed, self.epoch, i, 1]) if strength else None  # its own stream
+        if noisy is not None:
+            dis, ref = rescale_pair(dis, ref, self.crop, strength, noisy)
         view = random_view(dis.shape[1], dis.shape[2], self.crop, self.augment, rng)
         label = torch.tensor(self.stats.normalise(pair.mos), dtype=torch.float32)
-        return {"index": i, "dis": apply_view(dis, view, self.crop), "ref": apply_view(ref, view, self.crop),
+        item = {"index": i, "dis": apply_view(dis, view, self.crop), "ref": apply_view(ref, view, self.crop),
                 "label": label}
+        if noisy is not None:
+            item["dis"], item["ref"] = jitter_pair(item["dis"], item["ref"], strength, noisy)
+        if self.weights is not None:
+            item["weight"] = torch.tensor(self.weights[i], dtype=torch.float32)
+        return item

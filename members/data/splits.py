@@ -38,7 +38,8 @@ __all__ = ["DataConfig", "LabelStats", "build_splits", "check_split_lists", "pre
 
 SPLIT_COLUMNS = ["name", "dis", "ref", "ref_id", "mos", "source"]
 # Fields that do not change which images land in which split; changing them keeps the split dir valid.
-NOT_FINGERPRINTED = ("upscale_small",)
+# The pseudo-labels are extra training pairs of one member (members.data.pseudo), not part of the lists.
+NOT_FINGERPRINTED = ("upscale_small", "pseudo_labels", "pseudo_weight")
 # Fields added after split folders were in use: fingerprinted only when set, so those folders stay valid.
 FINGERPRINTED_WHEN_SET = ("ref_groups",)
 HASHES = "lists+image sha256"  # what `splits.json`'s fingerprints hash (older kits: lists + image sizes)

@@ -28,8 +28,9 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 
 from members.contract.cli import folder_lock, run_main
-from members.contract.member import (MemberConfig, load_member_config, prediction_fingerprint,
+from members.contract.member import (RECORD, MemberConfig, load_member_config, prediction_fingerprint,
                                      prediction_splits)
+from members.contract.pseudo import recorded_summary
 from members.contract.stagefiles import write_member_split
 from members.contract.verify import made_from
 from members.data.datasets import RefGroupPairs
@@ -66,6 +67,8 @@ def prediction_meta(cfg: MemberConfig, split: str, n_images: int, n_views: int, 
         "higher_is_better": cfg.data.higher_is_better,
         "model": {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop},
         **made_from(Path(cfg.split_dir), split, prediction_fingerprint(cfg), checkpoint),
+        # the pseudo-labels its heads were trained on (its training record's summary): the readme says so
+        **({"pseudo_labels": pseudo} if (pseudo := recorded_summary(cfg.out, RECORD)) else {}),
     }
 
 

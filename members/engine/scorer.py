@@ -269,6 +269,22 @@ class Scorer(nn.Module):
         images = ((load_rgb(p.dis), load_rgb(p.ref), f"{p.dis}") for p in pairs) if self.metrics else ()
         return self._combine(columns, self._metric_columns(list(images)))
 
+    def ensemble_of(self, member_scores: dict[str, np.ndarray]) -> np.ndarray:
+        """The ensemble's scores of rows whose member scores are known already (name -> one score per row,
+        as the members' prediction files hold them): e.g. its validation scores from the members'
+        `preds_val.csv`, which is what new images scored by this Scorer are compared with."""
+        if self.ensemble is None:
+            raise ScorerError("ensemble_of: this Scorer holds a member, not an ensemble (Scorer.from_ensemble)")
+        missing = [c.name for c in self.configs if c.name not in member_scores] + [
+            m for m in self.metrics if m not in member_scores]
+        if missing:
+            raise ScorerError(f"ensemble_of: no scores of member(s) {', '.join(missing)}")
+        rows = len(next(iter(member_scores.values()))) if member_scores else 0
+        columns = np.zeros((rows, len(self.configs)))
+        for j, cfg in enumerate(self.configs):
+            columns[:, j] = member_scores[cfg.name]
+        return self._combine(columns, {m: np.asarray(member_scores[m], dtype=np.float64) for m in self.metrics})
+
     def _metric_columns(self, images: list[tuple[torch.Tensor, torch.Tensor, str]]) -> dict[str, np.ndarray]:
         """The metric members' scores of (distorted, reference, where) images, as members.engine.foreign
         wrote them for the split lists (oriented higher = better)."""

@@ -34,6 +34,7 @@ from members.contract.member import (MemberConfig, StaleMemberError, check_membe
                                      prediction_splits)
 from members.contract.schema import MemberEntry, load_experiment
 from members.contract.verify import ahiq_current, check_member
+from members.data.pseudo import read_pseudo_labels
 from members.data.splits import prepare_member_data
 from members.launch.placement import (cpu_threads, gpus_per_member, member_env, plan_slots, positive_count,
                                       resolve_gpus, spawn, stop)
@@ -211,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         hold_folder_lock(exp.runs_dir, f"make train-members of {exp.path}")
         members = exp.members
         for m in members:  # every list checked (files decode, sizes, crops) before any training
-            prepare_member_data(m.config)
+            splits, _ = prepare_member_data(m.config)
+            data = m.config.data
+            if data.pseudo_labels and needs_training(m.config):  # and the pseudo-labels it will train on
+                read_pseudo_labels(data.pseudo_labels, data.pseudo_weight, splits, Path(m.config.split_dir),
+                                   m.config.model.crop, data.upscale_small)
         stale = []
         for m in members:  # a folder trained from other inputs is never reused or resumed silently
             try:

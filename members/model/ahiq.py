@@ -13,6 +13,7 @@ release does (no ImageNet mean/std, not even for the ResNet).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,10 +62,17 @@ class DeformFusion(nn.Module):
 
 
 class PatchRegressor(nn.Module):
-    """`regressor`: per-patch score f and weight w; image score = sum(f * w) / sum(w)."""
+    """`regressor`: per-patch score f and weight w; image score = sum(f * w) / sum(w).
 
-    def __init__(self, in_channels: int = 4608, embed: int = 256, hidden: int = 1024):
+    `drop_rate` > 0 (model.drop_rate): dropout on the features the two 1x1 output convs read, in
+    training only, as a function (the state dict keeps the authors' keys). Its masks come from
+    `noise_key` when the training loop set one (keyed like the crops, so a resumed run draws the same
+    masks), else from torch's global generator."""
+
+    def __init__(self, in_channels: int = 4608, embed: int = 256, hidden: int = 1024, drop_rate: float = 0.0):
         super().__init__()
+        self.drop_rate = drop_rate
+        self.noise_key: list[int] | None = None
         self.down_channel = nn.Conv2d(in_channels, embed, kernel_size=1)
         self.feat_smoothing = nn.Sequential(
             nn.Conv2d(3 * embed, hidden, 3, padding=1),
@@ -81,8 +89,18 @@ class PatchRegressor(nn.Module):
 
     def score(self, e_dis: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
         feat = self.conv1(self.feat_smoothing(torch.cat((e_dis - e_ref, e_dis, e_ref), dim=1)))
+        if self.drop_rate and self.training:
+            feat = self._dropout(feat)
         f, w = self.conv(feat), self.conv_attent(feat)
         return (f * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
+
+    def _dropout(self, feat: torch.Tensor) -> torch.Tensor:
+        if self.noise_key is None:
+            return F.dropout(feat, self.drop_rate, True)
+        seed = int(np.random.SeedSequence(self.noise_key).generate_state(1, np.uint64)[0] >> 1)
+        generator = torch.Generator(device=feat.device).manual_seed(seed)
+        keep = torch.rand(feat.shape, generator=generator, device=feat.device) >= self.drop_rate
+        return feat * keep.to(feat.dtype) / (1.0 - self.drop_rate)
 
     def forward(self, vit_dis: torch.Tensor, vit_ref: torch.Tensor,
                 cnn_dis: torch.Tensor, cnn_ref: torch.Tensor) -> torch.Tensor:
@@ -93,7 +111,7 @@ class AHIQ(nn.Module):
     """Full-reference quality: `forward(dis, ref)` on aligned RGB crops in [0, 1] -> (B,) scores,
     higher = better. Backbones are frozen and run without an autograd graph; heads train."""
 
-    def __init__(self, vit: VitTaps, cnn: CnnTaps, crop: int = 224):
+    def __init__(self, vit: VitTaps, cnn: CnnTaps, crop: int = 224, drop_rate: float = 0.0):
         super().__init__()
         self.vit, self.cnn, self.crop = vit, cnn, crop
         with torch.no_grad():
@@ -105,7 +123,7 @@ class AHIQ(nn.Module):
                 f"{vit.grid} at crop {crop}: pick a crop/patch size with compatible grids"
             )
         self.deform_net = DeformFusion(vit.out_channels, cnn.out_channels, out_stride=half_grid // vit.grid)
-        self.regressor = PatchRegressor(vit.out_channels + cnn.out_channels)
+        self.regressor = PatchRegressor(vit.out_channels + cnn.out_channels, drop_rate=drop_rate)
 
     @staticmethod
     def normalise(x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +157,11 @@ class AHIQ(nn.Module):
         self.cnn.eval()
         return self
 
+    def set_noise_key(self, key: list[int]) -> None:
+        """Key the heads' dropout masks of the next forward passes (members.train.loop keys them by
+        seed, epoch, batch and process, as the crops are keyed, so that a resumed run repeats them)."""
+        self.regressor.noise_key = list(key)
+
     def head_parameters(self) -> list[nn.Parameter]:
         return [*self.deform_net.parameters(), *self.regressor.parameters()]
 
@@ -149,7 +172,7 @@ def build_model(cfg: dict | ModelConfig) -> AHIQ:
         cfg = from_dict(ModelConfig, cfg, prefix="model.")
     vit = VitTaps(cfg.vit, img_size=cfg.crop, weights=cfg.vit_weights)
     cnn = CnnTaps(cfg.cnn, weights=cfg.cnn_weights)
-    model = AHIQ(vit, cnn, crop=cfg.crop)
+    model = AHIQ(vit, cnn, crop=cfg.crop, drop_rate=cfg.drop_rate)
     if cfg.init_from:
         load_heads_into(model, cfg.init_from, cfg)
     return model

@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from members.contract.cli import die_with_parent, quiet_start
 
@@ -50,6 +51,7 @@ from members.contract.member import (MemberConfig, check_member_folder, drop_sta
 from members.contract.metrics import MetricError, evaluate
 from members.data.datasets import RefGroupPairs, TrainPairs
 from members.data.index import Pair
+from members.data.pseudo import PseudoLabels, read_pseudo_labels
 from members.data.splits import LabelStats, prepare_member_data
 from members.engine.shared import SharedScorer
 from members.model.ahiq import AHIQ, build_model, start_readout
@@ -126,31 +128,37 @@ def _claim_folder(cfg: MemberConfig) -> None:
         sweep_states(cfg.out / "states")
 
 
-def _prepare_data(cfg: MemberConfig, accelerator: Accelerator) -> tuple[dict, LabelStats]:
-    """The member's checked split lists and label statistics; records in its folder what it is trained from.
-    The main process goes first: processes writing a fresh split folder at once removed each other's
-    splits.json, and one recorded (or checked) the member's data fingerprint as missing."""
+def _prepare_data(cfg: MemberConfig, accelerator: Accelerator) -> tuple[dict, LabelStats, PseudoLabels | None]:
+    """The member's checked split lists, label statistics and verified pseudo-labels (data.pseudo_labels,
+    else None); records in its folder what it is trained from. The main process goes first: processes
+    writing a fresh split folder at once removed each other's splits.json, and one recorded (or checked)
+    the member's data fingerprint as missing."""
     with accelerator.main_process_first():
         splits, stats = prepare_member_data(cfg)
         check_member_folder(cfg)  # never resume states trained from another config or other labels
+        pseudo = (read_pseudo_labels(cfg.data.pseudo_labels, cfg.data.pseudo_weight, splits, Path(cfg.split_dir),
+                                     cfg.model.crop, cfg.data.upscale_small) if cfg.data.pseudo_labels else None)
         if any(p.mos is None for p in splits["val"]):
             raise ValueError(f"{cfg.name}: the validation split has no labels, so no checkpoint can be chosen; "
                              "use data.val_source: holdout, or give data.valid_labels")
         if accelerator.is_main_process:
             cfg.out.mkdir(parents=True, exist_ok=True)
             dump_yaml(cfg, cfg.out / "config.yaml")
-            write_training_record(cfg)
-    return splits, stats
+            write_training_record(cfg, pseudo and pseudo.summary)
+    return splits, stats, pseudo
 
 
 def _setup(cfg: MemberConfig, accelerator: Accelerator) -> Setup:
     """Data, model, optimizer and loaders, prepared by Accelerate."""
     tc = cfg.train
-    splits, stats = _prepare_data(cfg, accelerator)
+    splits, stats, pseudo = _prepare_data(cfg, accelerator)
     model = build_model(cfg.model)
     optimizer = make_optimizer(model, cfg, stats, splits["train"])
-    train_set = TrainPairs(splits["train"], cfg.model.crop, tc.augment, stats, cfg.seed,
-                           upscale_small=cfg.data.upscale_small)
+    # pseudo-labelled pairs: their own list after the training list, each weighing data.pseudo_weight
+    extra = pseudo.pairs if pseudo else []
+    weights = [1.0] * len(splits["train"]) + [cfg.data.pseudo_weight] * len(extra) if pseudo else None
+    train_set = TrainPairs(splits["train"] + extra, cfg.model.crop, tc.augment, stats, cfg.seed,
+                           upscale_small=cfg.data.upscale_small, weights=weights)
     # validation as prediction does it (this process's references, predict.batch_size images per chunk),
     # on its own views
     val_set = RefGroupPairs(splits["val"], cfg.model.crop, tc.val_views, None, chunk=cfg.predict.batch_size,
@@ -213,6 +221,15 @@ def make_optimizer(model: AHIQ, cfg: MemberConfig, stats: LabelStats, train_pair
     return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
+def pair_loss(pred: torch.Tensor, batch: dict) -> torch.Tensor:
+    """MSE against the labels; with per-pair weights (a batch with pseudo-labelled pairs carries
+    "weight"), the mean of weight x squared error, so a pseudo-labelled pair counts data.pseudo_weight
+    times a human-labelled one."""
+    if "weight" not in batch:
+        return F.mse_loss(pred.float(), batch["label"].float())
+    return (batch["weight"].float() * (pred.float() - batch["label"].float()) ** 2).mean()
+
+
 def training_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: dict,
                   lr: float) -> torch.Tensor:
     """Forward and backward of one batch; the optimizer steps at `lr` when the gradients sync (every
@@ -221,7 +238,7 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: t
     checks the losses (and weights) every train.log_every steps and before anything is saved."""
     with accelerator.accumulate(model):
         pred = model(batch["dis"], batch["ref"])
-        loss = F.mse_loss(pred.float(), batch["label"].float())
+        loss = pair_loss(pred, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients:
             for group in optimizer.param_groups:
@@ -351,6 +368,9 @@ def train(cfg: MemberConfig, abort_after_steps: int | None = None) -> dict | Non
         loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
         for batch_index, batch in enumerate(loader, start=skip):
             lr = tc.lr_at(step, run.steps_per_epoch)
+            if cfg.model.drop_rate:  # dropout masks keyed like the crops: a resumed run draws the same
+                accelerator.unwrap_model(run.model).set_noise_key([cfg.seed, epoch, batch_index,
+                                                                   accelerator.process_index])
             window.add(training_step(accelerator, run.model, run.optimizer, batch, lr), lr)
             if not accelerator.sync_gradients:  # gradients accumulate: no optimizer step yet
                 continue
