@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from pathlib import Path
 
@@ -10,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from conftest import fingerprint_before
 from test_train import heads, read_preds, run
 from torch import nn
 
-from members.contract.config import ConfigError, to_dict
-from members.contract.member import (NOT_IN_TRAINING, load_member_config, prediction_fingerprint,
+from members.contract.config import ConfigError
+from members.contract.member import (load_member_config, prediction_fingerprint,
                                      training_fingerprint)
 from members.contract.metrics import evaluate
 from members.data.splits import LabelStats
@@ -91,26 +91,9 @@ def test_crash_inside_the_window_resumes_to_identical_averaged_heads(averaged, m
     assert metrics[0] == metrics[1]
 
 
-def _old_fingerprint(cfg) -> str:
-    """The training fingerprint without train.average_last and the settings added after it that hold
-    the kit's old behaviour: what the kit computed before them, plus this fixture's train.val_views
-    (which differ from its predict.views, so they count)."""
-    data = to_dict(cfg)
-    for key in ("average_last", "best_by"):
-        del data["train"][key]
-    del data["train"]["augment"]["offsets"]
-    for key in NOT_IN_TRAINING:
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def test_zero_changes_nothing(averaged, member_yaml, tmp_path):
     plain, zero = load_member_config(member_yaml), load_member_config(member_yaml, ["train.average_last=0"])
-    assert training_fingerprint(plain) == training_fingerprint(zero) == _old_fingerprint(plain)
+    assert training_fingerprint(plain) == training_fingerprint(zero) == fingerprint_before(plain)  # val_views differ here: they count
     assert prediction_fingerprint(plain) == prediction_fingerprint(zero)
     one = load_member_config(member_yaml, ["train.average_last=1"])  # other heads: other fingerprints
     assert training_fingerprint(one) != training_fingerprint(plain)

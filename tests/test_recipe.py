@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import json
 import math
 import subprocess
@@ -16,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fingerprint_before
 from test_train import heads, run
 
 from members.contract.data_config import AugmentConfig, ViewConfig
-from members.contract.config import to_dict
-from members.contract.member import NOT_IN_TRAINING, load_member_config, training_fingerprint
+from members.contract.member import load_member_config, training_fingerprint
 from members.contract.schema import load_experiment
 from members.data.views import random_view
 from members.train.states import read_progress
@@ -49,20 +48,8 @@ def test_validation_scores_its_own_views_not_the_prediction_views(member_yaml, t
 
 
 def _before(cfg) -> str:
-    """The training fingerprint as the kit computed it before train.val_views, best_by and offsets (and the
-    noisy-student settings added since: tests/test_pseudo_student.py)."""
-    data = to_dict(cfg)
-    for key in ("val_views", "best_by", "average_last"):
-        del data["train"][key]
-    del data["train"]["augment"]["offsets"]
-    del data["train"]["augment"]["strength"], data["model"]["drop_rate"], data["data"]["pseudo_weight"]
-    for key in NOT_IN_TRAINING:
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node[part]
-        node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    """The training fingerprint as the kit computed it before train.val_views and the other later settings."""
+    return fingerprint_before(cfg, also=("train.val_views",))
 
 
 def test_validation_views_decide_the_best_epoch_so_they_are_trained_from(member_yaml):
