@@ -12,8 +12,9 @@ part on the CPU (the tests do, with tiny configs).
 3. deform: the kit's deformable conv (`members.model.deform`) against torchvision's `deform_conv2d`,
    forward and backward at MEMBER's feature size: max abs differences of the output and of the
    input, weight and offset gradients, and the time of each.
-4. scorer: `Scorer.from_checkpoint` (random heads) on the CPU against `Scorer.to(device)` on a few
-   pairs, in fp32 and in the member's precision (five views per image to keep the CPU side short).
+4. scorer: `Scorer.from_checkpoint` (random heads) in fp32 on the CPU against the same Scorer moved with
+   `.to(device)`, in fp32 and in the member's precision, on a few pairs (five views per image to keep
+   the CPU side short).
 5. slots: the two-member slot plan of `make train-members` on the visible GPUs (`resolve_gpus`,
    `plan_slots`, `member_env`): which physical GPUs each member would get, with the
    CUDA_VISIBLE_DEVICES this run was given, and with a simulated CUDA_VISIBLE_DEVICES=3,1.
@@ -36,8 +37,8 @@ from members.contract.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 # part -> (time box in seconds, needs CUDA unless --device cpu)
-PARTS = {"preflight": (270, True), "train_bf16": (75, True), "deform": (45, True), "scorer": (75, True),
-         "slots": (30, False), "bench": (90, True)}
+PARTS = {"preflight": (240, True), "train_bf16": (60, True), "deform": (40, True), "scorer": (60, True),
+         "slots": (20, False), "bench": (120, True)}
 
 
 def cuda_info() -> dict:

@@ -137,17 +137,19 @@ def scorer(member: str, device: torch.device, work: Path, pairs: int = 2) -> dic
     side = max(288, cfg.model.crop)
     ref = F.interpolate(torch.rand(pairs, 3, 18, 18, generator=gen), size=(side, side), mode="bilinear")
     dis = (ref + 0.1 * torch.randn(ref.shape, generator=gen)).clamp(0, 1)
+    cpu = Scorer.from_checkpoint(heads, cfg, precision="no", device="cpu").score(dis, ref)
     rows, out = [], {}
-    for precision in ("no", cfg.train.mixed_precision):
+    for precision in dict.fromkeys(("no", cfg.train.mixed_precision)):
         model = Scorer.from_checkpoint(heads, cfg, precision=precision, device="cpu")
-        cpu = model.score(dis, ref)
         model.to(device)
         here = model.score(dis, ref)
         out[precision] = float(abs(here - cpu).max())
         rows.append(f"| {precision} | {', '.join(f'{x:.6f}' for x in cpu.ravel())} | "
                     f"{', '.join(f'{x:.6f}' for x in here.ravel())} | {out[precision]:.2e} |")
-    return {"max_abs_diff": out, "lines": [f"{pairs} synthetic pairs, five views each, random heads.", "",
-                                            "| precision | CPU scores | scores after .to(" + str(device) + ") | max abs diff |",
+    return {"max_abs_diff": out, "lines": [f"{pairs} synthetic pairs, five views each, random heads; the CPU side "
+                                            "in fp32.", "",
+                                            "| precision after .to | CPU fp32 scores | scores after .to(" + str(device)
+                                            + ") | max abs diff |",
                                             "|---|---|---|---|", *rows]}
 
 

@@ -89,15 +89,21 @@ def markdown(a: dict, before: dict | None) -> str:
         f"**{m['startup_full_s']:.1f} s** before it started the first member (sha256 {m['startup_full_hashed_mb']:.1f} MB, "
         f"driver peak RSS {m['driver_peak_full_mib']} MiB).", "",
         "## Training step (bench/scale/member.yaml: ViT-Ti/16 + ResNet-18, random weights, crop 64, batch 4)", "",
-        *_table(["member", "steps", "loop s/step (mean)", "median", "state save +s", "epoch boundary +s",
-                 "validations s", "state on disk MB"],
-                [[n, x["steps"], f"{x['steady_mean_s']:.3f}", f"{x['steady_median_s']:.3f}", _f(x["state_extra_s"]),
-                  _f(x["boundary_extra_s"]), ", ".join(f"{v:.1f}" for v in x["validation_s"]), _mb(x["state_bytes"])]
-                 for n, x in a["members"].items()]), "",
-        f"Model compute: `training_step` on {a['compute']['steps']} preloaded batches in a fresh process with the "
-        f"trainer's {a['compute']['threads']} threads: **{m['compute_step_s']:.3f} s/step**; the loop's steady step "
-        f"(log.csv rows of one epoch, no state saved between them): {m['loop_step_s']:.3f} s, so "
-        f"{m['overhead_step_s'] * 1e3:.1f} ms/step outside the model (loader, logging, progress bar, syncs). Per "
+        *_table(["member", "steps", "loop s/step (mean)", "median", "in the model s/step", "state save +s",
+                 "epoch boundary +s", "validations s", "state on disk MB"],
+                [[n, x["steps"], f"{x['steady_mean_s']:.3f}", f"{x['steady_median_s']:.3f}", _f3(x.get("steady_compute_s")),
+                  _f(x["state_extra_s"]), _f(x["boundary_extra_s"]), ", ".join(f"{v:.1f}" for v in x["validation_s"]),
+                  _mb(x["state_bytes"])] for n, x in a["members"].items()]), "",
+        f"Loop s/step: the time between consecutive log.csv rows of one epoch with no state saved between them, "
+        f"as they appeared (watched from outside). In the model: the trainer's own seconds inside "
+        f"`Accelerator.accumulate` (forward, loss, backward, optimizer step) in those same steps, recorded by "
+        f"bench/scale_hooks (nothing in members/ changes): **{m['compute_step_s']:.3f} s/step** "
+        f"{'in the loop' if m.get('compute_in_loop') else '(not recorded: from preloaded batches)'}, so "
+        f"**{m['overhead_step_s'] * 1e3:.1f} ms/step** outside the model (loader, logging, progress bar, the "
+        f"loss's sync). For reference, `training_step` on {a['compute']['steps']} preloaded batches in a fresh "
+        f"process with the trainer's {a['compute']['threads']} threads took {m.get('compute_preloaded_s', 0):.3f} s/step "
+        f"(load {_load(a['compute']['load'])}): on 2 shared cores the same step takes very different times as "
+        "other jobs come and go, so only times taken together are compared. Per "
         f"real epoch ({real['steps']:,} steps, {real['states_per_epoch']} mid-epoch states at state_every "
         f"{shipped['state_every']}) add the boundary ({_f(m['epoch_boundary_s'])} s: end-of-epoch state, new loader "
         f"workers) and the states ({_f(m['state_save_s'])} s each at this member's size): overhead "
@@ -112,6 +118,10 @@ def markdown(a: dict, before: dict | None) -> str:
 def _load(pair: list[list[float]]) -> str:
     """1-minute load average before -> after a command."""
     return f"{pair[0][0]:.1f} -> {pair[1][0]:.1f}"
+
+
+def _f3(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def _f(x: float | None) -> str:
@@ -204,8 +214,9 @@ def _extrapolated(a: dict) -> list[str]:
             f"scaled to the real counts: {real['steps']:,} steps and {real['val_images']:,} validation images "
             f"({real['val_refs']} references, {shipped['views']} views, {real['val_items']} items) per epoch, "
             f"{real['states_per_epoch']} mid-epoch states (state_every {shipped['state_every']}).",
-            "- Overhead share = (loop steady s/step - compute s/step + (epoch boundary + states per epoch x state "
-            "save) / steps per epoch) / compute s/step, all of the tiny member.",
+            "- Overhead share = (loop steady s/step - in-the-model s/step + (epoch boundary + states per epoch x "
+            "state save) / steps per epoch) / in-the-model s/step, all of the tiny member, the per-epoch costs "
+            "spread over the real epoch's steps.",
             "- Validation share = crops x s/crop / (crops x s/crop + steps x s/step), with the real crop and step "
             "counts; the goal uses the ViT-B/8 + ResNet-50 costs when they were timed (fp32 on the CPU: a GPU in "
             "bf16 changes both sides alike to first order).",

@@ -69,11 +69,14 @@ def log_rows(lines: list[tuple[float, str]]) -> list[tuple[float, int, int, bool
     return rows
 
 
-def step_timing(rows: list[tuple[float, int, int, bool, int]], state_every: int) -> dict:
+def step_timing(rows: list[tuple[float, int, int, bool, int]], state_every: int,
+                compute: list[float] | None = None) -> dict:
     """Seconds between log.csv rows: steady steps (same epoch, no state saved after the previous one),
     steps after a mid-epoch state, validations (last step -> its row), epoch boundaries (validation
-    row -> first step of the next epoch: end-of-epoch state, new loader workers, one step)."""
-    steady, after_state, validation, boundary = [], [], [], []
+    row -> first step of the next epoch: end-of-epoch state, new loader workers, one step).
+    `compute`: the trainer's own seconds in the model per step (step k at k - 1), when recorded: the
+    steady steps' compute and the rest of their time (the loop's overhead) are then given as well."""
+    steady, after_state, validation, boundary, inside = [], [], [], [], []
     for (t0, s0, e0, v0, _), (t1, s1, e1, v1, _) in zip(rows, rows[1:]):
         gap = t1 - t0
         if v1:
@@ -81,10 +84,16 @@ def step_timing(rows: list[tuple[float, int, int, bool, int]], state_every: int)
         elif v0:
             boundary.append(gap)
         elif e1 == e0 and s1 == s0 + 1:
-            (after_state if state_every and s0 % state_every == 0 else steady).append(gap)
+            if state_every and s0 % state_every == 0:
+                after_state.append(gap)
+            else:
+                steady.append(gap)
+                if compute is not None and s1 <= len(compute):
+                    inside.append(compute[s1 - 1])
     median = statistics.median(steady)
     return {"steps": sum(not r[3] for r in rows), "epochs": sum(r[3] for r in rows),
             "steady_mean_s": statistics.fmean(steady), "steady_median_s": median,
+            "steady_compute_s": statistics.fmean(inside) if len(inside) == len(steady) else None,
             "state_extra_s": statistics.fmean(after_state) - median if after_state else None,
             "validation_s": validation, "boundary_extra_s": statistics.fmean(boundary) - median if boundary else None,
             "log_csv_step_row_bytes": statistics.fmean(r[4] for r in rows if not r[3])}
@@ -122,6 +131,16 @@ def real_counts(splits: dict, shipped: dict) -> dict:
             "states_per_epoch": (train["images"] // shipped["batch"]) // shipped["state_every"] if shipped["state_every"] else 0}
 
 
+def step_compute(records: list[dict], name: str, grad_accum: int) -> list[float] | None:
+    """The trainer's seconds inside `Accelerator.accumulate` per optimizer step (the hooks' record of
+    the `members.train.loop` process that trained `name`), or None when none was recorded."""
+    for r in records:
+        if module_of(r["argv"]) == "members.train.loop" and any(Path(a).stem == name for a in r["argv"]):
+            calls = r.get("accumulate_s") or []
+            return [sum(calls[k:k + grad_accum]) for k in range(0, len(calls) - grad_accum + 1, grad_accum)] or None
+    return None
+
+
 def analyse(results: dict) -> dict:
     """The report's numbers (metrics, each with how it was obtained) from `bench.scale`'s raw results."""
     shipped = _member_view(SHIPPED)
@@ -134,14 +153,18 @@ def analyse(results: dict) -> dict:
     val_items_run = real_counts(pipe_splits, run_cfg)["val_items"]
     members = {}
     for name in train["names"]:
-        timing = step_timing(log_rows(train["lines"][name]), member_cfg["state_every"])
+        compute = step_compute(train["records"], name, member_cfg["grad_accum"])
+        timing = step_timing(log_rows(train["lines"][name]), member_cfg["state_every"], compute)
         log = run_log(train["output"], name, timing["steps"], timing["epochs"], val_items_run)
         crops = (pipe_splits["val"]["images"] + pipe_splits["val"]["references"]) * views_run
         members[name] = {**timing, "run_log": log, "val_crop_s": statistics.fmean(timing["validation_s"]) / crops,
                          "state_bytes": train["state_bytes"][name], "log_csv_bytes": train["log_csv_bytes"][name]}
     m = list(members.values())
     loop_s = statistics.fmean(x["steady_mean_s"] for x in m)
-    compute_s = results["compute"]["compute_s"]
+    inside = [x["steady_compute_s"] for x in m if x["steady_compute_s"] is not None]
+    # the model's time inside the loop's own steps when the trainer recorded it (same moment, same
+    # load), else training_step on preloaded batches in a fresh process
+    compute_s = statistics.fmean(inside) if len(inside) == len(m) else results["compute"]["compute_s"]
     state_extra = statistics.fmean(x["state_extra_s"] for x in m if x["state_extra_s"] is not None)
     boundary = statistics.fmean(x["boundary_extra_s"] for x in m if x["boundary_extra_s"] is not None)
     per_epoch_fixed = boundary + real["states_per_epoch"] * state_extra
@@ -177,6 +200,7 @@ def analyse(results: dict) -> dict:
         "startup_full_s": results["startup_full"]["until_first_member_s"],
         "startup_full_hashed_mb": commands["startup_full"]["hashing"]["sha256_bytes"] / MB,
         "loop_step_s": loop_s, "compute_step_s": compute_s, "overhead_step_s": loop_s - compute_s,
+        "compute_in_loop": len(inside) == len(m), "compute_preloaded_s": results["compute"]["compute_s"],
         "state_save_s": state_extra, "epoch_boundary_s": boundary, "overhead_share": overhead / compute_s,
         "validation_share_tiny": tiny_share, "validation_share_real": real_share,
         "state_today_mb": p8["state_today_bytes"] / MB, "state_heads_adam_mb": p8["state_heads_adam_bytes"] / MB,

@@ -1,24 +1,29 @@
 """Counters for `make scale` in every Python process of a measured command (on PYTHONPATH only there).
 
 With AHIQ_SCALE_STATS set to a folder, each process that exits normally writes `<pid>.json` there:
-its command line, its peak resident set (VmHWM), the bytes that went through `hashlib.sha256`, and
-every `members.contract.stagefiles.sha256_file` call (path -> calls, bytes). DataLoader workers and
-killed processes write nothing. Nothing in the kit changes: `hashlib.sha256` is wrapped by a
-counting object with the same methods, and `sha256_file` by a counting function installed as its
-module is first imported, before any other module can import it by name.
+its command line, its peak resident set (VmHWM), the bytes that went through `hashlib.sha256`, every
+`members.contract.stagefiles.sha256_file` call (path -> calls, bytes), and the wall seconds of every
+`Accelerator.accumulate` block: in `members.train.loop.training_step` that block is the model's
+forward, backward and optimizer step, so the trainer records its own compute time per step, at the
+same moment and under the same load as the loop around it. DataLoader workers and killed processes
+write nothing. Nothing in the kit changes: `hashlib.sha256` is wrapped by a counting object with the
+same methods, and `sha256_file` and `accumulate` by timing wrappers installed as their modules are
+first imported, before any other module can import them by name.
 """
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import importlib.abc
 import importlib.machinery
 import json
 import os
 import sys
+import time
 
 _FOLDER = os.environ.get("AHIQ_SCALE_STATS", "")
-_STATS: dict = {"sha256_bytes": 0, "files": {}}
+_STATS: dict = {"sha256_bytes": 0, "files": {}, "accumulate_s": []}
 
 
 class _Sha256:
@@ -54,11 +59,30 @@ def _wrap_stagefiles(module) -> None:
     module.sha256_file = sha256_file
 
 
+def _wrap_accelerator(module) -> None:
+    original = module.Accelerator.accumulate
+
+    @contextlib.contextmanager
+    def accumulate(self, *models):
+        started = time.perf_counter()
+        try:
+            with original(self, *models):
+                yield
+        finally:
+            _STATS["accumulate_s"].append(time.perf_counter() - started)
+
+    module.Accelerator.accumulate = accumulate
+
+
+_PATCHES = {"members.contract.stagefiles": _wrap_stagefiles, "accelerate.accelerator": _wrap_accelerator}
+
+
 class _Finder(importlib.abc.MetaPathFinder):
-    """Runs `_wrap_stagefiles` right after members.contract.stagefiles executes."""
+    """Runs the module's patch of `_PATCHES` right after the module executes."""
 
     def find_spec(self, name, path, target=None):
-        if name != "members.contract.stagefiles":
+        patch = _PATCHES.get(name)
+        if patch is None:
             return None
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
@@ -67,7 +91,7 @@ class _Finder(importlib.abc.MetaPathFinder):
 
         def exec_and_wrap(module):
             exec_module(module)
-            _wrap_stagefiles(module)
+            patch(module)
 
         spec.loader.exec_module = exec_and_wrap
         return spec
