@@ -3,7 +3,8 @@
     python -m bench.scale [--data data/scale] [--runs runs/scale] [--out bench] [--before bench/scale_before.json]
 
 What it runs (each command in its own process, as a user runs it; every Python process of a command
-counts its sha256 bytes, `sha256_file` calls and peak RSS through bench/scale_hooks/sitecustomize.py):
+counts its sha256 bytes, `sha256_file` calls, peak RSS and time inside `Accelerator.accumulate`
+through bench/scale_hooks/sitecustomize.py, which is on PYTHONPATH for these commands only):
 1. `bench.scale_tree`: the PIPAL-size tree (23,200 + 1,650 + 1,650 distorted 288x288 BMPs, hard
    links), kept between runs.
 2. The data check of one member on the full lists (`members.data.splits.prepare_member_data`), the
@@ -14,10 +15,11 @@ counts its sha256 bytes, `sha256_file` calls and peak RSS through bench/scale_ho
    of ViT-B/8 + ResNet-50 (random weights, fp32) for the validation share.
 5. `make train-members` (`members.launch.experiment`, output redirected to a file as when members run side
    by side) on 2 members of bench/scale/member.yaml training on `Train_Label_sample` (2 images per
-   reference; validation holds out 40 references as PIPAL's), 3 epochs, then predicting the real
-   validation and test folders; the step times come from watching each member's log.csv grow. Then
+   reference; validation holds out 40 references as PIPAL's), 3 epochs, one view, then predicting the real
+   validation and test folders. The loop's step times come from watching each member's log.csv grow,
+   the model's share of them from the trainer's own record of its `accumulate` blocks. Then
    `python -m ensemble` and `python -m submission` (test and valid phases).
-6. `training_step` on preloaded batches in a fresh process with the trainer's threads (model compute).
+6. `training_step` on preloaded batches in a fresh process with the trainer's threads (a reference).
 7. `make train-members` again on the finished members (a rerun: what it hashes).
 `bench.scale_report` turns the measurements into bench/scale.md and bench/scale.json, goals included,
 with a `before` column from --before when given. bench/scale.md says what is extrapolated and how.
@@ -25,6 +27,7 @@ with a `before` column from --before when given. bench/scale.md says what is ext
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -40,12 +43,14 @@ import yaml
 
 from bench import scale_tree
 from bench.scale_report import analyse, write_report
+from members.contract.atomic import atomic_write_text
 from members.contract.data_config import VALID
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 HOOKS = BENCH / "scale_hooks"
 MEMBER = BENCH / "scale" / "member.yaml"
+
 
 @dataclass
 class Options:
@@ -60,7 +65,7 @@ class Options:
     cpu_procs: int = 1
     compute_steps: int = 30
     step_costs: bool = True
-    timeout: int = 3600
+    timeout: int = 7200
     shape: scale_tree.Shape = scale_tree.PIPAL
     costs_experiment: str = "configs/ahiq_c.yaml"  # whose models' states are counted
     member_extra: dict[str, dict] = field(default_factory=dict)  # sections merged into the members (tests)
@@ -112,6 +117,8 @@ class Command:
         try:
             proc = subprocess.run(self.args, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                   text=True, timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"error: {self.name} took longer than {self.timeout} s (--timeout)") from None
         finally:
             if self.log:
                 out.close()
@@ -294,12 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compute-steps", type=int, default=30, help="steps timed on preloaded batches")
     parser.add_argument("--no-step-costs", action="store_true",
                         help="skip timing ViT-B/8 + ResNet-50 (the validation share then uses the tiny member)")
-    parser.add_argument("--timeout", type=int, default=3600, help="seconds any one command may take")
-    parser.add_argument("--render", action="store_true", help="only rewrite scale.md from scale.json (and --before)")
+    parser.add_argument("--timeout", type=int, default=7200, help="seconds any one command may take")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: analyse the last run's measurements (<runs>/raw.json) again and rewrite "
+                             "scale.md and scale.json (with --before)")
     args = parser.parse_args(argv)
     before = json.loads(args.before.read_text(encoding="utf-8"))["metrics"] if args.before.is_file() else None
     if args.render:
-        md, _ = write_report(json.loads((args.out / "scale.json").read_text(encoding="utf-8")), before, args.out)
+        raw = args.runs / "raw.json"
+        if not raw.is_file():
+            parser.error(f"--render: {raw} not found; run python -m bench.scale first")
+        md, _ = write_report(analyse(json.loads(raw.read_text(encoding="utf-8"))), before, args.out)
         say(f"wrote {md}")
         return 0
     if args.members < 2:
@@ -311,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(opts: Options) -> int:
+    """Every measurement, then the report; the children run in the repository, so paths are made absolute."""
+    opts = dataclasses.replace(opts, data=opts.data.resolve(), runs=opts.runs.resolve(), out=opts.out.resolve())
     started = time.perf_counter()
     results: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_start": load(),
                      "machine": {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0))},
@@ -332,6 +346,7 @@ def run(opts: Options) -> int:
     results["splits_full"] = json.loads((opts.runs / "full" / "splits" / "splits.json").read_text())["counts"]
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["load_end"] = load()
+    atomic_write_text(opts.runs / "raw.json", json.dumps(results) + "\n")  # for --render
     before = json.loads(opts.before.read_text(encoding="utf-8")) if opts.before else None
     md, js = write_report(analyse(results), before and before.get("metrics"), opts.out)
     shutil.rmtree(opts.runs / "full", ignore_errors=True)  # the trainer the start-up began; the split cache
