@@ -107,7 +107,7 @@ def markdown(a: dict, before: dict | None) -> str:
         f"real epoch ({real['steps']:,} steps, {real['states_per_epoch']} mid-epoch states at state_every "
         f"{shipped['state_every']}) add the boundary ({_f(m['epoch_boundary_s'])} s: end-of-epoch state, new loader "
         f"workers) and the states ({_f(m['state_save_s'])} s each at this member's size): overhead "
-        f"**{m['overhead_share']:.1%} of compute**. The DataLoader alone ({a['compute']['loader_workers']} workers) "
+        f"**{m['overhead_share']:.1%} of compute**.{_cpu(m)} The DataLoader alone ({a['compute']['loader_workers']} workers) "
         f"made a batch in {a['compute']['loader_s'] * 1e3:.0f} ms. On a GPU the model step is 10-100x shorter while "
         "these costs stay: the share there is larger than here.", "",
         *_validation(a), "", *_states(a), "", *_logs(a), "", *_commands(a), "", *_extrapolated(a), "",
@@ -118,6 +118,17 @@ def markdown(a: dict, before: dict | None) -> str:
 def _load(pair: list[list[float]]) -> str:
     """1-minute load average before -> after a command."""
     return f"{pair[0][0]:.1f} -> {pair[1][0]:.1f}"
+
+
+def _cpu(m: dict) -> str:
+    if m.get("overhead_share_cpu") is None:
+        return ""
+    return (f" In CPU seconds of the trainer process (all its threads, not its loader workers), from the hooks' "
+            f"clocks: {m['loop_cpu_s']:.3f} per steady step, {m['compute_cpu_s']:.3f} of them in the model: "
+            f"{m['overhead_share_cpu']:.1%} outside it. Other jobs stretch the model's multi-threaded wall time "
+            "more than the loop's single-threaded Python, so on a busy machine the wall-time share reads low; "
+            "the CPU-time share is steadier (and about half the wall share of a quiet machine, where the "
+            "model's two threads share the work).")
 
 
 def _f3(x: float | None) -> str:

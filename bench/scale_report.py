@@ -70,13 +70,15 @@ def log_rows(lines: list[tuple[float, str]]) -> list[tuple[float, int, int, bool
 
 
 def step_timing(rows: list[tuple[float, int, int, bool, int]], state_every: int,
-                compute: list[float] | None = None) -> dict:
+                compute: list[list[float]] | None = None) -> dict:
     """Seconds between log.csv rows: steady steps (same epoch, no state saved after the previous one),
     steps after a mid-epoch state, validations (last step -> its row), epoch boundaries (validation
     row -> first step of the next epoch: end-of-epoch state, new loader workers, one step).
-    `compute`: the trainer's own seconds in the model per step (step k at k - 1), when recorded: the
-    steady steps' compute and the rest of their time (the loop's overhead) are then given as well."""
-    steady, after_state, validation, boundary, inside = [], [], [], [], []
+    `compute`: per optimizer step (step k at k - 1) the trainer's [wall start, wall seconds in the model,
+    CPU clock at the start, CPU seconds in the model], when recorded: the steady steps' time in the
+    model is then given too, and the CPU seconds of the loop per steady step (from the start of one
+    step's model block to the next one's) and of the model in them."""
+    steady, after_state, validation, boundary, inside, cpu_loop, cpu_inside = [], [], [], [], [], [], []
     for (t0, s0, e0, v0, _), (t1, s1, e1, v1, _) in zip(rows, rows[1:]):
         gap = t1 - t0
         if v1:
@@ -89,11 +91,16 @@ def step_timing(rows: list[tuple[float, int, int, bool, int]], state_every: int,
             else:
                 steady.append(gap)
                 if compute is not None and s1 <= len(compute):
-                    inside.append(compute[s1 - 1])
+                    inside.append(compute[s1 - 1][1])
+                    cpu_loop.append(compute[s1 - 1][2] - compute[s0 - 1][2])
+                    cpu_inside.append(compute[s0 - 1][3])
     median = statistics.median(steady)
+    recorded = len(inside) == len(steady)
     return {"steps": sum(not r[3] for r in rows), "epochs": sum(r[3] for r in rows),
             "steady_mean_s": statistics.fmean(steady), "steady_median_s": median,
-            "steady_compute_s": statistics.fmean(inside) if len(inside) == len(steady) else None,
+            "steady_compute_s": statistics.fmean(inside) if recorded else None,
+            "steady_cpu_s": statistics.fmean(cpu_loop) if recorded else None,
+            "steady_compute_cpu_s": statistics.fmean(cpu_inside) if recorded else None,
             "state_extra_s": statistics.fmean(after_state) - median if after_state else None,
             "validation_s": validation, "boundary_extra_s": statistics.fmean(boundary) - median if boundary else None,
             "log_csv_step_row_bytes": statistics.fmean(r[4] for r in rows if not r[3])}
@@ -131,14 +138,28 @@ def real_counts(splits: dict, shipped: dict) -> dict:
             "states_per_epoch": (train["images"] // shipped["batch"]) // shipped["state_every"] if shipped["state_every"] else 0}
 
 
-def step_compute(records: list[dict], name: str, grad_accum: int) -> list[float] | None:
-    """The trainer's seconds inside `Accelerator.accumulate` per optimizer step (the hooks' record of
-    the `members.train.loop` process that trained `name`), or None when none was recorded."""
+def step_compute(records: list[dict], name: str, grad_accum: int) -> list[list[float]] | None:
+    """Per optimizer step, [wall start, wall seconds, CPU clock at the start, CPU seconds] inside
+    `Accelerator.accumulate` (the hooks' record of the `members.train.loop` process that trained
+    `name`; grad_accum blocks make one step), or None when none was recorded."""
     for r in records:
         if module_of(r["argv"]) == "members.train.loop" and any(Path(a).stem == name for a in r["argv"]):
-            calls = r.get("accumulate_s") or []
-            return [sum(calls[k:k + grad_accum]) for k in range(0, len(calls) - grad_accum + 1, grad_accum)] or None
+            calls = r.get("accumulate") or []
+            steps = [calls[k:k + grad_accum] for k in range(0, len(calls) - grad_accum + 1, grad_accum)]
+            return [[c[0][0], sum(b - a for a, b, _, _ in c), c[0][2], sum(d - e for _, _, e, d in c)]
+                    for c in steps] or None
     return None
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return None if not values or None in values else statistics.fmean(values)
+
+
+def _share_cpu(members: list[dict]) -> float | None:
+    """(loop CPU s - model CPU s) / model CPU s per steady step, of the trainer process (its threads)."""
+    loop, model = _mean(x["steady_cpu_s"] for x in members), _mean(x["steady_compute_cpu_s"] for x in members)
+    return None if loop is None or not model else (loop - model) / model
 
 
 def analyse(results: dict) -> dict:
@@ -201,6 +222,8 @@ def analyse(results: dict) -> dict:
         "startup_full_hashed_mb": commands["startup_full"]["hashing"]["sha256_bytes"] / MB,
         "loop_step_s": loop_s, "compute_step_s": compute_s, "overhead_step_s": loop_s - compute_s,
         "compute_in_loop": len(inside) == len(m), "compute_preloaded_s": results["compute"]["compute_s"],
+        "loop_cpu_s": _mean(x["steady_cpu_s"] for x in m), "compute_cpu_s": _mean(x["steady_compute_cpu_s"] for x in m),
+        "overhead_share_cpu": _share_cpu(m),
         "state_save_s": state_extra, "epoch_boundary_s": boundary, "overhead_share": overhead / compute_s,
         "validation_share_tiny": tiny_share, "validation_share_real": real_share,
         "state_today_mb": p8["state_today_bytes"] / MB, "state_heads_adam_mb": p8["state_heads_adam_bytes"] / MB,

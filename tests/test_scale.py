@@ -47,13 +47,16 @@ def test_hooks_count_sha256_bytes_and_checkpoint_hashes_in_every_process(tmp_pat
     data.write_bytes(b"x" * 5000)
     code = ("import hashlib; from members.data import hashing; from members.contract.stagefiles import sha256_file; "
             f"hashing.image_hashes([__import__('pathlib').Path({str(data)!r})], None); sha256_file({str(data)!r}); "
-            "hashlib.sha256(b'abc').hexdigest()")
+            "hashlib.sha256(b'abc').hexdigest(); from accelerate import Accelerator; a = Accelerator(cpu=True)\n"
+            "for _ in range(3):\n    with a.accumulate():\n        sum(range(10**5))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "bench" / "scale_hooks"), str(REPO)]),
            "AHIQ_SCALE_STATS": str(stats)}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
     (record,) = [json.loads(p.read_text()) for p in stats.glob("*.json")]
     assert record["files"] == {str(data): [2, 10000]}  # both calls, the one made through hashing's import too
     assert record["sha256_bytes"] == 10003 and record["peak_kib"] > 0
+    blocks = record["accumulate"]  # [wall start, wall end, CPU start, CPU end] of each accumulate block
+    assert len(blocks) == 3 and all(b[1] > b[0] and b[3] >= b[2] for b in blocks) and blocks[1][0] >= blocks[0][1]
 
 
 def test_step_timing_tells_steady_steps_from_states_validation_and_epoch_boundaries():
@@ -66,10 +69,15 @@ def test_step_timing_tells_steady_steps_from_states_validation_and_epoch_boundar
         t += 2.0
         rows.append((t, step, epoch, True, 50))
     got = step_timing(rows, state_every=3)
-    assert got["steps"] == 12 and got["epochs"] == 2
+    assert got["steps"] == 12 and got["epochs"] == 2 and got["steady_compute_s"] is None
     assert got["steady_median_s"] == pytest.approx(0.1) and got["steady_mean_s"] == pytest.approx(0.1)
     assert got["state_extra_s"] == pytest.approx(0.5) and got["boundary_extra_s"] == pytest.approx(1.0)
     assert got["validation_s"] == pytest.approx([2.0, 2.0]) and got["log_csv_step_row_bytes"] == 30
+    # the trainer's record per step: [wall start, wall in the model, CPU clock at the start, CPU in the model]
+    compute = [[0.0, 0.08, 0.3 * k, 0.25] for k in range(12)]
+    got = step_timing(rows, state_every=3, compute=compute)
+    assert got["steady_compute_s"] == pytest.approx(0.08)
+    assert got["steady_cpu_s"] == pytest.approx(0.3) and got["steady_compute_cpu_s"] == pytest.approx(0.25)
 
 
 def test_run_log_splits_a_members_output_into_bar_updates_and_the_rest():

@@ -2,10 +2,11 @@
 
 With AHIQ_SCALE_STATS set to a folder, each process that exits normally writes `<pid>.json` there:
 its command line, its peak resident set (VmHWM), the bytes that went through `hashlib.sha256`, every
-`members.contract.stagefiles.sha256_file` call (path -> calls, bytes), and the wall seconds of every
-`Accelerator.accumulate` block: in `members.train.loop.training_step` that block is the model's
-forward, backward and optimizer step, so the trainer records its own compute time per step, at the
-same moment and under the same load as the loop around it. DataLoader workers and killed processes
+`members.contract.stagefiles.sha256_file` call (path -> calls, bytes), and the start and end of every
+`Accelerator.accumulate` block, wall clock (perf_counter) and this process's CPU clock (process_time,
+all threads): in `members.train.loop.training_step` that block is the model's forward, backward and
+optimizer step, so the trainer records its own compute time per step, at the same moment and under
+the same load as the loop around it. DataLoader workers and killed processes
 write nothing. Nothing in the kit changes: `hashlib.sha256` is wrapped by a counting object with the
 same methods, and `sha256_file` and `accumulate` by timing wrappers installed as their modules are
 first imported, before any other module can import them by name.
@@ -23,7 +24,7 @@ import sys
 import time
 
 _FOLDER = os.environ.get("AHIQ_SCALE_STATS", "")
-_STATS: dict = {"sha256_bytes": 0, "files": {}, "accumulate_s": []}
+_STATS: dict = {"sha256_bytes": 0, "files": {}, "accumulate": []}  # accumulate: [wall0, wall1, cpu0, cpu1]
 
 
 class _Sha256:
@@ -64,12 +65,12 @@ def _wrap_accelerator(module) -> None:
 
     @contextlib.contextmanager
     def accumulate(self, *models):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         try:
             with original(self, *models):
                 yield
         finally:
-            _STATS["accumulate_s"].append(time.perf_counter() - started)
+            _STATS["accumulate"].append([started, time.perf_counter(), cpu, time.process_time()])
 
     module.Accelerator.accumulate = accumulate
 
