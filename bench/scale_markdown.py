@@ -89,17 +89,22 @@ def markdown(a: dict, before: dict | None) -> str:
         f"**{m['startup_full_s']:.1f} s** before it started the first member (sha256 {m['startup_full_hashed_mb']:.1f} MB, "
         f"driver peak RSS {m['driver_peak_full_mib']} MiB).", "",
         "## Training step (bench/scale/member.yaml: ViT-Ti/16 + ResNet-18, random weights, crop 64, batch 4)", "",
-        *_table(["member", "steps", "loop s/step (mean)", "median", "in the model s/step", "state save +s",
-                 "epoch boundary +s", "validations s", "state on disk MB"],
+        *_table(["member", "steps", "loop s/step (mean)", "median", "in the model s/step", "outside ms/step",
+                 "state save +s", "epoch boundary +s", "overhead share (wall)", "(CPU)", "validations s",
+                 "state on disk MB"],
                 [[n, x["steps"], f"{x['steady_mean_s']:.3f}", f"{x['steady_median_s']:.3f}", _f3(x.get("steady_compute_s")),
-                  _f(x["state_extra_s"]), _f(x["boundary_extra_s"]), ", ".join(f"{v:.1f}" for v in x["validation_s"]),
-                  _mb(x["state_bytes"])] for n, x in a["members"].items()]), "",
+                  f"{x['outside_s'] * 1e3:.1f}", _f(x["state_extra_s"]), _f(x["boundary_extra_s"]),
+                  f"{x['overhead_share']:.1%}", _pct(x.get("overhead_share_cpu")),
+                  ", ".join(f"{v:.1f}" for v in x["validation_s"]), _mb(x["state_bytes"])]
+                 for n, x in a["members"].items()]), "",
         f"Loop s/step: the time between consecutive log.csv rows of one epoch with no state saved between them, "
         f"as they appeared (watched from outside). In the model: the trainer's own seconds inside "
         f"`Accelerator.accumulate` (forward, loss, backward, optimizer step) in those same steps, recorded by "
-        f"bench/scale_hooks (nothing in members/ changes): **{m['compute_step_s']:.3f} s/step** "
-        f"{'in the loop' if m.get('compute_in_loop') else '(not recorded: from preloaded batches)'}, so "
-        f"**{m['overhead_step_s'] * 1e3:.1f} ms/step** outside the model (loader, logging, progress bar, the "
+        f"bench/scale_hooks (nothing in members/ changes). Other jobs stretch the model's threads more than the "
+        f"loop's Python, so the goal takes the least disturbed member, the one whose model ran fastest "
+        f"({m['overhead_member']}): **{m['compute_step_s']:.3f} s/step** in the model"
+        f"{'' if m.get('compute_in_loop') else ' (not recorded: from preloaded batches)'}, "
+        f"**{m['overhead_step_s'] * 1e3:.1f} ms/step** outside it (loader, logging, progress bar, the "
         f"loss's sync). For reference, `training_step` on {a['compute']['steps']} preloaded batches in a fresh "
         f"process with the trainer's {a['compute']['threads']} threads took {m.get('compute_preloaded_s', 0):.3f} s/step "
         f"(load {_load(a['compute']['load'])}): on 2 shared cores the same step takes very different times as "
@@ -123,12 +128,13 @@ def _load(pair: list[list[float]]) -> str:
 def _cpu(m: dict) -> str:
     if m.get("overhead_share_cpu") is None:
         return ""
-    return (f" In CPU seconds of the trainer process (all its threads, not its loader workers), from the hooks' "
+    return (f" In CPU seconds of its trainer process (all its threads, not its loader workers), from the hooks' "
             f"clocks: {m['loop_cpu_s']:.3f} per steady step, {m['compute_cpu_s']:.3f} of them in the model: "
-            f"{m['overhead_share_cpu']:.1%} outside it. Other jobs stretch the model's multi-threaded wall time "
-            "more than the loop's single-threaded Python, so on a busy machine the wall-time share reads low; "
-            "the CPU-time share is steadier (and about half the wall share of a quiet machine, where the "
-            "model's two threads share the work).")
+            f"{m['overhead_share_cpu']:.1%} outside it (CPU time is steadier than wall time on a busy machine).")
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
 
 
 def _f3(x: float | None) -> str:
@@ -178,16 +184,17 @@ def _states(a: dict) -> list[str]:
 
 def _logs(a: dict) -> list[str]:
     m, real, shipped = a["metrics"], a["real"], a["shipped"]
-    x = next(iter(a["members"].values()))
+    x = a["members"][m["overhead_member"]]
     r = x["run_log"]
     return ["## Logs", "",
-            f"log.csv: {x['log_csv_step_row_bytes']:.0f} bytes per step row (one row per optimizer step) -> "
+            f"Of {m['overhead_member']}, the member with the fastest steps (the closest to a GPU's). log.csv: {x['log_csv_step_row_bytes']:.0f} bytes per step row (one row per optimizer step) -> "
             f"{m['log_csv_mb_per_10k']:.2f} MB per 10k steps; a {shipped['epochs']}-epoch member of {real['steps']:,} steps "
             f"per epoch writes {m['log_csv_mb_per_10k'] * real['steps'] * shipped['epochs'] / 1e4:.1f} MB, rewritten "
             "whole on every resume.",
             f"run.log (the member's output redirected as when members run side by side): the training bar adds "
-            f"{r['train_bar_bytes_per_step']:.0f} bytes per step ({r['train_bar']['pieces']} carriage-return updates "
-            f"for {x['steps']} steps at {x['steady_mean_s']:.2f} s/step; tqdm redraws at most ~10 times a second), "
+            f"{r['train_bar_bytes_per_step']:.0f} bytes per step ({r['train_bar']['pieces']} carriage-return redraws "
+            f"for {x['steps']} steps at {x['steady_mean_s']:.2f} s/step: `set_postfix` redraws the bar at every step, "
+            "and `update` once more when 0.1 s have passed, so however fast the steps, at least one line per step), "
             f"the validation bar {r['validation_bar_bytes_per_item']:.0f} bytes per scored item ({real['val_items']} "
             f"items per real validation), other lines {r['other_bytes_per_epoch']:.0f} bytes per epoch -> "
             f"{m['run_log_mb_per_10k']:.2f} MB per 10k real steps; "
@@ -221,7 +228,7 @@ def _extrapolated(a: dict) -> list[str]:
             "ensemble and submission.",
             f"- Training runs on Train_Label_sample ({a['pipeline_splits']['train']['images']} training pairs, "
             f"{a['pipeline_splits']['val']['images']} validation images of {a['pipeline_splits']['val']['references']} "
-            f"references, {a['views_run']} views) for a bounded time; per-step, per-epoch and per-crop costs are "
+            f"references, {a['views_run']} view(s) per image) for a bounded time; per-step, per-epoch and per-crop costs are "
             f"scaled to the real counts: {real['steps']:,} steps and {real['val_images']:,} validation images "
             f"({real['val_refs']} references, {shipped['views']} views, {real['val_items']} items) per epoch, "
             f"{real['states_per_epoch']} mid-epoch states (state_every {shipped['state_every']}).",
@@ -232,7 +239,7 @@ def _extrapolated(a: dict) -> list[str]:
             "counts; the goal uses the ViT-B/8 + ResNet-50 costs when they were timed (fp32 on the CPU: a GPU in "
             "bf16 changes both sides alike to first order).",
             "- States: counted from the real models' tensors, not written.",
-            "- Logs: bytes per step row, per bar update and per validation item, times the real counts; the bar's "
-            "bytes per step assume a step of at least 0.1 s (tqdm's redraw interval).",
+            "- Logs: bytes per step row, per training-bar step and per validation item, times the real counts; on "
+            "a GPU's faster steps the bar still redraws once a step (set_postfix).",
             f"- Rerun hashing: the driver's start-up bytes over the full lists ({a['options']['full_members']} members) "
             "+ members x best.pth hashes per member (measured on the rerun) x the ViT-B best.pth size."]
