@@ -265,7 +265,8 @@ def pipeline(opts: Options, config: Path) -> dict:
                    train_config=_member_train(runs / names[0]))
     for n in names:  # finished: a rerun must not find (and drop) them
         shutil.rmtree(runs / n / "states", ignore_errors=True)
-    result = {"train_members": trained}
+    result = {"train_members": trained,
+              "splits": json.loads((runs / "splits" / "splits.json").read_text(encoding="utf-8"))["counts"]}
     for name, args in (("ensemble", ["-m", "ensemble", "-c", str(config)]),
                        ("submission", ["-m", "submission", "-c", str(config)]),
                        ("submission_valid", ["-m", "submission", "-c", str(config), "--phase", VALID])):
@@ -285,6 +286,16 @@ def compute(opts: Options, config: Path) -> dict:
     ran = Command(opts, "compute", ["-m", "bench.scale_children", "compute", str(config), str(opts.compute_steps)],
                   env={"OMP_NUM_THREADS": threads}).run()
     return {**ran, **last_json(ran["output"])}
+
+
+def clean(opts: Options) -> None:
+    """Drop the run's bulk (member folders with their heads, split caches, the start-up's folders); keep
+    raw.json (for --render), the driver's log and the zips."""
+    shutil.rmtree(opts.runs / "full", ignore_errors=True)
+    shutil.rmtree(opts.runs / "stats", ignore_errors=True)
+    for entry in (opts.runs / "pipeline").iterdir():
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,8 +360,8 @@ def run(opts: Options) -> int:
     atomic_write_text(opts.runs / "raw.json", json.dumps(results) + "\n")  # for --render
     before = json.loads(opts.before.read_text(encoding="utf-8")) if opts.before else None
     md, js = write_report(analyse(results), before and before.get("metrics"), opts.out)
-    shutil.rmtree(opts.runs / "full", ignore_errors=True)  # the trainer the start-up began; the split cache
-    say(f"wrote {md} and {js} in {results['seconds'] / 60:.1f} min")
+    clean(opts)
+    say(f"wrote {md} and {js} in {results['seconds'] / 60:.1f} min (measurements kept in {opts.runs / 'raw.json'})")
     return 0
 
 

@@ -168,7 +168,7 @@ def analyse(results: dict) -> dict:
     real = real_counts(results["splits_full"], shipped)
     pipe, train = results["pipeline"], results["pipeline"]["train_members"]
     member_cfg = train["train_config"]
-    pipe_splits = json.loads((Path(results["options"]["runs"]) / "pipeline" / "splits" / "splits.json").read_text())["counts"]
+    pipe_splits = pipe["splits"]
     run_cfg = _member_view(str(Path(__file__).parent / "scale" / "member.yaml"))
     views_run = run_cfg["views"]
     val_items_run = real_counts(pipe_splits, run_cfg)["val_items"]
