@@ -24,7 +24,7 @@ REPEATS ?= 1
 SOURCE ?= generate
 REF ?=
 
-.PHONY: help install test test-fast demo demo-data weights train-members predict-all ensemble submit evaluate preflight score pseudo-label bench clean-demo
+.PHONY: help install test test-fast demo demo-data weights train-members predict-all ensemble submit evaluate preflight score pseudo-label bench scale gpu-check clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -105,6 +105,12 @@ score: $(STAMP)  ## score your own pairs: make score ARGS="--ensemble runs/demo 
 
 bench: $(STAMP)  ## speed/memory of the kit vs the release's way: tiny, ViT-B/8, AHIQ-C (writes bench/results/; ~1 h on 2 CPU cores)
 	$(PY) -m bench.run --out bench/results
+
+scale: $(STAMP)  ## the kit's own costs at PIPAL's real size (tree, data check, step, states, logs, hashing) -> bench/scale.md (~30 min on 2 CPU cores)
+	$(PY) -m bench.scale $(ARGS)
+
+gpu-check: $(STAMP)  ## on a GPU machine: preflight, bf16 steps, deform and Scorer on CUDA, slot plan, bench row -> bench/results/gpu_check.md (<10 min)
+	$(PY) -m bench.gpu_check $(ARGS)
 
 clean-demo:  ## remove the demo data and runs
 	rm -rf data/demo runs/demo

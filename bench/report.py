@@ -23,7 +23,8 @@ def markdown(results: dict) -> str:
         "it is timed on the first `(a) timed pairs` pairs of each member. (b) computes each backbone once per "
         "image and view (shared by the members) and the reference's part once per (reference, view); it is "
         "timed on all `pairs`. Each way scores one pair untimed first (warm-up). pairs/s: timed pairs scored "
-        "by every member, over their seconds. `speed-up, wall time`: (a)'s wall seconds per pair over (b)'s (above "
+        "by every member, over their seconds; `pairs x views`: per member group, the views scored per image, "
+        "\"(of N)\" when --views kept the first of the member's N. `speed-up, wall time`: (a)'s wall seconds per pair over (b)'s (above "
         "1: (b) is faster). "
         "`speed-up, process CPU time`: (a)'s CPU seconds per pair over (b)'s, each measured with the process's "
         "CPU clock (all its threads) over its own timed pairs; other jobs on a shared machine do not stretch "
@@ -39,7 +40,8 @@ def markdown(results: dict) -> str:
     head += " TFLOP/s (a) | TFLOP/s (b) |" if flops else ""
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results["predict"]:
-        cells = [r["config"], str(r["members"]), f"{r['pairs']} x {r['views']}", str(r["release_pairs"]),
+        views = r["views"] + (f" (of {r['configured_views']})" if r.get("configured_views", r["views"]) != r["views"] else "")
+        cells = [r["config"], str(r["members"]), f"{r['pairs']} x {views}", str(r["release_pairs"]),
                  f"{r['a_pairs_per_s']:.4g}", f"{r['b_pairs_per_s']:.4g}", f"{r['speedup']:.2f}x", _ratio(r.get("speedup_cpu")),
                  f"{r['max_abs_diff']:.2e}", f"{r['score_range']:.2e}", _num(r["a_peak_mib"], ".0f"), _num(r["b_peak_mib"], ".0f")]
         if flops:

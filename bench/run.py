@@ -3,6 +3,7 @@
     python -m bench.run --out bench/results                 # tiny, real (ViT-B/8 at 224), ahiq_c; about an hour on 2 CPU cores
     python -m bench.run --out /tmp/b --configs tiny         # the tiny rows only (seconds)
     python -m bench.run --out /tmp/b --configs ahiq_c       # the six members of configs/ahiq_c.yaml, their own views
+    python -m bench.run --out /tmp/b --configs ahiq_c --no-train --views 1 --dis 4   # that row in ~10 min on 2 CPU cores
 
 Backbones and heads have random weights (no downloads); every member shares the backbones and has
 its own heads, as an ensemble of seeds does. Inputs are synthetic images, already cropped into views
@@ -17,6 +18,9 @@ separate calls) against `members.train.loop`'s (`AHIQ.forward`), each in a fresh
 untimed step. Peak memory: see `bench.measure`.
 Counted TFLOP/s (FlopCounterMode: convolutions, both ways' deformable convs alike, matmuls, attention)
 are added on a GPU or with --flops. bench/bench.md says how everything is measured.
+Progress (row, group, member, way, pairs done, time left) goes to stderr (`bench.progress`). --views K
+keeps the first K views of each member's (the table then says "of" how many were configured); with
+--dis and --refs it makes a row fit a time budget: per pair, both ways scale alike with the views.
 Writes <out>/bench.md and <out>/bench.json.
 """
 from __future__ import annotations
@@ -26,6 +30,7 @@ import dataclasses
 import json
 import multiprocessing
 import platform
+import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -34,11 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.measure import counted_flops, timed, timed_cpu
+from bench.progress import Progress, Reported, kit_work, release_work
 from bench.release import ReleaseBackbones, kit_train_step, release_predict, release_train_step
 from bench.report import markdown
 from members.contract.atomic import atomic_write_text
 from members.contract.data_config import ViewConfig
-from members.data.views import apply_view, make_views
+from members.data.views import apply_view, count_views, make_views
 from members.engine.shared import MAX_CROPS, SharedScorer
 from members.model.ahiq import AHIQ, build_model
 
@@ -65,6 +71,7 @@ class BenchConfig:
     release_pairs: int = 2  # pairs the release's way is timed on, per member (at least 2)
     train_batch: int = 4
     train_steps: int = 2  # optimizer steps timed per way, after one untimed step
+    max_views: int | None = None  # keep the first K views of each member's (None: all)
 
     @property
     def train_group(self) -> BenchGroup:
@@ -100,7 +107,7 @@ def synthetic_items(group: BenchGroup, cfg: BenchConfig, seed: int = 0) -> list[
     """Reference-grouped items (the `members.data.datasets` layout): smooth random references, and distorted
     copies with noise of growing strength."""
     gen = torch.Generator().manual_seed(seed)
-    views = make_views(cfg.image, cfg.image, group.crop, group.views)
+    views = make_views(cfg.image, cfg.image, group.crop, group.views)[:cfg.max_views]
     items = []
     for r in range(cfg.refs):
         low = torch.rand(1, 3, cfg.image // 16, cfg.image // 16, generator=gen)
@@ -144,21 +151,34 @@ class ReleaseRun:
     models: list[AHIQ]
     release: list[tuple]  # per member: timed_cpu's (seconds, CPU seconds, peak MiB, scores) over release_pairs
     release_flops: int | None  # one member, one pair
+    configured_views: int  # of the group's members (the items may keep fewer: --views)
 
 
-def release_run(group: BenchGroup, members: int, cfg: BenchConfig, device: torch.device, flops: bool) -> ReleaseRun:
+def release_run(group: BenchGroup, members: int, cfg: BenchConfig, device: torch.device, flops: bool,
+                progress: Progress | None = None, what: str = "") -> ReleaseRun:
     items = synthetic_items(group, cfg)
+    views = items[0]["dis"].shape[1]
     models = build_members(group, members, device)
     part = subset(items, cfg.release_pairs)
     backbones = ReleaseBackbones(models[0], group.vit, group.cnn, group.crop).to(device)
     one = lambda: release_predict(models[:1], [backbones], subset(part, 1), device)  # noqa: E731
     one()  # warm-up, untimed: a first call also pays for lazy initialisation and the heap's growth
-    release = [timed_cpu(lambda m=m: release_predict([m], [backbones], part, device), device) for m in models]
-    return ReleaseRun(items, models, release, counted_flops(one) if flops else None)
+    _advance(progress, release_work(1, views), f"{what}: (a) warm-up pair")
+    release = []
+    for k, m in enumerate(models, 1):
+        release.append(timed_cpu(lambda m=m: release_predict([m], [backbones], part, device), device))
+        _advance(progress, release_work(cfg.release_pairs, views),
+                 f"{what}: (a) member {k} of {members}, {cfg.release_pairs} pairs in {release[-1][0]:.0f} s")
+    return ReleaseRun(items, models, release, counted_flops(one) if flops else None, count_views(group.views))
+
+
+def _advance(progress: Progress | None, work: float, what: str) -> None:
+    if progress is not None:
+        progress.advance(work, what)
 
 
 def bench_group(run: ReleaseRun, members: int, cfg: BenchConfig, device: torch.device,
-                opts: argparse.Namespace) -> dict:
+                opts: argparse.Namespace, progress: Progress | None = None, what: str = "") -> dict:
     """Both ways on the first `members` members of a group, each after an untimed pair: the release's
     timed per member on its `release_pairs` pairs, the kit's engine on all pairs for all members at
     once. Seconds are per pair scored by all `members` members, from the timed pairs only."""
@@ -167,12 +187,18 @@ def bench_group(run: ReleaseRun, members: int, cfg: BenchConfig, device: torch.d
     scorer = SharedScorer(run.models[:members], device, opts.precision, opts.channels_last, opts.compile,
                           opts.max_crops)
     scorer.score(subset(items, 1), 1, progress=False)  # warm-up, untimed, as the release's way
-    seconds, cpu, peak, scores = timed_cpu(lambda: scorer.score(items, n_pairs, progress=False), device)
+    views = items[0]["dis"].shape[1]
+    _advance(progress, kit_work(1, views, cfg.dis), f"{what}: (b) {members} member(s), warm-up pair")
+    # the slices the engine scores at once, each reported when done: the computation is the same
+    reported = Reported(items, max(1, opts.max_crops // views), progress, f"{what}, {members} member(s)", views,
+                        cfg.dis, n_pairs)
+    seconds, cpu, peak, scores = timed_cpu(lambda: scorer.score(reported, n_pairs, progress=False), device)
     out = {"a_seconds": sum(r[0] for r in release) / cfg.release_pairs, "b_seconds": seconds / n_pairs,
            "a_cpu": sum(r[1] for r in release) / cfg.release_pairs, "b_cpu": cpu / n_pairs,
            "a_peak": _largest([r[2] for r in release]), "b_peak": peak,
            "diff": max(abs(scores[k][i] - release[k][3][0][i]) for k in range(members) for i in range(cfg.release_pairs)),
-           "range": min(float(s.max() - s.min()) for s in scores), "views": items[0]["dis"].shape[1]}
+           "range": min(float(s.max() - s.min()) for s in scores), "views": views,
+           "configured_views": run.configured_views}
     if opts.flops:  # per pair, as the seconds
         out["a_flops"] = members * run.release_flops
         out["b_flops"] = counted_flops(lambda: scorer.score(items, n_pairs, progress=False)) / n_pairs
@@ -183,15 +209,18 @@ def _largest(peaks: list[float | None]) -> float | None:
     return None if None in peaks else max(peaks)
 
 
-def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespace) -> list[dict]:
+def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespace,
+                  progress: Progress | None = None) -> list[dict]:
     """One row per entry of `cfg.members`; a row's per-pair times and FLOPs add over its groups, its
     peaks are the largest of any group. Groups run one after the other, each prepared once for all rows."""
     several = len(cfg.groups) > 1  # an experiment's groups: one row with all of their members
     parts: dict[int, list[dict]] = {m: [] for m in cfg.members}
-    for group in cfg.groups:
-        run = release_run(group, group.members if several else max(cfg.members), cfg, device, opts.flops)
+    for k, group in enumerate(cfg.groups, 1):
+        what = f"{cfg.name} group {k}/{len(cfg.groups)} {group.vit}@{group.crop}"
+        run = release_run(group, group.members if several else max(cfg.members), cfg, device, opts.flops, progress,
+                          what)
         for m in cfg.members:
-            parts[m].append(bench_group(run, group.members if several else m, cfg, device, opts))
+            parts[m].append(bench_group(run, group.members if several else m, cfg, device, opts, progress, what))
         del run
     rows = []
     n_pairs = cfg.refs * cfg.dis
@@ -202,6 +231,7 @@ def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespa
         # seconds (time.process_time, all threads of this process) over its timed pairs.
         row = {"config": cfg.name, "members": m, "pairs": n_pairs,
                "views": "/".join(str(p["views"]) for p in got), "release_pairs": cfg.release_pairs,
+               "configured_views": "/".join(str(p["configured_views"]) for p in got),
                "a_pairs_per_s": 1 / a_s, "b_pairs_per_s": 1 / b_s, "speedup": a_s / b_s,
                "a_cpu_s_per_pair": a_cpu, "b_cpu_s_per_pair": b_cpu, "speedup_cpu": a_cpu / b_cpu,
                "max_abs_diff": max(p["diff"] for p in got), "score_range": min(p["range"] for p in got),
@@ -212,6 +242,19 @@ def bench_predict(cfg: BenchConfig, device: torch.device, opts: argparse.Namespa
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def total_work(configs: list[BenchConfig]) -> float:
+    """The prediction rows' work in `bench.progress` units, for its time-left estimates."""
+    work = 0.0
+    for cfg in configs:
+        several = len(cfg.groups) > 1
+        for group in cfg.groups:
+            views = min(count_views(group.views), cfg.max_views or 10**9)
+            members = group.members if several else max(cfg.members)
+            work += release_work(1 + members * cfg.release_pairs, views)
+            work += len(cfg.members) * kit_work(1 + cfg.refs * cfg.dis, views, cfg.dis)
+    return work
 
 
 def train_step_seconds(cfg: BenchConfig, way: str, device: str, threads: int) -> tuple[float, float | None]:
@@ -244,6 +287,7 @@ def bench_train(cfg: BenchConfig, device: torch.device) -> dict:
     spawn = multiprocessing.get_context("spawn")
     measured = {}
     for way in ("release", "kit"):
+        print(f"[bench] {cfg.name}: training steps, {way}'s way (a fresh process)", file=sys.stderr, flush=True)
         with ProcessPoolExecutor(1, mp_context=spawn) as pool:
             measured[way] = pool.submit(train_step_seconds, cfg, way, str(device), torch.get_num_threads()).result()
     (a_s, a_peak), (b_s, b_peak) = measured["release"], measured["kit"]
@@ -263,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
                              "--configs tiny runs the tiny rows only")
     parser.add_argument("--dis", type=int, default=None, help="distorted images per reference (all configs)")
     parser.add_argument("--refs", type=int, default=None, help="references (all configs)")
+    parser.add_argument("--views", type=int, default=None,
+                        help="keep the first K views of each member's (all configs; the table says of how many)")
     parser.add_argument("--release-pairs", type=int, default=None,
                         help=f"pairs the release's way is timed on, per member (at least {MIN_RELEASE_PAIRS})")
     parser.add_argument("--no-train", action="store_true", help="skip the training-step table")
@@ -279,8 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opts.flops = opts.flops or device.type == "cuda"
     warnings.filterwarnings("ignore", message=".*uses random weights.*")
-    configs = [dataclasses.replace(experiment_config(AHIQ_C, c) if c == "ahiq_c" else CONFIGS[c], **{k: v for k, v in (("dis", opts.dis), ("refs", opts.refs),
-                                                                     ("release_pairs", opts.release_pairs)) if v})
+    if opts.views is not None and opts.views < 1:
+        parser.error(f"--views {opts.views}: keep at least one view")
+    sets = {k: v for k, v in (("dis", opts.dis), ("refs", opts.refs), ("release_pairs", opts.release_pairs),
+                              ("max_views", opts.views)) if v}
+    configs = [dataclasses.replace(experiment_config(AHIQ_C, c) if c == "ahiq_c" else CONFIGS[c], **sets)
                for c in opts.configs]
     for cfg in configs:
         if cfg.release_pairs < MIN_RELEASE_PAIRS:
@@ -288,12 +337,13 @@ def main(argv: list[str] | None = None) -> None:
                          f"{MIN_RELEASE_PAIRS} pairs (one pair is one sample of noise)")
         if cfg.release_pairs > cfg.refs * cfg.dis:
             parser.error(f"{cfg.name}: release_pairs {cfg.release_pairs} > {cfg.refs * cfg.dis} pairs")
+    progress = Progress(total_work(configs))
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "options": {"precision": opts.precision, "channels_last": opts.channels_last, "compile": opts.compile},
         "configs": [dataclasses.asdict(c) for c in configs],
-        "predict": [row for cfg in configs for row in bench_predict(cfg, device, opts)],
+        "predict": [row for cfg in configs for row in bench_predict(cfg, device, opts, progress)],
         "train": [] if opts.no_train else [bench_train(cfg, device) for cfg in configs if len(cfg.groups) == 1],
     }
     atomic_write_text(f"{opts.out}/bench.json", json.dumps(results, indent=2) + "\n")

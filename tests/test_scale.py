@@ -1,0 +1,113 @@
+"""`make scale` on a small tree (so that its code cannot rot), its tree builder, its counting hooks and the
+pure parts of its analysis."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import scale_tree
+from bench.scale_report import run_log, step_timing
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = scale_tree.Shape(train_refs=20, valid_refs=2, test_refs=2, group_counts=(3, 3, 2), ntire_per_ref=3, size=40)
+
+
+def test_tree_has_every_pipal_name_as_hard_links_and_is_built_once(tmp_path):
+    out = tmp_path / "tree"
+    first = scale_tree.build(out, distinct=2, sample=3, shape=SMALL)
+    assert first["built"]
+    train = sorted(p.name for d in out.glob("Distortion_*") for p in d.iterdir())
+    assert len(train) == 20 * 8 and train[0] == "A0001_00_00.bmp" and train[-1] == "A0020_02_01.bmp"
+    assert len(list((out / "NTIRE2022_FR_Testing_Dis").iterdir())) == 2 * 3
+    assert sorted(p.name for p in (out / "NTIRE2022_FR_Valid_Dis").iterdir())[0] == "A0021_10_00.bmp"
+    labels = (out / "Train_Label" / "A0001.txt").read_text().splitlines()
+    assert len(labels) == 8 and all(917 <= float(line.split(",")[1]) <= 1836 for line in labels)
+    assert len((out / scale_tree.SAMPLE_LABELS / "A0001.txt").read_text().splitlines()) == 3
+    inodes = {p.stat().st_ino for p in (out / "Distortion_1").iterdir()}
+    assert len(inodes) < len(list((out / "Distortion_1").iterdir()))  # names share files
+    assert scale_tree.disk_bytes(out) < sum(p.stat().st_size for p in out.rglob("*.bmp"))
+    mtime = (out / scale_tree.MARKER).stat().st_mtime_ns
+    assert not scale_tree.build(out, distinct=2, sample=3, shape=SMALL)["built"]
+    assert (out / scale_tree.MARKER).stat().st_mtime_ns == mtime
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "x.txt").write_text("mine")
+    with pytest.raises(scale_tree.TreeError, match="not a scale tree"):
+        scale_tree.build(foreign, distinct=2, shape=SMALL)
+
+
+def test_hooks_count_sha256_bytes_and_checkpoint_hashes_in_every_process(tmp_path):
+    stats, data = tmp_path / "stats", tmp_path / "f.bin"
+    stats.mkdir()
+    data.write_bytes(b"x" * 5000)
+    code = ("import hashlib; from members.data import hashing; from members.contract.stagefiles import sha256_file; "
+            f"hashing.image_hashes([__import__('pathlib').Path({str(data)!r})], None); sha256_file({str(data)!r}); "
+            "hashlib.sha256(b'abc').hexdigest(); from accelerate import Accelerator; a = Accelerator(cpu=True)\n"
+            "for _ in range(3):\n    with a.accumulate():\n        sum(range(10**5))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "bench" / "scale_hooks"), str(REPO)]),
+           "AHIQ_SCALE_STATS": str(stats)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=REPO)
+    (record,) = [json.loads(p.read_text()) for p in stats.glob("*.json")]
+    assert record["files"] == {str(data): [2, 10000]}  # both calls, the one made through hashing's import too
+    assert record["sha256_bytes"] == 10003 and record["peak_kib"] > 0
+    blocks = record["accumulate"]  # [wall start, wall end, CPU start, CPU end] of each accumulate block
+    assert len(blocks) == 3 and all(b[1] > b[0] and b[3] >= b[2] for b in blocks) and blocks[1][0] >= blocks[0][1]
+
+
+def test_step_timing_tells_steady_steps_from_states_validation_and_epoch_boundaries():
+    rows, t = [], 0.0
+    for epoch in range(2):
+        for k in range(1, 7):
+            step = epoch * 6 + k
+            t += 0.1 + (0.5 if step - 1 in (3, 9) else 0) + (1.0 if k == 1 and epoch else 0)
+            rows.append((t, step, epoch, False, 30))
+        t += 2.0
+        rows.append((t, step, epoch, True, 50))
+    got = step_timing(rows, state_every=3)
+    assert got["steps"] == 12 and got["epochs"] == 2 and got["steady_compute_s"] is None
+    assert got["steady_median_s"] == pytest.approx(0.1) and got["steady_mean_s"] == pytest.approx(0.1)
+    assert got["state_extra_s"] == pytest.approx(0.5) and got["boundary_extra_s"] == pytest.approx(1.0)
+    assert got["validation_s"] == pytest.approx([2.0, 2.0]) and got["log_csv_step_row_bytes"] == 30
+    # the trainer's record per step: [wall start, wall in the model, CPU clock at the start, CPU in the model]
+    compute = [[0.0, 0.08, 0.3 * k, 0.25] for k in range(12)]
+    got = step_timing(rows, state_every=3, compute=compute)
+    assert got["steady_compute_s"] == pytest.approx(0.08)
+    assert got["steady_cpu_s"] == pytest.approx(0.3) and got["steady_compute_cpu_s"] == pytest.approx(0.25)
+
+
+def test_run_log_splits_a_members_output_into_bar_updates_and_the_rest():
+    bar = "".join(f"\rm1:  {k}%|#| {k}/4 [00:01<00:01]" for k in range(4))
+    text = ("member 1 of 2: m1 (training on 1 CPU process)\n" + bar + "\n" + "predict: 1/1\r" * 3 + "\n"
+            "m1 epoch 0: srcc 0.5\n" + "m1: trained in 2 s, 1 of 2 done\n")
+    got = run_log(text, "m1", steps=4, epochs=1, val_items=3)
+    assert got["train_bar"]["pieces"] == 4 and got["validation_bar"]["pieces"] == 3
+    assert got["train_bar_bytes_per_step"] == pytest.approx(got["train_bar"]["bytes"] / 4)
+    assert got["bytes"] == got["train_bar"]["bytes"] + got["validation_bar"]["bytes"] + got["other"]["bytes"]
+
+
+@pytest.mark.slow
+def test_make_scale_runs_every_stage_on_a_small_tree(tmp_path):
+    from bench.scale import Options, run
+
+    opts = Options(data=tmp_path / "data", runs=tmp_path / "runs", out=tmp_path / "out", before=None, distinct=3,
+                   sample=4, full_members=2, compute_steps=2, step_costs=False, shape=SMALL,
+                   costs_experiment="configs/demo.yaml",
+                   member_extra={"model": {"crop": 32}, "train": {"epochs": 3, "state_every": 5, "num_workers": 0},
+                                 "predict": {"num_workers": 0}})
+    assert run(opts) == 0
+    result = json.loads((tmp_path / "out" / "scale.json").read_text())
+    m = result["metrics"]
+    assert m["data_check_first_hashed_mb"] > m["data_check_second_hashed_mb"]  # images hashed once, then cached
+    assert m["rerun_best_hashes_per_member"] >= 1 and m["compute_step_s"] > 0 and m["loop_step_s"] > 0
+    assert m["driver_peak_pipeline_mib"] > 0 and m["trainer_peak_mib"] > 0
+    assert [g["met"] is not None for g in result["goals"]].count(True) >= 5
+    assert (tmp_path / "runs" / "pipeline" / "submission.zip").is_file()
+    text = (tmp_path / "out" / "scale.md").read_text()
+    assert "## Goals" in text and "| before | after |" in text and "extrapolated" in text
+    # the bulk is gone (heads, caches), the measurements stay for --render
+    assert not (tmp_path / "runs" / "pipeline" / "scale_s1").exists() and (tmp_path / "runs" / "raw.json").is_file()
