@@ -20,7 +20,8 @@ from torchvision.ops import DeformConv2d
 
 from members.contract.config import from_dict
 from members.contract.member import ModelConfig
-from members.model.backbones import CnnTaps, VitTaps
+from members.model.backbones import CnnTaps, VitTaps, normalise
+from members.model.blind import BlindIQA, start_blind_readout
 from members.model.checkpoint import load_heads_into
 from members.model.deform import DeformSampling, build_sampling, deform_conv_sampled
 
@@ -93,6 +94,8 @@ class AHIQ(nn.Module):
     """Full-reference quality: `forward(dis, ref)` on aligned RGB crops in [0, 1] -> (B,) scores,
     higher = better. Backbones are frozen and run without an autograd graph; heads train."""
 
+    kind = "fr"  # model.kind; its trained parts are checkpoint.HEAD_PARTS["fr"]
+
     def __init__(self, vit: VitTaps, cnn: CnnTaps, crop: int = 224):
         super().__init__()
         self.vit, self.cnn, self.crop = vit, cnn, crop
@@ -107,9 +110,7 @@ class AHIQ(nn.Module):
         self.deform_net = DeformFusion(vit.out_channels, cnn.out_channels, out_stride=half_grid // vit.grid)
         self.regressor = PatchRegressor(vit.out_channels + cnn.out_channels)
 
-    @staticmethod
-    def normalise(x: torch.Tensor) -> torch.Tensor:
-        return (x - 0.5) / 0.5
+    normalise = staticmethod(normalise)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen backbone features (ViT map, CNN map) of RGB images in [0, 1], no autograd graph."""
@@ -143,19 +144,26 @@ class AHIQ(nn.Module):
         return [*self.deform_net.parameters(), *self.regressor.parameters()]
 
 
-def build_model(cfg: dict | ModelConfig) -> AHIQ:
-    """Build AHIQ from a model config (mapping or `ModelConfig`); loads `init_from` heads if set."""
+def heads_model(kind: str, vit: VitTaps, cnn: CnnTaps, crop: int) -> AHIQ | BlindIQA:
+    """A model of `kind` (model.kind: fr = AHIQ, nr = blind) with fresh heads on these backbones (which
+    several models may share: the prediction engine's groups)."""
+    return BlindIQA(vit, cnn, crop=crop) if kind == "nr" else AHIQ(vit, cnn, crop=crop)
+
+
+def build_model(cfg: dict | ModelConfig) -> AHIQ | BlindIQA:
+    """Build the model a config names (mapping or `ModelConfig`): AHIQ (model.kind fr) or the blind model
+    (nr); loads `init_from` heads if set."""
     if not isinstance(cfg, ModelConfig):
         cfg = from_dict(ModelConfig, cfg, prefix="model.")
     vit = VitTaps(cfg.vit, img_size=cfg.crop, weights=cfg.vit_weights)
     cnn = CnnTaps(cfg.cnn, weights=cfg.cnn_weights)
-    model = AHIQ(vit, cnn, crop=cfg.crop)
+    model = heads_model(cfg.kind, vit, cnn, cfg.crop)
     if cfg.init_from:
         load_heads_into(model, cfg.init_from, cfg)
     return model
 
 
-def start_readout(model: AHIQ, mean_label: float) -> list[nn.Parameter]:
+def start_readout(model: AHIQ | BlindIQA, mean_label: float) -> list[nn.Parameter]:
     """Set up fresh heads for `train.heads: readout` and return the only parameters that then train.
 
     Why (measured on the demo, README "demo"): with few training references the release recipe
@@ -167,7 +175,10 @@ def start_readout(model: AHIQ, mean_label: float) -> list[nn.Parameter]:
     and only the two 1x1 output convs (score f, weight w) train. The score conv starts with zero
     weights and the mean label as bias: fitting that offset through the positive ReLU features
     would otherwise rank distorted images above clean ones. Architecture and checkpoints unchanged.
+    A blind model has its own readout (`members.model.blind.start_blind_readout`).
     """
+    if isinstance(model, BlindIQA):
+        return start_blind_readout(model, mean_label)
     reg = model.regressor
     embed = reg.down_channel.out_channels
     with torch.no_grad():

@@ -54,7 +54,7 @@ from members.data.splits import LabelStats, prepare_member_data
 from members.engine.shared import SharedScorer
 from members.model.ahiq import AHIQ, build_model, start_readout
 from members.model.backbones import WeightsError
-from members.model.checkpoint import CheckpointError, save_heads
+from members.model.checkpoint import CheckpointError, head_parts, save_heads
 from members.train.average import HeadAverage, swapped_heads
 from members.train.best import fresh_progress, record_if_best
 from members.train.states import (StateError, check_group_layout, group_layout, latest_state, read_progress,
@@ -157,13 +157,14 @@ def _setup(cfg: MemberConfig, accelerator: Accelerator) -> Setup:
     splits, stats = _prepare_data(cfg, accelerator)
     model = build_model(cfg.model)
     optimizer = make_optimizer(model, cfg, stats, splits["train"])
+    blind = cfg.model.kind == "nr"  # a blind member's items hold no reference: none is read
     train_set = TrainPairs(splits["train"], cfg.model.crop, tc.augment, stats, cfg.seed,
-                           upscale_small=cfg.data.upscale_small)
+                           upscale_small=cfg.data.upscale_small, blind=blind)
     # validation as prediction does it (this process's references, predict.batch_size images per chunk),
     # on its own views
     val_set = RefGroupPairs(splits["val"], cfg.model.crop, tc.val_views, None, chunk=cfg.predict.batch_size,
                             upscale_small=cfg.data.upscale_small, process=accelerator.process_index,
-                            processes=accelerator.num_processes)
+                            processes=accelerator.num_processes, blind=blind)
     pin = torch.cuda.is_available()
     train_loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=True, drop_last=True,
                               num_workers=tc.num_workers, pin_memory=pin)
@@ -208,13 +209,14 @@ def _resume(cfg: MemberConfig, accelerator: Accelerator, average: HeadAverage | 
 def make_optimizer(model: AHIQ, cfg: MemberConfig, stats: LabelStats, train_pairs: list[Pair]) -> torch.optim.Optimizer:
     """Adam over the head parameters that train, in the release's two groups (regressor, then
     deform_net; same lr and weight decay, so the updates are those of one group) so that its optimizer
-    layout is the release's; a group with nothing to train (train.heads: readout) is left out. Call it
-    before `accelerator.prepare`: with train.heads: readout it starts the heads first, and DDP registers
-    the parameters that need gradients."""
+    layout is the release's (a blind model: regressor, then cnn_net); a group with nothing to train
+    (train.heads: readout) is left out. Call it before `accelerator.prepare`: with train.heads: readout
+    it starts the heads first, and DDP registers the parameters that need gradients."""
     if cfg.train.heads == "readout":
         start_readout(model, float(np.mean(stats.normalise(np.array([p.mos for p in train_pairs])))))
-    groups = [{"name": name, "params": [p for p in part.parameters() if p.requires_grad]}
-              for name, part in (("regressor", model.regressor), ("deform_net", model.deform_net))]
+    parts = sorted(head_parts(model), key=lambda name: name != "regressor")  # the regressor first
+    groups = [{"name": name, "params": [p for p in getattr(model, name).parameters() if p.requires_grad]}
+              for name in parts]
     return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
@@ -224,7 +226,7 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: t
     train.grad_accum batches). Returns the loss averaged over the processes; when any process's loss is
     NaN or infinite, returns it before the backward pass, on every process, so that all stop together."""
     with accelerator.accumulate(model):
-        pred = model(batch["dis"], batch["ref"])
+        pred = model(batch["dis"], batch.get("ref"))  # a blind member's batches hold no "ref"
         loss = F.mse_loss(pred.float(), batch["label"].float())
         losses = accelerator.gather(loss.detach()[None])
         if not torch.isfinite(losses).all():
