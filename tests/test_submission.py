@@ -318,8 +318,8 @@ def make_runs(tmp_path: Path, metas: list[dict], scores: list[str] | None = None
         (tmp_path / f"{m['member']}.yaml").write_text(f"name: {m['member']}{kind}\n")
     config = tmp_path / "exp.yaml"
     members = json.dumps([f"{m['member']}.yaml" for m in metas])
-    config.write_text(f"name: t\nruns_dir: {runs}\ntrack: {track}\nmembers: {members}\nensemble: {{}}\n"
-                      "submission: {}\n")
+    track_line = f"track: {track}\n" if track != "fr" else ""
+    config.write_text(f"name: t\nruns_dir: {runs}\n{track_line}members: {members}\nensemble: {{}}\nsubmission: {{}}\n")
     split = runs / "splits" / "test.csv"
     split.parent.mkdir(parents=True)
     split.write_text("name,dis,ref,ref_id,mos,source\n" + "".join(
