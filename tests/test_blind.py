@@ -260,3 +260,23 @@ def test_predictions_do_not_depend_on_the_references(member_yaml, tmp_path, trac
         path.unlink()
     after, scored_after = run()
     assert after == before and np.array_equal(scored_after, scored)
+
+
+def test_preflight_probes_a_blind_member(member_yaml, tmp_path):
+    """make preflight on a no-reference experiment: real steps, a saved and reloaded state, predictions
+    of the NR folders; no deformable convolution to compare (its cell says '-')."""
+    import subprocess
+    import sys
+
+    member = blind_cfg(member_yaml, tmp_path, "nr")
+    exp = {"name": "pf", "track": "nr", "runs_dir": str(tmp_path / "runs"), "members": [str(member)]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    out = subprocess.run([sys.executable, "-m", "members.launch.preflight", "-c", str(path), "--cpu-procs", "1",
+                          "--steps", "2", "--images", "2"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (tmp_path / "runs" / "preflight.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| blind"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == "cpu" and float(cells[4]) > 0 and float(cells[11]) < 1e-5 and cells[12] == "-"
+    assert "| test | 70 | 5 | 0 |" in report  # the NR test folder: 70 images of 5 references, unlabelled
