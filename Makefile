@@ -15,6 +15,8 @@ LAUNCHER ?= local
 SLURM_ARGS ?=
 # test: the final test-phase zip; valid: the development-phase zip of the NTIRE validation folder.
 PHASE ?= test
+# The zip's NTIRE track: fr (full reference) or nr (no reference); default: the experiment's track.
+TRACK ?=
 # Extra arguments for a target's command, e.g. ARGS="--set members.train.epochs=1 --set runs_dir=/tmp/r".
 ARGS ?=
 # make evaluate REPEATS=K: K random reference-disjoint splits (data.format csv), mean ± std.
@@ -69,8 +71,8 @@ predict-all: $(STAMP)  ## predict EXPERIMENT's trained members again (current or
 ensemble: $(STAMP)  ## fit the ensemble of EXPERIMENT's members (grouped CV) and write its report; ARGS="--set ..."
 	$(PY) -m ensemble -c $(EXPERIMENT) $(ARGS)
 
-submit: $(STAMP)  ## write and check EXPERIMENT's submission zip (PHASE=valid: the development-phase zip); ARGS
-	$(PY) -m submission -c $(EXPERIMENT) --phase $(PHASE) $(ARGS)
+submit: $(STAMP)  ## write and check EXPERIMENT's submission zip (PHASE=valid: the development-phase zip; TRACK=fr|nr); ARGS
+	$(PY) -m submission -c $(EXPERIMENT) --phase $(PHASE) $(if $(TRACK),--track $(TRACK)) $(ARGS)
 
 # REPEATS=K: repeat k trains, predicts and fits into <runs_dir>/repeat_<k> with data.split_seed k (done
 # repeats are reused), then one table of mean ± std; ARGS then goes to every command, so only --set there.

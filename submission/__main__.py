@@ -21,7 +21,7 @@ from submission.write import SubmissionInvalidError, write_submission
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m submission",
-        description="Build the NTIRE 2022 FR-track submission zip (output.txt + readme.txt at its root) "
+        description="Build the NTIRE 2022 submission zip (output.txt + readme.txt at its root; FR or NR track) "
         "from <runs_dir>/ensemble/ensemble.json and preds_test.csv, then check it. The readme's runtime, "
         "device and extra-data fields come from the members' measured test metadata. "
         "Config section 'submission:' keys: out (default <runs_dir>/submission.zip), description "
@@ -35,13 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         help="override an experiment key, dotted from the top level, e.g. --set submission.out=/tmp/sub.zip "
              "(repeatable; values parsed as YAML)",
     )
+    parser.add_argument("--track", default=None, choices=["fr", "nr"],
+                        help="the zip's NTIRE track (default: the experiment's track): fr writes the readme's fifth "
+                             "field 1, nr 0; a track other than the experiment's is refused")
     parser.add_argument("--phase", default="test", choices=["test", "valid"],
                         help="test: the final test-phase zip (default); valid: the development-phase zip of the "
                              "NTIRE validation folder (<out>_valid.zip)")
     args = parser.parse_args(argv)
     try:
         exp = load_experiment(args.config, args.set)
-        out, report = write_submission(exp, args.phase)
+        out, report = write_submission(exp, args.phase, args.track)
     except SubmissionInvalidError as err:
         print_report(err.report, "submission (not written)")
         return 1

@@ -1,8 +1,11 @@
-"""Validate an NTIRE 2022 FR-track submission zip before uploading it.
+"""Validate an NTIRE 2022 submission zip (FR or NR track) before uploading it.
 
     python -m submission.check submission.zip --test-dir NTIRE2022_FR_Testing_Dis
     python -m submission.check submission.zip --names test_names.txt
+    python -m submission.check submission.zip --track nr --test-dir NTIRE2022_NR_Testing_Dis
 
+`--track` (default fr) is the track the zip is for: the readme's fifth field must be its value
+(full reference 1, no reference 0), and the names are those of the folder or file given.
 Errors are what the scoring server would reject or mis-score (a missing, extra or duplicated image,
 a non-finite or constant score, a malformed readme, a file inside a folder); warnings are departures
 from the format that accepted submissions got away with (`__MACOSX/` entries, no final newline).
@@ -171,8 +174,9 @@ def _read_capped(archive: zipfile.ZipFile, info: zipfile.ZipInfo, report: Report
     return b"".join(chunks)
 
 
-def check_zip(path: str | Path, names: Collection[str] | None) -> Report:
-    """Check a submission zip: its layout, output.txt against `names` (None: skip), and readme.txt."""
+def check_zip(path: str | Path, names: Collection[str] | None, track: str = "fr") -> Report:
+    """Check a submission zip: its layout, output.txt against `names` (None: skip), and readme.txt (its
+    fifth field: the `track`'s, fr or nr)."""
     report = Report()
     if not zipfile.is_zipfile(path):
         report.errors.append(f"{path}: not a zip file (or not found)")
@@ -212,7 +216,7 @@ def check_zip(path: str | Path, names: Collection[str] | None) -> Report:
         report.warnings.extend(output.warnings)
         report.n_rows = output.n_rows
     if README in contents and (text := _decode(contents[README], README, report)) is not None:
-        _, errors, warnings = parse_readme(text)
+        _, errors, warnings = parse_readme(text, track)
         report.errors.extend(errors)
         report.warnings.extend(warnings)
     return report
@@ -260,22 +264,24 @@ def print_report(report: Report, label: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m submission.check",
-        description="Check an NTIRE 2022 FR-track submission zip: output.txt and readme.txt at the root, "
-        "one finite, non-constant score per test image, the five readme fields. "
+        description="Check an NTIRE 2022 submission zip (FR or NR track): output.txt and readme.txt at the root, "
+        "one finite, non-constant score per test image, the five readme fields (the fifth: the track's). "
         "Exit 0 = valid, 1 = invalid, 2 = names unreadable.",
     )
     parser.add_argument("zip", type=Path, help="the submission zip")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--test-dir", type=Path, help="folder of the distorted test images")
     source.add_argument("--names", type=Path, help="file with one test image name per line")
+    parser.add_argument("--track", default="fr", choices=["fr", "nr"],
+                        help="the zip's track: fr (full reference, readme fifth field 1; default) or nr (no reference, 0)")
     args = parser.parse_args(argv)
     try:
         names = names_in_dir(args.test_dir) if args.test_dir else read_names_file(args.names)
     except NamesError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    report = check_zip(args.zip, names)
-    print_report(report, str(args.zip))
+    report = check_zip(args.zip, names, args.track)
+    print_report(report, f"{args.zip} ({args.track.upper()} track)")
     return 0 if report.ok else 1
 
 

@@ -1,4 +1,4 @@
-"""The five-field `readme.txt` of an NTIRE 2022 FR-track submission: write it and parse it back.
+"""The five-field `readme.txt` of an NTIRE 2022 submission (FR or NR track): write it and parse it back.
 
 One module holds the field names so that the writer and the checker can never disagree on them.
 Parsing is tolerant of spacing and letter case in the field names (participants' files vary) but
@@ -64,8 +64,9 @@ def _flag(field: str, value: str, line: int, errors: list[str]) -> int | None:
     return int(number)
 
 
-def parse_readme(text: str) -> tuple[ReadmeInfo | None, list[str], list[str]]:
-    """Parse a readme's text into (info or None when invalid, errors, warnings)."""
+def parse_readme(text: str, track: str = "fr") -> tuple[ReadmeInfo | None, list[str], list[str]]:
+    """Parse a readme's text into (info or None when invalid, errors, warnings); the fifth field must be
+    the `track`'s: 1 for full reference (fr), 0 for no reference (nr)."""
     errors: list[str] = []
     warnings: list[str] = []
     found: dict[str, tuple[int, str]] = {}  # field -> (line number, raw value)
@@ -105,10 +106,12 @@ def parse_readme(text: str) -> tuple[ReadmeInfo | None, list[str], list[str]]:
     for field, attr in ((CPU, "cpu"), (EXTRA_DATA, "extra_data"), (FULL_REFERENCE, "full_reference")):
         if field in found:
             values[attr] = _flag(field, found[field][1], found[field][0], errors)
-    if values.get("full_reference") == 0:
+    expected = 1 if track == "fr" else 0
+    if values.get("full_reference") == 1 - expected:
+        which = "full-reference" if track == "fr" else "no-reference"
         errors.append(
-            f"readme.txt line {found[FULL_REFERENCE][0]}: '{FULL_REFERENCE}' is 0 but this is the "
-            "full-reference track: it must be 1"
+            f"readme.txt line {found[FULL_REFERENCE][0]}: '{FULL_REFERENCE}' is {1 - expected} but this is the "
+            f"{which} track: it must be {expected}"
         )
     if DESCRIPTION in found:
         line, value = found[DESCRIPTION]

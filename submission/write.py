@@ -13,6 +13,11 @@ Every readme value comes from those files, never from constants: the runtime is 
 measured seconds per image (the ensemble runs all of them, each with its own test views), the device
 and extra-data flags come from the members' metadata. The zip is written to a temporary sibling,
 checked with `submission.check`, and renamed into place only when valid: no partial or invalid zip.
+
+The track (`track`, default the experiment's) sets the readme's fifth field (full reference 1, no
+reference 0); a zip for another track than the experiment's is refused before anything is read: an FR
+experiment's members need references, which the NR track does not give, and an NR experiment's members
+predicted the NR folders, whose names the FR track does not take.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Any
 from ensemble.combine import CombineError, check_outputs, rebuild_hint
 from members.contract.atomic import atomic_path
 from members.contract.pseudo import ORIGINS
-from members.contract.schema import PHASES, Experiment
+from members.contract.schema import PHASES, TRACKS, Experiment
 from members.contract.stagefiles import (REBUILD_ENSEMBLE, StageFileError, read_json, read_preds,
                                          read_stage_outputs, rebuild_ensemble, rebuild_members, sha256_file)
 from members.contract.verify import check_experiment, raise_problems
@@ -59,7 +64,7 @@ class MemberMeta:
     seconds_per_image: float | None  # None: a `predictions:` member whose runtime was not given
     device: str
     pretrained_backbones: bool  # for a member that is not AHIQ: whether it used extra data
-    kind: str = "ahiq"  # or "metric" / "predictions" (members.contract.foreign)
+    kind: str = "ahiq"  # or "blind" (model.kind nr), "metric" / "predictions" (members.contract.foreign)
     detail: str = ""  # the metric's name, or the folder the predictions came from
     pseudo: dict | None = None  # the pseudo-labels it trained on (members.contract.pseudo.summary), if any
 
@@ -101,8 +106,12 @@ def _member(entry: Any, index: int, path: Path) -> MemberMeta:
     device = _field(meta, "device", str, where, path)
     if device not in ("cpu", "cuda"):
         raise SubmissionInputError(f"{path}: '{where}device' must be 'cpu' or 'cuda', got {device!r}")
+    kind = model.get("kind", "fr")  # files written before blind members existed are AHIQ's
+    if kind not in ("fr", "nr"):
+        raise SubmissionInputError(f"{path}: '{where}model.kind' must be 'fr' or 'nr', got {kind!r}")
     return MemberMeta(
         name=name,
+        kind="blind" if kind == "nr" else "ahiq",
         vit=_field(model, "vit", str, where + "model.", path),
         cnn=_field(model, "cnn", str, where + "model.", path),
         crop=_field(model, "crop", int, where + "model.", path),
@@ -238,32 +247,44 @@ def split_names(exp: Experiment, split: str) -> list[str]:
         raise SubmissionInputError(f"{err}; run {rebuild_members(exp.path)}") from None
 
 
+MODELS = ("ahiq", "blind")  # the kit's own members (their backbones are described)
+
+
+def _models(n: int, blind: int) -> str:
+    """The kit's own members, in words: AHIQ ones, blind ones, or both."""
+    ahiq = (f"{n - blind} AHIQ full-reference IQA model{'s' if n - blind > 1 else ''} (ViT and CNN features fused by "
+            "deformable convolution, patch-weighted score)") if n > blind else ""
+    nr = (f"{blind} blind (no-reference) IQA model{'s' if blind > 1 else ''} (ViT and CNN features of the distorted "
+          "image alone, no reference, patch-weighted score)") if blind else ""
+    return " and ".join(t for t in (ahiq, nr) if t) or "no AHIQ or blind model"
+
+
 def describe(ensemble: EnsembleMeta) -> str:
     """A one-line readme description of the ensemble, generated from its metadata."""
-    n = sum(m.kind == "ahiq" for m in ensemble.members)
+    n = sum(m.kind in MODELS for m in ensemble.members)
+    blind = sum(m.kind == "blind" for m in ensemble.members)
     others = len(ensemble.members) - n
     weights = ", ".join(f"{name}={w:.3g}" for name, w in ensemble.weights.items())
     parts = [
-        f"Ensemble of {n} AHIQ full-reference IQA model{'s' if n > 1 else ''} "
-        f"(ViT and CNN features fused by deformable convolution, patch-weighted score)"
+        f"Ensemble of {_models(n, blind)}"
         + (f" and {others} other member{'s' if others > 1 else ''}" if others else "")
         + f", combined by '{ensemble.method}' with weights {weights}."
     ]
     for m in ensemble.members:
-        if m.kind != "ahiq":
+        if m.kind not in MODELS:
             time = (f"{m.seconds_per_image:.4g} s/image on {m.device}" if m.seconds_per_image is not None
                     else "runtime not given, not counted")
             what = f"full-reference metric {m.detail}" if m.kind == "metric" else "predictions of another model"
             parts.append(f"{m.name}: {what}, {time}.")
             continue
         parts.append(
-            f"{m.name}: ViT {m.vit} + CNN {m.cnn}, {m.crop}px crops, "
+            f"{m.name}: {'blind, ' if m.kind == 'blind' else ''}ViT {m.vit} + CNN {m.cnn}, {m.crop}px crops, "
             f"{m.n_views} test view{'s' if m.n_views != 1 else ''} ({m.views}), "
             f"{m.seconds_per_image:.4g} s/image on {m.device}."
         )
-    if any(m.pretrained_backbones for m in ensemble.members if m.kind == "ahiq"):
+    if any(m.pretrained_backbones for m in ensemble.members if m.kind in MODELS):
         parts.append("Backbones are pretrained (counted as extra data).")
-    if any(m.pretrained_backbones for m in ensemble.members if m.kind != "ahiq"):
+    if any(m.pretrained_backbones for m in ensemble.members if m.kind not in MODELS):
         parts.append("Members that are not AHIQ used extra data.")
     for m in ensemble.members:
         if m.pseudo is not None:
@@ -290,8 +311,9 @@ def test_input_note(ensemble: EnsembleMeta) -> str | None:
             "made with --allow-test-inputs.")
 
 
-def readme_info(ensemble: EnsembleMeta, description: str | None) -> ReadmeInfo:
-    """The readme values, all derived from the members' measured test metadata."""
+def readme_info(ensemble: EnsembleMeta, description: str | None, track: str = "fr") -> ReadmeInfo:
+    """The readme values, all derived from the members' measured test metadata (and the track: the
+    fifth field is 1 for full reference, 0 for no reference)."""
     members = ensemble.members
     text = description if description is not None else describe(ensemble)
     note = test_input_note(ensemble)
@@ -304,7 +326,7 @@ def readme_info(ensemble: EnsembleMeta, description: str | None) -> ReadmeInfo:
         cpu=0 if any(m.device == "cuda" for m in members) else 1,
         extra_data=int(any(m.pretrained_backbones for m in members) or outside),
         description=text,
-        full_reference=1,
+        full_reference=1 if track == "fr" else 0,
     )
 
 
@@ -313,16 +335,36 @@ def format_output(rows: list[tuple[str, float]]) -> str:
     return "".join(f"{name},{score:.6f}\n" for name, score in sorted(rows))
 
 
-def write_submission(exp: Experiment, phase: str = "test") -> tuple[Path, Report]:
+def check_track(exp: Experiment, track: str | None) -> str:
+    """The track of the zip: `track`, or the experiment's; refused (one line) when they differ."""
+    track = track or exp.config.track
+    if track not in TRACKS:
+        raise SubmissionInputError(f"track {track!r}: expected one of {', '.join(TRACKS)}")
+    if track == "nr" and exp.config.track == "fr":
+        raise SubmissionInputError(f"{exp.path} is a full-reference experiment (track: fr): its members predicted the FR "
+                                   "test folder, with references, which the no-reference track does not give; an NR "
+                                   "zip comes from an experiment with track: nr and blind members (e.g. "
+                                   "configs/demo_nr.yaml)")
+    if track == "fr" and exp.config.track == "nr":
+        raise SubmissionInputError(f"{exp.path} is a no-reference experiment (track: nr): its members predicted the NR "
+                                   "folders, not the full-reference track's test images; write its NR zip (--track nr), "
+                                   "or an FR zip from an experiment with track: fr")
+    return track
+
+
+def write_submission(exp: Experiment, phase: str = "test", track: str | None = None) -> tuple[Path, Report]:
     """Write the checked zip of `phase` ("test", or "valid": the development-phase leaderboard on the
-    NTIRE validation folder); return its path and the checker's report (warnings only)."""
+    NTIRE validation folder) for `track` (None: the experiment's; `check_track`); return its path and
+    the checker's report (warnings only)."""
     if phase not in PHASES:
         raise SubmissionInputError(f"phase {phase!r}: expected one of {', '.join(PHASES)}")
+    track = check_track(exp, track)
     config = exp.submission
     preds = f"preds_{phase}.csv"
     if phase == "valid" and not (exp.split_dir / "valid.csv").is_file():
         raise SubmissionInputError(f"{exp.split_dir / 'valid.csv'}: no validation split; the data has no NTIRE "
-                                   "validation folder (data.valid_dis / data.valid_ref), or run "
+                                   + ("NR validation folder (data.nr_valid_dis)" if track == "nr" else
+                                      "validation folder (data.valid_dis / data.valid_ref)") + ", or run "
                                    f"{rebuild_members(exp.path)} after adding it")
     record = verify_ensemble(exp, [preds])
     rows = read_predictions(exp.out_dir / preds)
@@ -336,7 +378,7 @@ def write_submission(exp: Experiment, phase: str = "test") -> tuple[Path, Report
         names = names_in_dir(config.valid_dir)
     else:  # never the file's own rows: a missing row must be caught
         names = split_names(exp, phase)
-    files = {OUTPUT: format_output(rows), README: format_readme(readme_info(ensemble, config.description))}
+    files = {OUTPUT: format_output(rows), README: format_readme(readme_info(ensemble, config.description, track))}
 
     out = exp.zip_path(phase)
     if out.is_dir():
@@ -347,7 +389,7 @@ def write_submission(exp: Experiment, phase: str = "test") -> tuple[Path, Report
             for name, text in files.items():
                 archive.writestr(name, text.encode("utf-8"))
         # Check the very bytes that will be published, before they replace any previous zip.
-        report = check_zip(tmp, names)
+        report = check_zip(tmp, names, track)
         if not report.ok:
             raise SubmissionInvalidError(report)
     return out, report

@@ -58,7 +58,8 @@ def test_layout_and_names(demo: Path) -> None:
     assert top == {"Train_Ref", "Train_Label", *TRAIN_DIS, "NTIRE2022_FR_Testing_Ref",
                    "NTIRE2022_FR_Testing_Dis", "demo_test_labels", "NTIRE2022_FR_Valid_Ref",
                    "NTIRE2022_FR_Valid_Dis", "demo_valid_labels", REF_GROUPS, TABLE, TABLE_GROUPS, "README.txt",
-                   MARKER}
+                   MARKER, "NTIRE2022_NR_Testing_Dis", "NTIRE2022_NR_Valid_Dis", "demo_nr_test_labels",
+                   "demo_nr_valid_labels"}
     train = names_in(demo, TRAIN_DIS)
     assert 12 * 8 <= len(train) and all(TRAIN_NAME.match(n) for n in train)
     assert all((demo / "Train_Ref" / f"{n[:5]}.bmp").is_file() for n in train)
@@ -80,6 +81,20 @@ def test_layout_and_names(demo: Path) -> None:
     assert 4 <= len(ks_of_ref) <= 6 and 12 <= len(folder_of_ref) <= 16
     assert len({frozenset(ks) for ks in ks_of_ref.values()}) == 1
     assert not set(ks_of_ref) & set(folder_of_ref), "test references must differ from train ones"
+
+
+def test_nr_folders_copy_the_fr_images_without_references(demo: Path) -> None:
+    # the NR track's folders: the FR test and validation images, byte for byte, and their hidden labels
+    for fr, nr, fr_labels, nr_labels in (("NTIRE2022_FR_Testing_Dis", "NTIRE2022_NR_Testing_Dis", "demo_test_labels",
+                                          "demo_nr_test_labels"),
+                                         ("NTIRE2022_FR_Valid_Dis", "NTIRE2022_NR_Valid_Dis", "demo_valid_labels",
+                                          "demo_nr_valid_labels")):
+        names = sorted(p.name for p in (demo / nr).iterdir())
+        assert names == sorted(p.name for p in (demo / fr).iterdir()) and names
+        assert all((demo / nr / n).read_bytes() == (demo / fr / n).read_bytes() for n in names)
+        assert sorted(p.name for p in (demo / nr_labels).iterdir()) == sorted(p.name for p in (demo / fr_labels).iterdir())
+        assert all((demo / nr_labels / f.name).read_text() == f.read_text() for f in (demo / fr_labels).iterdir())
+    assert not any(p.name.startswith("NTIRE2022_NR") and p.name.endswith("_Ref") for p in demo.iterdir())
 
 
 def test_validation_folder_is_ntire_like_and_disjoint(demo: Path) -> None:
@@ -184,7 +199,7 @@ def test_idempotent_with_marker(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     assert build(out, size=32) is True
     marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
-    assert marker["params"] == {"generator": "members.data.demo_data", "format_version": 4, "size": 32, "seed": 0}
+    assert marker["params"] == {"generator": "members.data.demo_data", "format_version": 5, "size": 32, "seed": 0}
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     assert build(out, size=32) is False
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before

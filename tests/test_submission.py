@@ -8,6 +8,8 @@ import math
 import os
 import re
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -301,24 +303,27 @@ def _meta(name: str, seconds: float, device: str, pretrained: bool) -> dict:
 
 
 def make_runs(tmp_path: Path, metas: list[dict], scores: list[str] | None = None,
-              split_names: list[str] | None = None) -> tuple[Path, list[str], Path]:
+              split_names: list[str] | None = None, track: str = "fr") -> tuple[Path, list[str], Path]:
     """A synthetic experiment (member configs, test split list, the members' test predictions) whose
     `<runs_dir>/ensemble/` holds an ensemble's files and manifest as the ensemble stage writes them;
     returns (runs, names, config). Every member scored the images as the ensemble did, so its record
-    (standardisation 0/1, no calibration, weights summing to 1) gives `scores` back from the members."""
+    (standardisation 0/1, no calibration, weights summing to 1) gives `scores` back from the members.
+    `track` nr: blind members of a no-reference experiment, a test list without references."""
     runs = tmp_path / "runs"
     names = [f"A{ref:04d}_10_{k:02d}.bmp" for ref in (3, 1) for k in (5, 0, 2, 1, 4, 3)]  # unsorted on purpose
     if scores is None:
         scores = [f"{s:.6f}" for s in np.random.default_rng(0).normal(size=len(names))]
+    kind = "\nmodel: {kind: nr}" if track == "nr" else ""
     for m in metas:
-        (tmp_path / f"{m['member']}.yaml").write_text(f"name: {m['member']}\n")
+        (tmp_path / f"{m['member']}.yaml").write_text(f"name: {m['member']}{kind}\n")
     config = tmp_path / "exp.yaml"
     members = json.dumps([f"{m['member']}.yaml" for m in metas])
-    config.write_text(f"name: t\nruns_dir: {runs}\nmembers: {members}\nensemble: {{}}\nsubmission: {{}}\n")
+    track_line = f"track: {track}\n" if track != "fr" else ""
+    config.write_text(f"name: t\nruns_dir: {runs}\n{track_line}members: {members}\nensemble: {{}}\nsubmission: {{}}\n")
     split = runs / "splits" / "test.csv"
     split.parent.mkdir(parents=True)
     split.write_text("name,dis,ref,ref_id,mos,source\n" + "".join(
-        f"{n},dis/{n},ref/{n[:5]}.bmp,{n[:5]},,t\n" for n in sorted(split_names or names)))
+        f"{n},dis/{n},{'' if track == 'nr' else f'ref/{n[:5]}.bmp'},{n[:5]},,t\n" for n in sorted(split_names or names)))
     exp = load_experiment(config)
     as_member = [(n, float(s) if _finite(s) else 0.0) for n, s in zip(names, scores)]  # a bad row is the ensemble's
     configs = {entry.name: entry.config for entry in exp.members}
@@ -381,6 +386,57 @@ def test_writer_end_to_end(tmp_path: Path, members: list, cpu: int, extra: int) 
     report = check_zip(out, names)
     assert report.ok and report.warnings == []
     assert sorted(p.name for p in runs.iterdir()) == ["a", "b", "ensemble", "splits", "submission.zip"]
+
+
+def test_nr_zip_from_blind_members_passes_the_nr_check_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    metas = [{**_meta(*m), "model": {**_meta(*m)["model"], "kind": "nr"}} for m in TWO]
+    runs, names, config = make_runs(tmp_path, metas, track="nr")
+    assert submission_main(["-c", str(config)]) == 0  # the experiment's track: nr
+    out = runs / "submission.zip"
+    with zipfile.ZipFile(out) as archive:
+        readme = archive.read("readme.txt").decode()
+    assert readme.splitlines()[4] == "Full-Reference [1] / Non-Reference [0] : 0"
+    info, errors, _ = parse_readme(readme, "nr")
+    assert errors == [] and info.full_reference == 0
+    assert "2 blind (no-reference) IQA models" in info.description and "AHIQ" not in info.description
+    assert "a: blind, ViT" in info.description
+    names_file = tmp_path / "names.txt"
+    names_file.write_text("\n".join(names) + "\n")
+    capsys.readouterr()
+    assert check_main([str(out), "--names", str(names_file), "--track", "nr"]) == 0
+    assert "VALID" in capsys.readouterr().out
+    assert check_main([str(out), "--names", str(names_file), "--track", "fr"]) == 1  # the fifth field
+    assert "is 0 but this is the full-reference track: it must be 1" in capsys.readouterr().out
+    assert check_main([str(out), "--names", str(names_file)]) == 1  # fr by default
+    # an FR zip of an NR experiment is refused: its members predicted the NR folder
+    assert submission_main(["-c", str(config), "--track", "fr"]) == 2
+    assert "is a no-reference experiment (track: nr)" in capsys.readouterr().err
+    # an NR validation-phase zip without the NR validation folder names it
+    with pytest.raises(SubmissionInputError, match=r"no validation split; the data has no NTIRE NR validation folder"):
+        write_submission(load_experiment(config), "valid")
+
+
+def test_readme_of_the_nr_track() -> None:
+    nr = ReadmeInfo(0.25, 0, 1, "blind models", 0)
+    assert parse_readme(format_readme(nr), "nr") == (nr, [], [])
+    _, errors, _ = parse_readme(format_readme(ReadmeInfo(0.25, 0, 1, "d", 1)), "nr")
+    assert errors == ["readme.txt line 5: 'Full-Reference [1] / Non-Reference [0]' is 1 but this is the "
+                      "no-reference track: it must be 0"]
+
+
+def test_fr_experiment_refuses_an_nr_zip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs, _, config = make_runs(tmp_path, [_meta(*m) for m in TWO])
+    (runs / "ensemble" / "ensemble.json").unlink()  # refused before any file is read
+    assert submission_main(["-c", str(config), "--track", "nr"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a full-reference experiment (track: fr)" in err
+    assert "which the no-reference track does not give" in err
+    # make submit TRACK=nr runs the same command
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["make", "--no-print-directory", f"PY={sys.executable}", "STAMP=", "submit",
+                           f"EXPERIMENT={config}", "TRACK=nr"], cwd=repo, capture_output=True, text=True)
+    assert proc.returncode != 0 and "is a full-reference experiment (track: fr)" in proc.stderr
+    assert not (runs / "submission.zip").exists()
 
 
 def test_writer_description_override_and_test_dir(tmp_path: Path) -> None:

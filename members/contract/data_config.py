@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SPLITS = ("train", "val", "test")
+# fr: the NTIRE full-reference folders (test and validation images with their references); nr: the
+# no-reference track's folders, distorted images only (their split lists carry no reference path).
+TRACKS = ("fr", "nr")
 # The NTIRE validation folder, predicted for the development-phase leaderboard whenever it exists.
 VALID = "valid"
 VIEW_KINDS = ("center", "five", "nine", "grid", "random")
@@ -32,6 +35,11 @@ class DataConfig:
     (labelled from `valid_labels` when given); test = the NTIRE testing folders (labelled from
     `test_labels` when given). format "csv": one `dis_img_path,dis_type,ref_img_path,score` table
     (`csv`, path as given; image paths in it relative to `root`) split train/val/test by `fractions`.
+
+    `track` "nr" (format pipal): the test split (and the valid split, when the folder exists) come from
+    the NR track's folders `nr_test_dis` / `nr_valid_dis`, distorted images only, with no reference
+    (labelled from `test_labels` / `valid_labels` when given); train and val stay the labelled
+    training pairs. An experiment sets it to its own `track` for every member.
 
     `ref_groups` (relative to `root`): `ref_id,group` lines naming the source photo of each reference
     (ids as in the split lists: PIPAL `A0001`, csv the reference path). The seeded holdout (and the
@@ -57,6 +65,9 @@ class DataConfig:
     test_ref: str = "NTIRE2022_FR_Testing_Ref"
     test_dis: str = "NTIRE2022_FR_Testing_Dis"
     test_labels: str = ""
+    track: str = "fr"
+    nr_valid_dis: str = "NTIRE2022_NR_Valid_Dis"
+    nr_test_dis: str = "NTIRE2022_NR_Testing_Dis"
     ref_groups: str = ""
     val_source: str = "holdout"
     val_fraction: float = 0.2
@@ -75,6 +86,11 @@ class DataConfig:
             raise ValueError(f"data.val_source must be 'holdout' or 'ntire_valid'; got {self.val_source!r}")
         if self.format == "csv" and not self.csv:
             raise ValueError("data.csv (path of the score table) is required when data.format is 'csv'")
+        if self.track not in TRACKS:
+            raise ValueError(f"data.track must be one of {', '.join(TRACKS)}; got {self.track!r}")
+        if self.format == "csv" and self.track == "nr":
+            raise ValueError("data.track 'nr' reads the NTIRE no-reference folders (data.format 'pipal'); a csv table "
+                             "lists references: score it with blind members (model.kind: nr) in a track 'fr' experiment")
         if self.format == "csv" and self.val_source != "holdout":
             raise ValueError("data.val_source 'ntire_valid' needs data.format 'pipal'")
         if not 0.0 < self.val_fraction < 1.0:

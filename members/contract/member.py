@@ -26,6 +26,9 @@ from members.contract.stagefiles import splits_content
 SCHEDULES = ("cosine_step", "cosine_epoch", "constant")
 PRECISIONS = ("no", "bf16", "fp16")
 HEADS = ("all", "readout")
+# fr: AHIQ, full reference (scores a distorted image against its reference); nr: the blind member
+# (members.model.blind), no reference: scores the distorted image alone.
+MODEL_KINDS = ("fr", "nr")
 # main: the best checkpoint has the highest signed PLCC + SRCC (an epoch that ranks backwards never
 # wins). srcc_or_plcc: the release's rule, a checkpoint whenever SRCC or PLCC is above its value at
 # the last checkpoint (members.train.loop.record_if_best).
@@ -43,8 +46,12 @@ class ModelConfig:
     # Dropout on the regressor's features before its two 1x1 output convs, in training only (noise for a
     # noisy student; the frozen backbones have no stochastic depth to switch on). 0: off, the release.
     drop_rate: float = 0.0
+    kind: str = "fr"  # MODEL_KINDS: fr (AHIQ) or nr (blind: the distorted image alone)
 
     def __post_init__(self) -> None:
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind must be one of {', '.join(MODEL_KINDS)} (fr: full reference, AHIQ; nr: "
+                             f"no reference, blind); got {self.kind!r}")
         if self.crop < 16:
             raise ValueError(f"crop must be at least 16 px, got {self.crop}")
         if not 0.0 <= self.drop_rate < 1.0:
@@ -163,6 +170,10 @@ class MemberConfig:
         if self.train.heads == "readout" and self.model.init_from:
             raise ValueError("train.heads: readout starts the heads itself; remove model.init_from "
                              "or use train.heads: all")
+        if self.model.kind == "fr" and self.data.track == "nr":
+            raise ValueError("data.track nr has no reference images at test time, but model.kind fr (AHIQ) scores "
+                             "a distorted image against its reference; use model.kind: nr (a blind member) or "
+                             "data.track: fr")
         self.output_dir = self.output_dir or f"runs/{self.name}"
         self.split_dir = self.split_dir or str(Path(self.output_dir) / "splits")
 
@@ -185,7 +196,9 @@ NOT_IN_PREDICTION = ("output_dir", "split_dir", "predict.batch_size", "predict.n
 # Settings added after members were trained, with the value that does what the kit did before: left
 # out of both fingerprints while they hold it, so the members of existing configs do not turn stale.
 ADDED_LATER = {"train.average_last": 0, "train.best_by": "main", "train.augment.offsets": "all",
-               "train.augment.strength": 0.0, "model.drop_rate": 0.0, "data.pseudo_weight": 1.0}
+               "train.augment.strength": 0.0, "model.drop_rate": 0.0, "data.pseudo_weight": 1.0,
+               "model.kind": "fr", "data.track": "fr", "data.nr_valid_dis": "NTIRE2022_NR_Valid_Dis",
+               "data.nr_test_dis": "NTIRE2022_NR_Testing_Dis"}
 # Settings added later that took over from another one: left out of both fingerprints while they
 # equal it. Training validated on predict.views before train.val_views existed, so only members whose
 # validation views change (the real configs: 20 grid crops -> the release's five) turn stale.

@@ -2,6 +2,7 @@
 
     name: demo                      # a label for messages and the readme
     runs_dir: runs/demo             # everything the stages write goes under it
+    track: fr                       # fr | nr: NTIRE's full-reference or no-reference track (TRACKS)
     members: [members/demo_s1.yaml, ...]   # AHIQ member configs, and members that are not AHIQ:
       # - {name: psnr, metric: psnr}         # a full-reference measure (members.engine.foreign)
       # - {name: other, predictions: DIR}    # another model's preds_<split>.csv (name,score)
@@ -36,6 +37,11 @@ from members.contract.foreign import ForeignEntry, ForeignSpec, resolve_foreign
 from members.contract.member import MemberConfig, load_member_config
 
 METHODS = ("mean", "rank_mean", "nnls", "ridge", "greedy")
+# fr: the full-reference track, test images with their references; members of either kind (a blind
+# member ignores the references: it can add its view to an FR ensemble, or be compared with AHIQ on the
+# same labelled test split). nr: the no-reference track, test images alone: blind members only (and
+# other models' predictions), the NR folders (data.track nr, set in every member by the experiment).
+TRACKS = ("fr", "nr")
 CALIBRATIONS = ("none", "logistic", "isotonic")
 PHASES = ("test", "valid")
 T = TypeVar("T")
@@ -119,6 +125,7 @@ class SubmissionConfig:
 class ExperimentConfig:
     name: str = "experiment"
     runs_dir: str = "runs/experiment"
+    track: str = "fr"  # TRACKS: the NTIRE track it predicts for (nr: no reference at test time)
     members: list[Any] = field(default_factory=list)  # str (AHIQ member YAML) or a ForeignSpec mapping
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     submission: SubmissionConfig = field(default_factory=SubmissionConfig)
@@ -129,6 +136,9 @@ class ExperimentConfig:
             raise ValueError("an experiment needs at least one entry under 'members'")
         if not self.runs_dir:
             raise ValueError("'runs_dir' must be a non-empty path, e.g. runs/demo")
+        if self.track not in TRACKS:
+            raise ValueError(f"'track' must be one of {', '.join(TRACKS)} (fr: full reference, nr: no reference); "
+                             f"got {self.track!r}")
 
 
 @dataclass
@@ -250,6 +260,10 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
     for index, raw in enumerate(cfg.members):
         if isinstance(raw, dict):  # a member that is not AHIQ: named, checked and placed like the others
             spec = from_dict(ForeignSpec, raw, prefix=f"members[{index}].")
+            if cfg.track == "nr" and spec.metric is not None:
+                raise ConfigError(f"{where}: member {spec.name!r} is the full-reference metric {spec.metric}, but "
+                                  f"{path} is a no-reference experiment (track: nr): at NR test time there is no "
+                                  "reference image; drop it, or use track: fr")
             _place(spec.name, f"{path} (members[{index}])", seen, stage_dirs, cfg.runs_dir, where)
             exp.foreign.append(resolve_foreign(spec, path, Path(cfg.runs_dir)))
             continue
@@ -257,11 +271,17 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
             raise ConfigError(f"{where}: members[{index}] is {raw!r}; expected the path of a member YAML or a "
                               "mapping {name: ..., metric: NAME} / {name: ..., predictions: DIR}")
         member_path = _member_path(raw, path, where)
-        name = _load_member(load_member_config, member_path, member_sets, member_sets).name
+        own = _load_member(load_member_config, member_path, member_sets, member_sets)
+        name = own.name
         if not name or "/" in name or name in (".", ".."):
             raise ConfigError(f"{member_path}: 'name' must be a plain folder name, got {name!r}")
+        if cfg.track == "nr" and own.model.kind != "nr":
+            raise ConfigError(f"{member_path}: member {name!r} is full-reference (model.kind: {own.model.kind}), but "
+                              f"{path} is a no-reference experiment (track: nr): at NR test time there is no reference "
+                              "image; list blind members (model.kind: nr) only, or use track: fr")
         out = _place(name, str(member_path), seen, stage_dirs, cfg.runs_dir, where)
-        sets = [*member_sets, f"output_dir={out}", f"split_dir={Path(cfg.runs_dir) / 'splits'}"]
+        sets = [*member_sets, f"output_dir={out}", f"split_dir={Path(cfg.runs_dir) / 'splits'}",
+                f"data.track={cfg.track}"]
         members.append(MemberEntry(member_path, _load_member(load_member_config, member_path, sets, member_sets),
                                    sets))
     if not members:  # the split lists and the labels come from the AHIQ members' data
@@ -273,7 +293,8 @@ def load_experiment(path: str | Path, overrides: list[str] | tuple[str, ...] = (
 
 
 MEMBER_PREFIX = "members."
-_SET_BY_EXPERIMENT = ("name", "output_dir", "split_dir")  # a member's folders follow runs_dir and its name
+# a member's folders follow runs_dir and its name, its data's track the experiment's track
+_SET_BY_EXPERIMENT = ("name", "output_dir", "split_dir", "data.track")
 
 
 def _member_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
@@ -282,8 +303,10 @@ def _member_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
     for item in sets:
         key = item.partition("=")[0]
         if key in _SET_BY_EXPERIMENT:
+            instead = "track" if key == "data.track" else "runs_dir"
             raise ConfigError(f"override 'members.{item}': a member's {key} is set by the experiment (its folder is "
-                              "<runs_dir>/<name>); set runs_dir instead, or edit the member's own config")
+                              f"<runs_dir>/<name>, its data's track the experiment's track); set {instead} instead, "
+                              "or edit the member's own config")
     return sets
 
 

@@ -7,6 +7,9 @@ Items come reference after reference, so a consumer that keeps only the current 
 (computed when `ref_key` changes) computes it once per reference with bounded memory. Every item
 carries the reference's views again (one image decode, cheap next to the model) so that any item can
 be used on its own, e.g. by a DataLoader worker or after a restart.
+
+Blind members (model.kind nr) get the blind item kind of both datasets (`blind=True`): items without
+"ref", whose references are never opened (they may be absent: the no-reference track lists none).
 """
 from __future__ import annotations
 
@@ -40,6 +43,14 @@ def reference_chunks(pairs: list[Pair], chunk: int) -> list[tuple[str, list[int]
     return [(key, idx[a:a + chunk]) for key, idx in groups.items() for a in range(0, len(idx), chunk)]
 
 
+def blind_chunks(pairs: list[Pair], chunk: int) -> list[tuple[str, list[int]]]:
+    """(chunk key, indices into `pairs`) in list order, `chunk` distorted images each: a blind member has
+    no reference state to share, so chunks do not stop at references."""
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1; got {chunk}")
+    return [(f"chunk{a // chunk}", list(range(a, min(a + chunk, len(pairs))))) for a in range(0, len(pairs), chunk)]
+
+
 def process_share(chunks: list[tuple[str, list[int]]], process: int, processes: int) -> list[tuple[str, list[int]]]:
     """The chunks one of `processes` processes scores: whole references (the k-th reference in order of
     first appearance goes to process k mod processes), so that each reference's state is computed once
@@ -59,20 +70,25 @@ class RefGroupPairs(Dataset):
     into `pairs`, "label": (n,) normalised MOS or nan}. Use it with `batch_size=None` (items are batches).
     `chunk` is the one meaning of a prediction batch size: distorted images per item. With
     `processes` > 1 the dataset holds only this `process`'s references (`process_share`).
+    `blind`: items of a blind member: no "ref" (never opened), chunks in list order (`blind_chunks`).
     """
 
     def __init__(self, pairs: list[Pair], crop: int, views: ViewConfig, stats: LabelStats | None,
-                 chunk: int = 8, upscale_small: bool = False, process: int = 0, processes: int = 1) -> None:
-        self.pairs, self.crop, self.views, self.stats = pairs, crop, views, stats
+                 chunk: int = 8, upscale_small: bool = False, process: int = 0, processes: int = 1,
+                 blind: bool = False) -> None:
+        self.pairs, self.crop, self.views, self.stats, self.blind = pairs, crop, views, stats, blind
         self.min_size = crop if upscale_small else 0
         self.n_views = count_views(views)
-        self.chunks = process_share(reference_chunks(pairs, chunk), process, processes)
+        chunks = blind_chunks(pairs, chunk) if blind else reference_chunks(pairs, chunk)
+        self.chunks = process_share(chunks, process, processes)
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, i: int) -> dict:
         key, index = self.chunks[i]
+        if self.blind:
+            return self._blind_item(key, index)
         ref = load_rgb(self.pairs[index[0]].ref, self.min_size)
         views = make_views(ref.shape[1], ref.shape[2], self.crop, self.views)
         dis, labels = [], []
@@ -87,6 +103,19 @@ class RefGroupPairs(Dataset):
             labels.append(self.stats.normalise(pair.mos) if known else math.nan)
         return {"ref_key": key, "ref": torch.stack([apply_view(ref, v, self.crop) for v in views]),
                 "dis": torch.stack(dis), "index": torch.tensor(index, dtype=torch.int64),
+                "label": torch.tensor(labels, dtype=torch.float32)}
+
+    def _blind_item(self, key: str, index: list[int]) -> dict:
+        """The distorted images alone, each on the views of its own size."""
+        dis, labels = [], []
+        for j in index:
+            pair = self.pairs[j]
+            img = load_rgb(pair.dis, self.min_size)
+            dis.append(torch.stack([apply_view(img, v, self.crop) for v in make_views(img.shape[1], img.shape[2],
+                                                                                        self.crop, self.views)]))
+            known = self.stats is not None and pair.mos is not None
+            labels.append(self.stats.normalise(pair.mos) if known else math.nan)
+        return {"ref_key": key, "dis": torch.stack(dis), "index": torch.tensor(index, dtype=torch.int64),
                 "label": torch.tensor(labels, dtype=torch.float32)}
 
 
@@ -118,10 +147,11 @@ class TrainPairs(Dataset):
     depend on workers, processes or the order items are drawn in (exact resume relies on it). Call
     `set_epoch` before iterating each epoch. The epoch lives in shared memory, so that persistent
     DataLoader workers (forked or spawned once, each with its own copy of the dataset) see it too.
+    `blind`: items without "ref" (the reference is never opened).
     """
 
     def __init__(self, pairs: list[Pair], crop: int, augment: AugmentConfig, stats: LabelStats, seed: int,
-                 upscale_small: bool = False, weights: list[float] | None = None) -> None:
+                 upscale_small: bool = False, weights: list[float] | None = None, blind: bool = False) -> None:
         unlabelled = [p for p in pairs if p.mos is None]
         if unlabelled:
             raise DataError(f"{unlabelled[0].source}: training needs labels; {unlabelled[0].name} has none")
@@ -136,6 +166,7 @@ class TrainPairs(Dataset):
         if weights is not None and len(weights) != len(pairs):
             raise ValueError(f"{len(weights)} weights for {len(pairs)} pairs")
         self.weights = weights
+        self.blind = blind
 
     @property
     def epoch(self) -> int:
@@ -152,18 +183,22 @@ class TrainPairs(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         pair = self.pairs[i]
-        dis, ref = load_rgb(pair.dis, self.min_size), load_rgb(pair.ref, self.min_size)
+        dis = load_rgb(pair.dis, self.min_size)
+        ref = None if self.blind else load_rgb(pair.ref, self.min_size)  # a blind member never opens it
         rng = np.random.default_rng([self.seed, self.epoch, i])
         strength = self.augment.strength
         noisy = np.random.default_rng([self.seed, self.epoch, i, 1]) if strength else None  # its own stream
         if noisy is not None:
             dis, ref = rescale_pair(dis, ref, self.crop, strength, noisy)
         view = random_view(dis.shape[1], dis.shape[2], self.crop, self.augment, rng)
-        label = torch.tensor(self.stats.normalise(pair.mos), dtype=torch.float32)
-        item = {"index": i, "dis": apply_view(dis, view, self.crop), "ref": apply_view(ref, view, self.crop),
-                "label": label}
+        item = {"index": i, "dis": apply_view(dis, view, self.crop),
+                "label": torch.tensor(self.stats.normalise(pair.mos), dtype=torch.float32)}
+        if ref is not None:  # the same crop of the reference
+            item["ref"] = apply_view(ref, view, self.crop)
         if noisy is not None:
-            item["dis"], item["ref"] = jitter_pair(item["dis"], item["ref"], strength, noisy)
+            item["dis"], jittered = jitter_pair(item["dis"], item.get("ref"), strength, noisy)
+            if jittered is not None:
+                item["ref"] = jittered
         if self.weights is not None:
             item["weight"] = torch.tensor(self.weights[i], dtype=torch.float32)
         return item

@@ -20,8 +20,11 @@ Layout written under `--out` (as PIPAL ships it, plus three demo-only items):
     Train_Label/A0001.txt                lines `A0001_00_00.bmp,1520.0648`
     NTIRE2022_FR_Valid_Ref/A0020.bmp     NTIRE2022_FR_Valid_Dis/A0020_10_00.bmp  (development phase)
     NTIRE2022_FR_Testing_Ref/A0015.bmp   NTIRE2022_FR_Testing_Dis/A0015_10_00.bmp
+    NTIRE2022_NR_Valid_Dis/A0020_10_00.bmp   the no-reference track's folders (distorted images only):
+    NTIRE2022_NR_Testing_Dis/A0015_10_00.bmp copies of the FR validation and test images
     demo_valid_labels/A0020.txt          NOT part of the real layout: hidden proxy labels of the
     demo_test_labels/A0015.txt           validation and test images (NTIRE never released them)
+    demo_nr_valid_labels/, demo_nr_test_labels/   the same for the NR folders
     demo_ref_groups.csv                  lines `A0001,astronaut`: the photo of every reference
     demo_table.csv                       NOT PIPAL: every image above (train, valid, test, with the
                                          proxy labels) as one `dis_img_path,dis_type,ref_img_path,score`
@@ -53,7 +56,8 @@ from tqdm import tqdm
 from members.contract.atomic import atomic_write_text
 from members.contract.cli import run_main
 
-FORMAT_VERSION = 4  # 2: adds the validation folder; 3: the reference group file; 4: the csv table
+# 2: adds the validation folder; 3: the reference group file; 4: the csv table; 5: the NR track's folders
+FORMAT_VERSION = 5
 MARKER = "demo_data.json"
 REF_GROUPS = "demo_ref_groups.csv"  # for data.ref_groups: crops of one photo must not span two splits
 TABLE = "demo_table.csv"  # the same images as one csv table (data.format csv), for configs/csv_demo.yaml
@@ -137,6 +141,11 @@ SPLITS = {
     "test": (TEST_PHOTOS, "NTIRE2022_FR_Testing_Ref", "NTIRE2022_FR_Testing_Dis", "demo_test_labels"),
     "valid": (VALID_PHOTOS, "NTIRE2022_FR_Valid_Ref", "NTIRE2022_FR_Valid_Dis", "demo_valid_labels"),
 }
+# The NTIRE 2022 no-reference track's folders (distorted images only) and their hidden demo labels: the
+# NR test used the FR test's references and distortions (one index aside), so the demo copies the FR
+# test and validation images, names included.
+NR_FOLDERS = {"test": ("NTIRE2022_NR_Testing_Dis", "demo_nr_test_labels"),
+              "valid": ("NTIRE2022_NR_Valid_Dis", "demo_nr_valid_labels")}
 _CORNERS = ((0, 0), (1, 1), (0, 1), (1, 0))  # order of crops: opposite corners first
 
 
@@ -253,6 +262,9 @@ def generate(root: Path, size: int, seed: int, progress: bool = False) -> dict[s
         counts[f"{split}_images"] += len(rows)
     for split, (*_, label_dir) in SPLITS.items():
         _write_labels(root / label_dir, labels[split])
+    for split, (nr_dis, nr_labels) in NR_FOLDERS.items():  # the same images and labels, without references
+        shutil.copytree(root / SPLITS[split][2], root / nr_dis)
+        _write_labels(root / nr_labels, labels[split])
     (root / REF_GROUPS).write_text("".join(groups), encoding="utf-8", newline="\n")
     (root / TABLE).write_text("".join(table), encoding="utf-8", newline="\n")
     table_groups = [f"{SPLITS[split][1]}/{line.replace(',', '.bmp,', 1)}" for (_, split, _), line in zip(refs, groups)]
@@ -282,14 +294,17 @@ different photos. {REF_GROUPS} names the photo of every reference: a holdout of 
 references for validation must take whole photos (data.ref_groups), or it validates on crops of
 training photos. Distortion_1..4 mirror PIPAL's four folders; here each holds a contiguous block of
 train references. NTIRE2022_FR_Valid_* is the development-phase folder (its leaderboard scored it),
-NTIRE2022_FR_Testing_* the test-phase folder; both are unlabelled, as in NTIRE. Distortion levels by
+NTIRE2022_FR_Testing_* the test-phase folder; both are unlabelled, as in NTIRE. NTIRE2022_NR_Valid_Dis
+and NTIRE2022_NR_Testing_Dis are the no-reference track's folders: copies of the FR validation and test
+distorted images (same names), with no reference folder. Distortion levels by
 name suffix (train group = type; validation and test group 10, where the same k is the same method
 for every reference):
 {table}
 
 demo_valid_labels/ and demo_test_labels/ are NOT part of the real NTIRE layout (the real labels
 were never released): they hold the hidden proxy labels of the validation and test images, in
-Train_Label format, so a demo can report their correlations. demo_data.json is written last and
+Train_Label format, so a demo can report their correlations; demo_nr_valid_labels/ and
+demo_nr_test_labels/ the same for the NR folders. demo_data.json is written last and
 marks the dataset as complete.
 """
 

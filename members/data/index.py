@@ -27,11 +27,12 @@ RGB_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "RGBA", "RGBa", "LA"
 
 @dataclass(frozen=True)
 class Pair:
-    """One distorted image, its reference and its MOS (None when unlabelled)."""
+    """One distorted image, its reference and its MOS (None when unlabelled). `ref` is None where no
+    reference is given (the NTIRE no-reference track's folders); `ref_id` is then PIPAL's, from the name."""
 
     name: str
     dis: Path
-    ref: Path
+    ref: Path | None
     ref_id: str
     mos: float | None
     source: str = ""
@@ -103,19 +104,20 @@ def _label_text(file: Path) -> str:
         raise DataError(f"{file}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
 
 
-def read_pipal_labels(label_dir: Path, dis_dirs: list[Path], ref_dir: Path, root: Path) -> list[Pair]:
+def read_pipal_labels(label_dir: Path, dis_dirs: list[Path], ref_dir: Path | None, root: Path) -> list[Pair]:
     """Read PIPAL label files (`label_dir/A####.txt`, lines `name,score`) in name order.
 
     Tolerates `, ` and a missing final newline (the release dropped the last character of such a
     line) and skips blank lines. The distorted file is looked up in whichever of `dis_dirs` has it;
     a file found nowhere is listed under the first folder so that `check_pairs` reports it.
+    `ref_dir` None: the images come without references (the no-reference track).
     """
     where_dis = _names_in(dis_dirs)
     pairs = []
     for name, ref_id, score, where in read_label_rows(label_dir, root):
         folders = where_dis.get(name, [dis_dirs[0]])
         dis = (_pick_folder(name, folders, where) if len(folders) > 1 else folders[0]) / name
-        pairs.append(Pair(name, dis, ref_dir / f"{ref_id}.bmp", ref_id, score, where))
+        pairs.append(Pair(name, dis, ref_dir / f"{ref_id}.bmp" if ref_dir else None, ref_id, score, where))
     return pairs
 
 
@@ -138,8 +140,9 @@ def read_label_rows(label_dir: Path, root: Path) -> list[tuple[str, str, float, 
     return rows
 
 
-def read_ntire_folder(dis_dir: Path, ref_dir: Path, root: Path) -> list[Pair]:
-    """Every `.bmp` of an unlabelled NTIRE folder (validation or testing), in name order."""
+def read_ntire_folder(dis_dir: Path, ref_dir: Path | None, root: Path) -> list[Pair]:
+    """Every `.bmp` of an unlabelled NTIRE folder (validation or testing), in name order; `ref_dir` None:
+    a no-reference track folder (no reference paths, reference ids from the names)."""
     if not dis_dir.is_dir():
         raise DataError(f"{dis_dir}: folder of distorted images not found")
     pairs = []
@@ -147,7 +150,7 @@ def read_ntire_folder(dis_dir: Path, ref_dir: Path, root: Path) -> list[Pair]:
         if name.lower().endswith(".bmp"):
             where = _rel(dis_dir / name, root)
             ref_id = pipal_ref_id(check_name(name, where), where)
-            pairs.append(Pair(name, dis_dir / name, ref_dir / f"{ref_id}.bmp", ref_id, None, where))
+            pairs.append(Pair(name, dis_dir / name, ref_dir / f"{ref_id}.bmp" if ref_dir else None, ref_id, None, where))
     return pairs
 
 
@@ -263,19 +266,25 @@ def _decode_size(path: Path) -> tuple[int, int] | str:
         return f"{type(err).__name__}: {err}"
 
 
-def check_pairs(pairs: list[Pair], crop: int, upscale_small: bool, source: str) -> None:
+def check_pairs(pairs: list[Pair], crop: int, upscale_small: bool, source: str, blind: bool = False) -> None:
     """Check a list once before training or prediction; raise one `DataError` listing the problems.
 
     Every file exists and fully decodes, names are unique, distorted and reference sizes match, and
     images are at least `crop` on each side unless `upscale_small`. `source` names the list in messages.
+    `blind`: for a blind member, which never reads a reference: references are neither needed nor opened.
     """
     if not pairs:
         raise DataError(f"{source}: the list is empty")
     check_unique(pairs, source)
+    if not blind:
+        unpaired = [f"{p.source}: {p.name} has no reference image (a no-reference track list); a full-reference "
+                    "member cannot score it" for p in pairs if p.ref is None]
+        _report(unpaired, source)
     users: dict[Path, Pair] = {}
     for pair in pairs:
         users.setdefault(pair.dis, pair)
-        users.setdefault(pair.ref, pair)
+        if not blind:
+            users.setdefault(pair.ref, pair)
     missing = [f"{p.source}: file not found: {path}" for path, p in users.items() if not path.is_file()]
     _report(missing, source)
     workers = min(8, os.cpu_count() or 1)
@@ -287,7 +296,8 @@ def check_pairs(pairs: list[Pair], crop: int, upscale_small: bool, source: str) 
                 for path, size in sizes.items() if isinstance(size, str)]
     _report(problems, source)
     for pair in pairs:
-        dis, ref = sizes[pair.dis], sizes[pair.ref]
+        dis = sizes[pair.dis]
+        ref = dis if blind else sizes[pair.ref]
         if dis != ref:
             problems.append(f"{pair.source}: size mismatch: {pair.dis} is {dis[0]}x{dis[1]}, "
                             f"reference {pair.ref} is {ref[0]}x{ref[1]}")

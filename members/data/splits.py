@@ -42,6 +42,8 @@ SPLIT_COLUMNS = ["name", "dis", "ref", "ref_id", "mos", "source"]
 NOT_FINGERPRINTED = ("upscale_small", "pseudo_labels", "pseudo_weight")
 # Fields added after split folders were in use: fingerprinted only when set, so those folders stay valid.
 FINGERPRINTED_WHEN_SET = ("ref_groups",)
+# The no-reference track's fields: fingerprinted only for track nr (an fr split folder never reads them).
+NR_TRACK_FIELDS = ("track", "nr_valid_dis", "nr_test_dis")
 HASHES = "lists+image sha256"  # what `splits.json`'s fingerprints hash (older kits: lists + image sizes)
 
 
@@ -88,8 +90,11 @@ def _folder(root: Path, sub: str, what: str) -> Path:
     return path
 
 
-def _labelled_or_folder(root: Path, labels: str, dis: str, ref: str, what: str) -> list[Pair]:
-    dis_dir, ref_dir = _folder(root, dis, f"{what} distorted"), _folder(root, ref, f"{what} reference")
+def _labelled_or_folder(root: Path, labels: str, dis: str, ref: str | None, what: str) -> list[Pair]:
+    """The pairs of an NTIRE folder, labelled from `labels` when given; `ref` None: the no-reference
+    track's folder (distorted images only, no reference paths)."""
+    dis_dir = _folder(root, dis, f"{what} distorted")
+    ref_dir = _folder(root, ref, f"{what} reference") if ref is not None else None
     if labels:
         return read_pipal_labels(_folder(root, labels, f"{what} label"), [dis_dir], ref_dir, root)
     return read_ntire_folder(dis_dir, ref_dir, root)
@@ -122,16 +127,21 @@ def build_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
             raise DataError(f"{root}: none of the training distortion folders exist: {', '.join(cfg.train_dis)}")
         train = read_pipal_labels(_folder(root, cfg.train_labels, "train label"), dis_dirs,
                                   _folder(root, cfg.train_ref, "train reference"), root)
+        # the no-reference track: its own folders of distorted images, no reference (train/val as fr)
+        blind = cfg.track == "nr"
+        valid_dis, valid_ref = (cfg.nr_valid_dis, None) if blind else (cfg.valid_dis, cfg.valid_ref)
+        test_dis, test_ref = (cfg.nr_test_dis, None) if blind else (cfg.test_dis, cfg.test_ref)
+        what = "NR " if blind else ""
         if cfg.val_source == "holdout":
             val_refs, _ = _pick_refs([p.ref_id for p in train], [cfg.val_fraction], cfg.split_seed, cfg)
             val = [p for p in train if p.ref_id in val_refs]
             train = [p for p in train if p.ref_id not in val_refs]
         else:
-            val = _labelled_or_folder(root, cfg.valid_labels, cfg.valid_dis, cfg.valid_ref, "validation")
-        test = _labelled_or_folder(root, cfg.test_labels, cfg.test_dis, cfg.test_ref, "test")
+            val = _labelled_or_folder(root, cfg.valid_labels, valid_dis, valid_ref, f"{what}validation")
+        test = _labelled_or_folder(root, cfg.test_labels, test_dis, test_ref, f"{what}test")
         splits = {"train": train, "val": val, "test": test}
-        if (root / cfg.valid_dis).is_dir() and (root / cfg.valid_ref).is_dir():
-            splits[VALID] = _labelled_or_folder(root, cfg.valid_labels, cfg.valid_dis, cfg.valid_ref, "validation")
+        if (root / valid_dis).is_dir() and (valid_ref is None or (root / valid_ref).is_dir()):
+            splits[VALID] = _labelled_or_folder(root, cfg.valid_labels, valid_dis, valid_ref, f"{what}validation")
     for split, pairs in splits.items():
         if not pairs:
             raise DataError(f"{cfg.root or '.'}: the {split} split is empty (too few reference images "
@@ -142,7 +152,8 @@ def build_splits(cfg: DataConfig) -> dict[str, list[Pair]]:
 
 def _fingerprinted(cfg: DataConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items()
-            if k not in NOT_FINGERPRINTED and (v or k not in FINGERPRINTED_WHEN_SET)}
+            if k not in NOT_FINGERPRINTED and (v or k not in FINGERPRINTED_WHEN_SET)
+            and (cfg.track == "nr" or k not in NR_TRACK_FIELDS)}
 
 
 def _fingerprint(data: dict) -> str:
@@ -154,12 +165,14 @@ def _split_csv(pairs: list[Pair]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(SPLIT_COLUMNS)
     for p in pairs:
-        writer.writerow([p.name, str(p.dis), str(p.ref), p.ref_id, "" if p.mos is None else repr(p.mos), p.source])
+        writer.writerow([p.name, str(p.dis), "" if p.ref is None else str(p.ref), p.ref_id,
+                         "" if p.mos is None else repr(p.mos), p.source])
     return buf.getvalue()
 
 
 def read_split(path: Path) -> list[Pair]:
-    """Read a split list written by `prepare_splits` (columns name,dis,ref,ref_id,mos[,source])."""
+    """Read a split list written by `prepare_splits` (columns name,dis,ref,ref_id,mos[,source]); an empty
+    `ref` (the no-reference track's test and validation lists) reads as None."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: split list not found")
@@ -175,8 +188,8 @@ def read_split(path: Path) -> list[Pair]:
                 mos = float(row["mos"]) if row["mos"] else None
             except ValueError:
                 raise DataError(f"{where}: mos {row['mos']!r} is not a number") from None
-            pairs.append(Pair(row["name"], Path(row["dis"]), Path(row["ref"]), row["ref_id"], mos,
-                              row.get("source") or where))
+            pairs.append(Pair(row["name"], Path(row["dis"]), Path(row["ref"]) if row["ref"] else None, row["ref_id"],
+                              mos, row.get("source") or where))
     if not pairs:
         raise DataError(f"{path}: the split list is empty")
     return pairs
@@ -190,7 +203,7 @@ def _fingerprints(splits: dict[str, list[Pair]], groups: dict[str, tuple[str, ..
     """The content fingerprint of each group of splits (its lists and the sha256 of their images; see
     `content_fingerprint`), every image hashed once for all groups; `texts`: the lists, if made already."""
     texts = texts or {s: _split_csv(p) for s, p in splits.items()}
-    paths = {s: {path for p in pairs for path in (p.dis, p.ref)} for s, pairs in splits.items()}
+    paths = {s: {path for p in pairs for path in (p.dis, p.ref) if path is not None} for s, pairs in splits.items()}
     hashes = image_hashes(sorted(set().union(*paths.values()), key=str), cache_dir)
     keys = {s: {str(path) for path in group} for s, group in paths.items()}
     return {name: _fingerprint({"lists": {s: texts[s] for s in sorted(chosen)},
@@ -313,12 +326,14 @@ def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], Label
     """The member's split lists and label statistics, with every list checked once, up front.
 
     The check (every file decodes, sizes match, names unique, images fit the crop) runs the first
-    time a split directory is used with a given crop; a marker file records that it passed.
+    time a split directory is used with a given crop; a marker file records that it passed. A blind
+    member's check (model.kind nr) never opens a reference: it reads none.
     """
     split_dir = Path(cfg.split_dir)
     splits = prepare_splits(cfg.data, split_dir)
     stats = LabelStats.load(split_dir / "label_stats.json")
-    marker = split_dir / f"checked_crop{cfg.model.crop}_upscale{int(cfg.data.upscale_small)}.json"
+    blind = cfg.model.kind == "nr"
+    marker = split_dir / f"checked_crop{cfg.model.crop}_upscale{int(cfg.data.upscale_small)}{'_blind' * blind}.json"
     content = splits_content(split_dir)
     try:
         checked = json.loads(marker.read_text(encoding="utf-8")).get("content")
@@ -326,6 +341,6 @@ def prepare_member_data(cfg: MemberConfig) -> tuple[dict[str, list[Pair]], Label
         checked = None
     if checked is None or checked != content:  # checked for other data (or never): check again
         for split, pairs in splits.items():
-            check_pairs(pairs, cfg.model.crop, cfg.data.upscale_small, str(split_dir / f"{split}.csv"))
+            check_pairs(pairs, cfg.model.crop, cfg.data.upscale_small, str(split_dir / f"{split}.csv"), blind)
         atomic_write_text(marker, json.dumps({"content": content, **{s: len(p) for s, p in splits.items()}}) + "\n")
     return splits, stats

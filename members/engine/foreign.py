@@ -63,6 +63,10 @@ def metric_score(metric: str, dis: torch.Tensor, ref: torch.Tensor, where: str) 
 
 def metric_scores(metric: str, pairs: list[Pair], progress: bool = True) -> np.ndarray:
     """`metric` of each (distorted, reference) pair of the split list, oriented higher = better."""
+    unpaired = next((p for p in pairs if p.ref is None), None)
+    if unpaired is not None:  # the experiment refuses metrics in the NR track; a list edited by hand may still
+        raise DataError(f"{unpaired.source}: {unpaired.name} has no reference image (a no-reference track list), "
+                        f"but {metric} is a full-reference metric; drop it from a track nr experiment")
     return np.array([metric_score(metric, load_rgb(p.dis), load_rgb(p.ref), f"{p.dis} ({p.source})")
                      for p in tqdm(pairs, desc=metric, leave=False, disable=not progress)], dtype=np.float64)
 

@@ -4,7 +4,8 @@
     accelerate launch --num_processes 2 -m members.engine.predict -c configs/members/x.yaml   # 1..N processes
 
 Every image is scored on all configured views (aligned crops of dis and ref, optional flips) and the
-view scores are averaged. Pairs are scored reference by reference, `--batch-size` (predict.batch_size)
+view scores are averaged; a blind member's (model.kind nr) views are crops of the distorted image
+alone, whose reference is never opened. Pairs are scored reference by reference, `--batch-size` (predict.batch_size)
 distorted images of one reference at a time. On several processes each one scores whole references
 and the scores are gathered; every pair must come back exactly once. Results do not depend on the
 batch size (to ~1e-6) or the number of processes.
@@ -65,7 +66,7 @@ def prediction_meta(cfg: MemberConfig, split: str, n_images: int, n_views: int, 
         "checkpoint": checkpoint,
         "pretrained_backbones": "none" not in (cfg.model.vit_weights, cfg.model.cnn_weights),
         "higher_is_better": cfg.data.higher_is_better,
-        "model": {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop},
+        "model": {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop, "kind": cfg.model.kind},
         **made_from(Path(cfg.split_dir), split, prediction_fingerprint(cfg), checkpoint),
         # the pseudo-labels its heads were trained on (its training record's summary): the readme says so
         **({"pseudo_labels": pseudo} if (pseudo := recorded_summary(cfg.out, RECORD)) else {}),
@@ -124,7 +125,8 @@ def _predict_groups(cfgs: list[MemberConfig], splits_to_run: list[str] | None, o
             chunk = (opts.batch_size or lead.predict.batch_size) if opts.reuse_reference else 1
             dataset = RefGroupPairs(pairs, lead.model.crop, lead.predict.views, None, chunk=chunk,
                                     upscale_small=lead.data.upscale_small,
-                                    process=state.process_index, processes=state.num_processes)
+                                    process=state.process_index, processes=state.num_processes,
+                                    blind=lead.model.kind == "nr")
             workers = lead.predict.num_workers if opts.num_workers is None else opts.num_workers
             loader = DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers,
                                 pin_memory=device.type == "cuda")

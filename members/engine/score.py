@@ -4,8 +4,11 @@
     python -m members.engine.score --member runs/ahiq_c/ahiq_p8_s1919 --pairs pairs.csv --out scores.csv
     python -m members.engine.score --ensemble runs/demo --pairs runs/demo/splits/test.csv > scores.csv
     python -m members.engine.score --ensemble runs/demo --dis-dir D/ --ref-dir R/ --out scores.csv
+    python -m members.engine.score --ensemble runs/demo_nr --dis-dir D/ --out scores.csv     # blind: no references
 
-Pairs come from two positional paths, two folders (a distorted image is matched with the reference of
+Blind members (model.kind nr) and their ensembles take distorted images alone: one positional path,
+`--dis-dir` without `--ref-dir`, or a no-reference track's split list. Pairs come from two positional
+paths, two folders (a distorted image is matched with the reference of
 the same name, or with PIPAL's naming: `A0001_10_02.bmp` -> `A0001.bmp`), or a `--pairs` CSV in one of
 the kit's formats, told apart by its header:
   dis,ref                                   pairs, one per line (the header is optional); paths
@@ -108,14 +111,17 @@ def _reference_name(dis: Path, refs: dict[str, Path]) -> Path | None:
     return next((refs[n] for n in (head + dis.suffix, head + ".bmp", head + ".png") if n in refs), None)
 
 
-def match_folders(dis_dir: Path, ref_dir: Path) -> list[tuple[Path, Path]]:
-    for folder in (dis_dir, ref_dir):
+def match_folders(dis_dir: Path, ref_dir: Path | None) -> list[tuple[Path, Path | None]]:
+    """(distorted, reference) of every image of `dis_dir`; `ref_dir` None: no references (blind scorers)."""
+    for folder in (dis_dir, ref_dir) if ref_dir is not None else (dis_dir,):
         if not folder.is_dir():
             raise PairsError(f"{folder}: not a folder")
-    refs = {p.name: p for p in sorted(ref_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     dis = [p for p in sorted(dis_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
     if not dis:
         raise PairsError(f"{dis_dir}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if ref_dir is None:
+        return [(d, None) for d in dis]
+    refs = {p.name: p for p in sorted(ref_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
     pairs, unmatched = [], []
     for d in dis:
         ref = _reference_name(d, refs)
@@ -145,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-unfinished", action="store_true",
                         help="with --member: score a member whose training has not finished (no done.json), "
                              "with a warning")
-    parser.add_argument("images", nargs="*", metavar="DIS REF", help="one distorted image and its reference")
+    parser.add_argument("images", nargs="*", metavar="DIS [REF]",
+                        help="one distorted image and its reference (blind members: the distorted image alone)")
     parser.add_argument("--pairs", metavar="CSV",
                         help="a CSV of pairs: dis,ref; a split list (runs/<exp>/splits/<split>.csv, paths relative to "
                              "the working directory); or a dis_img_path,dis_type,ref_img_path,score table")
@@ -153,15 +160,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --pairs dis,ref or a training table: the folder its paths are relative to, as "
                              "data.root is in training (default: the working directory)")
     parser.add_argument("--dis-dir", metavar="DIR", help="a folder of distorted images (with --ref-dir)")
-    parser.add_argument("--ref-dir", metavar="DIR", help="a folder of references (with --dis-dir)")
+    parser.add_argument("--ref-dir", metavar="DIR",
+                        help="a folder of references (with --dis-dir; left out for blind members)")
     parser.add_argument("--out", metavar="CSV",
                         help="write name,score here (default: stdout; logs always go to stderr)")
     parser.add_argument("--batch-size", type=int, default=8, help="distorted images per step (default 8)")
     parser.add_argument("--device", default="", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = parser.parse_args(argv)
     given = [bool(args.images), bool(args.pairs), bool(args.dis_dir or args.ref_dir)]
-    if sum(given) != 1 or (args.images and len(args.images) != 2) or (given[2] and not (args.dis_dir and args.ref_dir)):
-        parser.error("give exactly one of: DIS REF, --pairs CSV, or --dis-dir DIR --ref-dir DIR")
+    if sum(given) != 1 or (args.images and len(args.images) > 2) or (given[2] and not args.dis_dir):
+        parser.error("give exactly one of: DIS REF (DIS alone for blind members), --pairs CSV, or --dis-dir DIR "
+                     "--ref-dir DIR (--dis-dir alone for blind members)")
     if args.allow_unfinished and not args.member:
         parser.error("--allow-unfinished goes with --member (an ensemble's members are checked by make ensemble)")
     if args.root and not args.pairs:
@@ -173,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         listed = None  # the names a split list or table gives its pairs
         if args.images:
-            pairs = [(Path(args.images[0]), Path(args.images[1]))]
+            pairs = [(Path(args.images[0]), Path(args.images[1]) if len(args.images) == 2 else None)]
         elif args.pairs:
             pairs, listed = read_pairs_file(Path(args.pairs), Path(args.root) if args.root else None)
         else:
-            pairs = match_folders(Path(args.dis_dir), Path(args.ref_dir))
+            pairs = match_folders(Path(args.dis_dir), Path(args.ref_dir) if args.ref_dir else None)
         names = output_names(pairs, listed)
-        missing = [str(path) for pair in pairs for path in pair if not path.is_file()]
+        missing = [str(path) for pair in pairs for path in pair if path is not None and not path.is_file()]
         if missing:  # before any model is built
             raise PairsError(f"{len(missing)} image(s) not found (e.g. {', '.join(missing[:3])})"
                              + _relative_hint(args, listed is not None and args.root is None))

@@ -7,6 +7,10 @@
     ens.score(dis, ref)              # the same scores as a numpy array
     ens.score_pairs([(dis_path, ref_path), ...], batch_size=8, progress=True)   # numpy, from files
 
+Blind members (model.kind nr) and their ensembles score distorted images alone: `scorer(dis)`,
+`score(dis)`, `score_pairs([dis_path, ...])` (or pairs whose reference is None); a reference given
+to them is ignored, never opened. Full-reference members (AHIQ, metrics) need every reference.
+
 Inputs: tensors (B,3,H,W) or (3,H,W) in [0, 1], PIL images or paths. `scorer(dis, ref)` returns its
 tensor on the device of the inputs when they are tensors, on the CPU for paths and PIL images; it is
 float64 because ensemble scores sit on a MOS-like scale where float32 would lose the 6th decimal the
@@ -54,8 +58,8 @@ from members.engine.shared import FastOptions, SharedScorer, build_group, group_
 
 
 class Scorer(nn.Module):
-    """Full-reference quality of (distorted, reference) pairs from one or more members, optionally
-    combined as a fitted ensemble (`ensemble`: the `ensemble.json` record)."""
+    """Quality of distorted images, with their references for full-reference members, from one or more
+    members, optionally combined as a fitted ensemble (`ensemble`: the `ensemble.json` record)."""
 
     lower_better = False  # higher = better, for members and ensembles alike
 
@@ -72,6 +76,8 @@ class Scorer(nn.Module):
         self.score_range = score_range_of(ensemble)
         self.validation_range = validation_range
         self.group_configs = group_members(self.configs, self.opts)
+        # blind members only (no metric): no reference is needed, and none is read
+        self.blind = all(cfg.model.kind == "nr" for cfg in self.configs) and not self.metrics
         with contextlib.redirect_stdout(sys.stderr):  # loading notes are logs: stdout may be a CSV being written
             self.models = nn.ModuleList(nn.ModuleList(build_group(group, [self.checkpoints[c.name] for c in group]))
                                         for group in self.group_configs)
@@ -139,9 +145,10 @@ class Scorer(nn.Module):
                                   "ensemble's weights belong to its members' heads: load other heads into a member "
                                   "Scorer (Scorer.from_member), or fit an ensemble on them (make ensemble)")
 
-    def forward(self, dis: ImageLike | Sequence[ImageLike], ref: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+    def forward(self, dis: ImageLike | Sequence[ImageLike],
+                ref: ImageLike | Sequence[ImageLike] | None = None) -> torch.Tensor:
         """Scores as a float64 tensor of shape (N,): on the inputs' device when they are tensors, else
-        on the CPU."""
+        on the CPU. `ref` may be left out when every member is blind."""
         scores = self.score(dis, ref)
         scores = scores if scores.ndim == 1 else scores[:, 0]
         device = dis.device if isinstance(dis, torch.Tensor) else torch.device("cpu")
@@ -227,11 +234,15 @@ class Scorer(nn.Module):
                    **kwargs)
 
     # ------------------------------------------------------------------------------------ scoring
-    def score(self, dis: ImageLike | Sequence[ImageLike], ref: ImageLike | Sequence[ImageLike]) -> np.ndarray:
-        """Scores of aligned (distorted, reference) images; one per pair (float64 numpy)."""
-        dis, ref = as_list(dis), as_list(ref)
+    def score(self, dis: ImageLike | Sequence[ImageLike], ref: ImageLike | Sequence[ImageLike] | None = None
+              ) -> np.ndarray:
+        """Scores of aligned (distorted, reference) images, or of distorted images alone when every member
+        is blind (`ref` None, or None entries); one per image (float64 numpy)."""
+        dis = as_list(dis)
+        ref = [None] * len(dis) if ref is None else as_list(ref)
         if len(dis) != len(ref):
             raise ScorerError(f"{len(dis)} distorted images but {len(ref)} references")
+        self._need_references([i for i, r in enumerate(ref) if r is None])
         columns = np.zeros((len(dis), len(self.configs)))
         for group, scorer in self.groups:
             items = list(self._items(dis, ref, group[0]))
@@ -242,23 +253,27 @@ class Scorer(nn.Module):
                   for i, (d, r) in enumerate(zip(dis, ref))) if self.metrics else ()
         return self._combine(columns, self._metric_columns(list(images)))
 
-    def score_pairs(self, pairs: Iterable[tuple[str | Path, str | Path]], batch_size: int = 8,
+    def score_pairs(self, pairs: Iterable[tuple[str | Path, str | Path | None] | str | Path], batch_size: int = 8,
                     progress: bool = False, num_workers: int = 0) -> np.ndarray:
         """Scores of (distorted path, reference path) pairs, grouped by reference so that each
-        reference's work is done once; `batch_size` distorted images per step."""
-        pairs = [Pair(Path(d).name, Path(d), Path(r), str(r), None, f"pair {i + 1}") for i, (d, r) in enumerate(pairs)]
+        reference's work is done once; `batch_size` distorted images per step. When every member is
+        blind, an item may be a distorted path alone (or a pair whose reference is None); references
+        given to blind members are never opened."""
+        pairs = [_pair(item, i) for i, item in enumerate(pairs)]
+        self._need_references([i for i, p in enumerate(pairs) if p.ref is None])
         # Every file decodes, sizes match and fit the crops, all checked before any scoring (names may
         # repeat here: the pairs are scored by position).
         crop = max((c.model.crop for c in self.configs if not c.data.upscale_small), default=0)
         try:
-            check_pairs([dataclasses.replace(p, name=str(i)) for i, p in enumerate(pairs)], crop, False, "pairs")
+            check_pairs([dataclasses.replace(p, name=str(i)) for i, p in enumerate(pairs)], crop, False, "pairs",
+                        blind=self.blind)
         except DataError as err:
             raise ScorerError(str(err)) from None
         columns = np.zeros((len(pairs), len(self.configs)))
         for group, scorer in self.groups:
             lead = group[0]
             data = RefGroupPairs(pairs, lead.model.crop, lead.predict.views, None, chunk=batch_size,
-                                 upscale_small=lead.data.upscale_small)
+                                 upscale_small=lead.data.upscale_small, blind=lead.model.kind == "nr")
             loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=num_workers)
             try:
                 scores = scorer.score(loader, len(pairs), reuse_reference=True, progress=progress)
@@ -296,9 +311,25 @@ class Scorer(nn.Module):
         except DataError as err:
             raise ScorerError(str(err)) from None
 
+    def _need_references(self, missing: list[int]) -> None:
+        """Refuse inputs without a reference (their positions `missing`) unless every member is blind."""
+        if missing and not self.blind:
+            needs = [c.name for c in self.configs if c.model.kind != "nr"] + list(self.metrics)
+            raise ScorerError(f"input {missing[0] + 1} has no reference image, but {', '.join(needs)} "
+                              f"{'is a' if len(needs) == 1 else 'are'} full-reference member{'s' * (len(needs) > 1)}; "
+                              "give every reference, or score with blind members (model.kind: nr) only")
+
     def _items(self, dis: list, ref: list, cfg: MemberConfig):
-        """Reference-grouped items (the engine's input) for images in memory; one pair per item."""
+        """Reference-grouped items (the engine's input) for images in memory; one pair per item (a blind
+        member's: the distorted image alone, its reference never looked at)."""
         min_size = cfg.model.crop if cfg.data.upscale_small else 0
+        if cfg.model.kind == "nr":
+            for i, d in enumerate(dis):
+                d_img = as_image(d, min_size, cfg.model.crop, f"distorted image {i}")
+                views = make_views(d_img.shape[1], d_img.shape[2], cfg.model.crop, cfg.predict.views)
+                yield {"ref_key": f"pair{i}", "index": torch.tensor([i]),
+                       "dis": torch.stack([apply_view(d_img, v, cfg.model.crop) for v in views])[None]}
+            return
         for i, (d, r) in enumerate(zip(dis, ref)):
             r_img = as_image(r, min_size, cfg.model.crop, f"reference {i}")
             d_img = as_image(d, min_size, cfg.model.crop, f"distorted image {i}")
@@ -326,3 +357,15 @@ class Scorer(nn.Module):
             return ensemble_scores(self.ensemble, named)
         except CombineError as err:
             raise ScorerError(f"ensemble.json: {err}; run {REBUILD_ENSEMBLE}") from None
+
+
+def _pair(item: tuple[str | Path, str | Path | None] | str | Path, i: int) -> Pair:
+    """A `score_pairs` input as a Pair: (dis, ref), (dis, None), (dis,) or a distorted path alone."""
+    if isinstance(item, (str, Path)):
+        dis, ref = item, None
+    else:
+        parts = tuple(item)
+        if len(parts) not in (1, 2):
+            raise ScorerError(f"pair {i + 1}: expected (distorted, reference) paths or a distorted path, got {item!r}")
+        dis, ref = parts[0], (parts[1] if len(parts) == 2 else None)
+    return Pair(Path(dis).name, Path(dis), None if ref is None else Path(ref), str(ref), None, f"pair {i + 1}")

@@ -11,6 +11,10 @@ Everything that scores pairs uses `SharedScorer`: the prediction files (`members
 and the bench. On several Accelerate processes each process scores whole references of its own
 (`members.data.datasets.process_share`) and the scores are gathered; the result does not depend on the
 number of processes.
+
+Blind members (model.kind nr, `members.model.blind`) form groups of their own (`backbone_key`): their
+items carry no reference (`RefGroupPairs(..., blind=True)`) and their group never computes reference
+features; each chunk of distorted images goes through the backbones once for all the group's members.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ from tqdm.auto import tqdm
 
 from members.contract.config import to_dict
 from members.contract.member import MemberConfig
-from members.model.ahiq import AHIQ, build_model
+from members.model.ahiq import AHIQ, build_model, heads_model
+from members.model.backbones import normalise
+from members.model.blind import BlindHeads, BlindIQA
 from members.model.checkpoint import load_heads_into
 from members.model.grouped import GroupedHeads, prepare_model
 
@@ -73,11 +79,12 @@ def precision_of(cfg: MemberConfig, opts: FastOptions) -> str:
 
 
 def backbone_key(cfg: MemberConfig, opts: FastOptions) -> str:
-    """Members with equal keys compute identical backbone features on identical crops."""
+    """Members with equal keys compute identical backbone features on identical crops, and are of one
+    kind: a blind group reads no reference."""
     m = cfg.model
     return json.dumps([m.vit, m.cnn, m.vit_weights, m.cnn_weights, m.crop, to_dict(cfg.predict.views),
-                       cfg.data.upscale_small, str(Path(cfg.split_dir).resolve()), precision_of(cfg, opts)],
-                      sort_keys=True)
+                       cfg.data.upscale_small, str(Path(cfg.split_dir).resolve()), precision_of(cfg, opts)]
+                      + ([m.kind] if m.kind != "fr" else []), sort_keys=True)
 
 
 def group_members(cfgs: list[MemberConfig], opts: FastOptions) -> list[list[MemberConfig]]:
@@ -88,29 +95,31 @@ def group_members(cfgs: list[MemberConfig], opts: FastOptions) -> list[list[Memb
     return list(groups.values())
 
 
-def build_group(cfgs: list[MemberConfig], checkpoints: list[str]) -> list[AHIQ]:
-    """One AHIQ per member, all holding the SAME backbone modules; heads loaded strictly."""
+def build_group(cfgs: list[MemberConfig], checkpoints: list[str]) -> list[AHIQ | BlindIQA]:
+    """One model per member (AHIQ, or blind for model.kind nr), all holding the SAME backbone modules;
+    heads loaded strictly."""
     first = build_model(dataclasses.replace(cfgs[0].model, init_from=None))
     models = []
     for cfg, ckpt in zip(cfgs, checkpoints):
-        model = AHIQ(first.vit, first.cnn, crop=cfg.model.crop)
+        model = heads_model(cfg.model.kind, first.vit, first.cnn, cfg.model.crop)
         load_heads_into(model, ckpt, cfg.model)
         models.append(model)
     return models
 
 
-def crop_elements(model: AHIQ) -> int:
+def crop_elements(model: AHIQ | BlindIQA) -> int:
     """Elements one crop holds at the peak of a backbone + heads call (an estimate from the model's sizes):
-    the deformable convolution's sampled columns (9 per CNN feature), the CNN taps and deformed map, the ViT
-    taps and the regressor's input, and one attention block's scores."""
+    the deformable convolution's sampled columns (9 per CNN feature; AHIQ only), the CNN taps and deformed
+    map, the ViT taps and the regressor's input, and one attention block's scores."""
     vit, cnn, g, big = model.vit, model.cnn, model.vit.grid, model.cnn_grid
     tokens = g * g + 1
     heads = getattr(getattr(vit.vit.blocks[0], "attn", None), "num_heads", 1)
-    return (cnn.out_channels * 9 * big * big + 2 * cnn.out_channels * big * big
+    columns = cnn.out_channels * 9 * big * big if model.kind == "fr" else 0
+    return (columns + 2 * cnn.out_channels * big * big
             + 2 * vit.out_channels * g * g + heads * tokens * tokens)
 
 
-def crops_per_call(model: AHIQ, device: torch.device, dtype: torch.dtype | None,
+def crops_per_call(model: AHIQ | BlindIQA, device: torch.device, dtype: torch.dtype | None,
                    free_bytes: int | None = None) -> int:
     """How many crops one backbone and heads call takes: MAX_CROPS on the CPU; on a GPU as many as
     GPU_MEMORY_SHARE of the free memory holds (`crop_elements` each), at most GPU_MAX_CROPS."""
@@ -145,16 +154,23 @@ class Clock:
 
 
 class SharedScorer:
-    """Scores of several members (one backbone group) on reference-grouped items (`RefGroupPairs`)."""
+    """Scores of several members (one backbone group) on reference-grouped items (`RefGroupPairs`); a
+    group of blind members (`blind`) on items without references, whose features it never computes."""
 
-    def __init__(self, models: list[AHIQ], device: torch.device, precision: str = "no",
+    def __init__(self, models: list[AHIQ | BlindIQA], device: torch.device, precision: str = "no",
                  channels_last: bool = False, compile_backend: str = "", max_crops: int | None = None) -> None:
+        kinds = {m.kind for m in models}
+        if len(kinds) > 1:
+            raise ValueError("one engine scores members of one kind: blind (nr) and full-reference (fr) members "
+                             "form separate groups (group_members)")
+        self.blind = kinds == {"nr"}
         self.device = device
         self.dtype = PRECISIONS[precision]
         self.max_crops = max_crops or crops_per_call(models[0], device, self.dtype)
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.models = [prepare_model(m.to(device), channels_last) for m in models]
-        self.heads = [GroupedHeads(m, channels_last) for m in self.models]
+        self.heads = [BlindHeads(m, channels_last) if self.blind else GroupedHeads(m, channels_last)
+                      for m in self.models]
         vit, cnn = self.models[0].vit, self.models[0].cnn
         if compile_backend:
             vit = torch.compile(vit, backend=compile_backend, dynamic=False)
@@ -167,7 +183,7 @@ class SharedScorer:
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Shared backbone features of RGB crops in [0, 1] (the model's preprocessing)."""
         with torch.no_grad(), self.autocast():
-            x = AHIQ.normalise(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.fmt)
+            x = normalise(images.to(self.device, non_blocking=True)).contiguous(memory_format=self.fmt)
             return self.vit(x), self.cnn(x)
 
     def score(self, loader: Iterable[dict], n: int, reuse_reference: bool = True, clock: Clock | None = None,
@@ -187,7 +203,12 @@ class SharedScorer:
                 item = next(batches, None)
             if item is None:
                 break
-            if not reuse_reference or item["ref_key"] != key:
+            if self.blind:
+                states = [None] * len(self.heads)  # no reference: none is read, no feature computed
+            elif "ref" not in item:
+                raise ValueError("full-reference members were given items without references (a blind item kind, "
+                                 "or a no-reference track list); they score a distorted image against its reference")
+            elif not reuse_reference or item["ref_key"] != key:
                 states = []  # drop the previous reference first: one reference in memory at a time
                 with clock("backbone"):
                     vit_ref, cnn_ref = self.features(item["ref"])

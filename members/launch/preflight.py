@@ -54,7 +54,8 @@ def data_layout(exp: Experiment) -> list[str]:
     for m in exp.members:
         for split, pairs in splits.items():
             sample = pairs[:: max(1, len(pairs) // SAMPLE)][:SAMPLE]
-            check_pairs(sample, m.config.model.crop, m.config.data.upscale_small, f"{split} split ({m.name})")
+            check_pairs(sample, m.config.model.crop, m.config.data.upscale_small, f"{split} split ({m.name})",
+                        blind=m.config.model.kind == "nr")
     crops = sorted({m.config.model.crop for m in exp.members})
     lines.append(f"\nA sample of {SAMPLE} images per split decodes and fits every member's crop ({crops}); "
                  "the full check runs when training starts.")
@@ -107,13 +108,19 @@ def schedule(durations: list[float], slots: int) -> float:
     return max(free)
 
 
+def _deform_cell(result: dict) -> str:
+    """The deformable convolution's difference, or '-' for a blind member (it has none)."""
+    value = result.get("deform_vs_torchvision")
+    return "-" if value is None else f"{value:.2e}"
+
+
 def report(exp: Experiment, layout: list[str], rows: list[tuple], slots: int, processes: int, disk: str) -> str:
     head = ["| member | device | precision | batch | step s | peak MiB | state MiB | predict s/image | crops/call "
             "| train est. | predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |", "|---" * 13 + "|"]
     body = [f"| {r['member']} | {r['device']} | {r['precision']} | {r['batch_size']} | {step:.3f} | "
             f"{r['peak_mib']:.0f} | "
             f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {r['crops_per_call']} | {duration(t)} | "
-            f"{duration(p)} | {r['precision_vs_cpu_fp32']:.2e} | {r['deform_vs_torchvision']:.2e} |"
+            f"{duration(p)} | {r['precision_vs_cpu_fp32']:.2e} | {_deform_cell(r)} |"
             for r, step, t, p in rows]
     total = schedule([t for _, _, t, _ in rows], slots) + sum(p for *_, p in rows) / slots
     plan = f"{slots} slot(s) side by side, {processes} process(es) per member"

@@ -13,7 +13,6 @@ release does (no ImageNet mean/std, not even for the ResNet).
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,9 +20,11 @@ from torchvision.ops import DeformConv2d
 
 from members.contract.config import from_dict
 from members.contract.member import ModelConfig
-from members.model.backbones import CnnTaps, VitTaps
+from members.model.backbones import CnnTaps, VitTaps, normalise
+from members.model.blind import BlindIQA, start_blind_readout
 from members.model.checkpoint import load_heads_into
 from members.model.deform import DeformSampling, build_sampling, deform_conv_sampled
+from members.model.dropout import keyed_dropout
 
 
 class DeformFusion(nn.Module):
@@ -65,9 +66,8 @@ class PatchRegressor(nn.Module):
     """`regressor`: per-patch score f and weight w; image score = sum(f * w) / sum(w).
 
     `drop_rate` > 0 (model.drop_rate): dropout on the features the two 1x1 output convs read, in
-    training only, as a function (the state dict keeps the authors' keys). Its masks come from
-    `noise_key` when the training loop set one (keyed like the crops, so a resumed run draws the same
-    masks), else from torch's global generator."""
+    training only, as a function (the state dict keeps the authors' keys), keyed by `noise_key`
+    (members.model.dropout)."""
 
     def __init__(self, in_channels: int = 4608, embed: int = 256, hidden: int = 1024, drop_rate: float = 0.0):
         super().__init__()
@@ -90,17 +90,10 @@ class PatchRegressor(nn.Module):
     def score(self, e_dis: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
         feat = self.conv1(self.feat_smoothing(torch.cat((e_dis - e_ref, e_dis, e_ref), dim=1)))
         if self.drop_rate and self.training:
-            feat = self._dropout(feat)
+            feat = keyed_dropout(feat, self.drop_rate, self.noise_key)
         f, w = self.conv(feat), self.conv_attent(feat)
         return (f * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
 
-    def _dropout(self, feat: torch.Tensor) -> torch.Tensor:
-        if self.noise_key is None:
-            return F.dropout(feat, self.drop_rate, True)
-        seed = int(np.random.SeedSequence(self.noise_key).generate_state(1, np.uint64)[0] >> 1)
-        generator = torch.Generator(device=feat.device).manual_seed(seed)
-        keep = torch.rand(feat.shape, generator=generator, device=feat.device) >= self.drop_rate
-        return feat * keep.to(feat.dtype) / (1.0 - self.drop_rate)
 
     def forward(self, vit_dis: torch.Tensor, vit_ref: torch.Tensor,
                 cnn_dis: torch.Tensor, cnn_ref: torch.Tensor) -> torch.Tensor:
@@ -110,6 +103,8 @@ class PatchRegressor(nn.Module):
 class AHIQ(nn.Module):
     """Full-reference quality: `forward(dis, ref)` on aligned RGB crops in [0, 1] -> (B,) scores,
     higher = better. Backbones are frozen and run without an autograd graph; heads train."""
+
+    kind = "fr"  # model.kind; its trained parts are checkpoint.HEAD_PARTS["fr"]
 
     def __init__(self, vit: VitTaps, cnn: CnnTaps, crop: int = 224, drop_rate: float = 0.0):
         super().__init__()
@@ -125,9 +120,7 @@ class AHIQ(nn.Module):
         self.deform_net = DeformFusion(vit.out_channels, cnn.out_channels, out_stride=half_grid // vit.grid)
         self.regressor = PatchRegressor(vit.out_channels + cnn.out_channels, drop_rate=drop_rate)
 
-    @staticmethod
-    def normalise(x: torch.Tensor) -> torch.Tensor:
-        return (x - 0.5) / 0.5
+    normalise = staticmethod(normalise)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen backbone features (ViT map, CNN map) of RGB images in [0, 1], no autograd graph."""
@@ -166,19 +159,27 @@ class AHIQ(nn.Module):
         return [*self.deform_net.parameters(), *self.regressor.parameters()]
 
 
-def build_model(cfg: dict | ModelConfig) -> AHIQ:
-    """Build AHIQ from a model config (mapping or `ModelConfig`); loads `init_from` heads if set."""
+def heads_model(kind: str, vit: VitTaps, cnn: CnnTaps, crop: int, drop_rate: float = 0.0) -> AHIQ | BlindIQA:
+    """A model of `kind` (model.kind: fr = AHIQ, nr = blind) with fresh heads on these backbones (which
+    several models may share: the prediction engine's groups); `drop_rate`: model.drop_rate."""
+    model_class = BlindIQA if kind == "nr" else AHIQ
+    return model_class(vit, cnn, crop=crop, drop_rate=drop_rate)
+
+
+def build_model(cfg: dict | ModelConfig) -> AHIQ | BlindIQA:
+    """Build the model a config names (mapping or `ModelConfig`): AHIQ (model.kind fr) or the blind model
+    (nr); loads `init_from` heads if set."""
     if not isinstance(cfg, ModelConfig):
         cfg = from_dict(ModelConfig, cfg, prefix="model.")
     vit = VitTaps(cfg.vit, img_size=cfg.crop, weights=cfg.vit_weights)
     cnn = CnnTaps(cfg.cnn, weights=cfg.cnn_weights)
-    model = AHIQ(vit, cnn, crop=cfg.crop, drop_rate=cfg.drop_rate)
+    model = heads_model(cfg.kind, vit, cnn, cfg.crop, drop_rate=cfg.drop_rate)
     if cfg.init_from:
         load_heads_into(model, cfg.init_from, cfg)
     return model
 
 
-def start_readout(model: AHIQ, mean_label: float) -> list[nn.Parameter]:
+def start_readout(model: AHIQ | BlindIQA, mean_label: float) -> list[nn.Parameter]:
     """Set up fresh heads for `train.heads: readout` and return the only parameters that then train.
 
     Why (measured on the demo, README "demo"): with few training references the release recipe
@@ -190,7 +191,10 @@ def start_readout(model: AHIQ, mean_label: float) -> list[nn.Parameter]:
     and only the two 1x1 output convs (score f, weight w) train. The score conv starts with zero
     weights and the mean label as bias: fitting that offset through the positive ReLU features
     would otherwise rank distorted images above clean ones. Architecture and checkpoints unchanged.
+    A blind model has its own readout (`members.model.blind.start_blind_readout`).
     """
+    if isinstance(model, BlindIQA):
+        return start_blind_readout(model, mean_label)
     reg = model.regressor
     embed = reg.down_channel.out_channels
     with torch.no_grad():

@@ -24,6 +24,12 @@ from members.contract.cli import UserError
 VIT_TAPS = (0, 1, 2, 3, 4)  # the release concatenates the outputs of the first five blocks
 
 
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """RGB in [0, 1] -> [-1, 1], the input of BOTH backbones (the release: no ImageNet mean/std, not even
+    for the ResNet); every model of the kit (AHIQ, blind) and the prediction engine use it."""
+    return (images - 0.5) / 0.5
+
+
 class WeightsError(UserError, RuntimeError):
     """Backbone weights are missing, unreadable or do not fit the backbone."""
 

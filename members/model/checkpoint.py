@@ -3,7 +3,8 @@
 Authors' files (`AHIQ_vit_p8_epoch33.pth`) are a `torch.save` dict with
 `deform_net_model_state_dict` and `regressor_model_state_dict` (and, when written by their training
 script, `epoch`, `optimizer_state_dict`, `scheduler_state_dict` and a numpy float64 `loss`).
-Ours hold `format`, `deform_net`, `regressor`, the model config and the validation metrics.
+Ours hold `format`, `kind` (model.kind: fr = AHIQ, nr = blind; files without it are AHIQ's), the
+trained parts of that kind by name (`HEAD_PARTS`), the model config and the validation metrics.
 Both are read with `torch.load(weights_only=True)`; the only non-tensor objects allowed are numpy
 scalars (their `loss`), so a file carrying any other pickled object is refused.
 """
@@ -22,7 +23,11 @@ from members.contract.cli import UserError
 
 FORMAT = "ahiq-kit/heads-v1"
 AUTHORS_KEYS = ("deform_net_model_state_dict", "regressor_model_state_dict")
-HEAD_PARTS = ("deform_net", "regressor")  # the trained modules of AHIQ, by the names a heads file uses
+# The trained modules of each model kind, by the names its heads files, resumable states and averaged
+# checkpoints use (the one place that says them): AHIQ's (fr) are the release's, the blind model's (nr)
+# are its own (members.model.blind).
+HEAD_PARTS: dict[str, tuple[str, ...]] = {"fr": ("deform_net", "regressor"), "nr": ("cnn_net", "regressor")}
+KIND_NAMES = {"fr": "full-reference (AHIQ)", "nr": "no-reference (blind)"}
 
 # numpy scalars pickle as `numpy.core.multiarray.scalar` (numpy 1, the release) or
 # `numpy._core.multiarray.scalar` (numpy 2); allow both spellings, and dtypes.
@@ -63,15 +68,27 @@ def safe_load(path: str | os.PathLike) -> dict[str, Any]:
     return obj
 
 
+def head_parts(model: nn.Module) -> tuple[str, ...]:
+    """The trained modules of `model` by name (`HEAD_PARTS` of its kind)."""
+    return HEAD_PARTS[model.kind]
+
+
 def read_heads(path: str | os.PathLike) -> tuple[dict[str, dict], dict[str, Any]]:
-    """Head state dicts {'deform_net': ..., 'regressor': ...} and what the file says about itself."""
+    """Head state dicts by part ({'deform_net': ..., 'regressor': ...} for AHIQ) and what the file says
+    about itself (`kind` included)."""
     ckpt = safe_load(path)
     if all(k in ckpt for k in AUTHORS_KEYS):
         heads = {"deform_net": ckpt[AUTHORS_KEYS[0]], "regressor": ckpt[AUTHORS_KEYS[1]]}
-        info = {"format": "authors", "epoch": ckpt.get("epoch"), "model": None}
+        info = {"format": "authors", "kind": "fr", "epoch": ckpt.get("epoch"), "model": None}
     elif ckpt.get("format") == FORMAT:
-        heads = {"deform_net": ckpt["deform_net"], "regressor": ckpt["regressor"]}
-        info = {"format": FORMAT, "epoch": ckpt.get("epoch"), "model": ckpt.get("model"),
+        kind = ckpt.get("kind", "fr")  # files written before blind members existed are AHIQ's
+        if kind not in HEAD_PARTS:
+            raise CheckpointError(f"{path}: unknown model kind {kind!r}; expected one of {', '.join(HEAD_PARTS)}")
+        missing = [part for part in HEAD_PARTS[kind] if not isinstance(ckpt.get(part), dict)]
+        if missing:
+            raise CheckpointError(f"{path}: a {KIND_NAMES[kind]} heads file without {', '.join(missing)}")
+        heads = {part: ckpt[part] for part in HEAD_PARTS[kind]}
+        info = {"format": FORMAT, "kind": kind, "epoch": ckpt.get("epoch"), "model": ckpt.get("model"),
                 "metrics": ckpt.get("metrics")}
     else:
         raise CheckpointError(
@@ -85,6 +102,11 @@ def load_heads_into(model: nn.Module, path: str | os.PathLike, cfg: Any) -> dict
     """Load heads strictly into `model`; the variant (patch size) comes from the config, since the
     p8 and p16 heads have identical keys and shapes. Returns the file's info plus a description."""
     heads, info = read_heads(path)
+    if info["kind"] != model.kind:
+        raise CheckpointError(
+            f"{path}: holds the heads of a {KIND_NAMES[info['kind']]} model ({', '.join(HEAD_PARTS[info['kind']])}), "
+            f"but the config's model.kind is {model.kind} ({KIND_NAMES[model.kind]}: "
+            f"{', '.join(head_parts(model))}); use heads trained for this kind, or set model.kind: {info['kind']}")
     saved = info.get("model")
     if saved is not None:
         for key in ("vit", "cnn", "crop"):
@@ -92,7 +114,7 @@ def load_heads_into(model: nn.Module, path: str | os.PathLike, cfg: Any) -> dict
                 raise CheckpointError(
                     f"{path}: trained with {key}={saved.get(key)!r}, but the config says {getattr(cfg, key)!r}"
                 )
-    for part in HEAD_PARTS:
+    for part in head_parts(model):
         try:
             getattr(model, part).load_state_dict(heads[part], strict=True)
         except RuntimeError as err:
@@ -107,15 +129,17 @@ def load_heads_into(model: nn.Module, path: str | os.PathLike, cfg: Any) -> dict
 
 
 def head_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-    """Copies of the head modules' state dicts, {'deform_net': ..., 'regressor': ...}, as a heads file holds them."""
-    return {part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()} for part in HEAD_PARTS}
+    """Copies of the head modules' state dicts by part ({'deform_net': ..., 'regressor': ...} for AHIQ), as a
+    heads file holds them."""
+    return {part: {k: v.detach().clone() for k, v in getattr(model, part).state_dict().items()}
+            for part in head_parts(model)}
 
 
 def save_heads(model: nn.Module, path: str | os.PathLike, model_config: dict,
                **extra: Any) -> None:
     """Write our head checkpoint atomically (`members.contract.atomic`: fixed temp name, then rename)."""
-    ckpt = {"format": FORMAT, "model": model_config,
-            "deform_net": model.deform_net.state_dict(), "regressor": model.regressor.state_dict(), **extra}
+    ckpt = {"format": FORMAT, "kind": model.kind, "model": model_config,
+            **{part: getattr(model, part).state_dict() for part in head_parts(model)}, **extra}
     with atomic_path(path) as tmp:
         try:
             torch.save(ckpt, tmp)

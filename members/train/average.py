@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from members.model.checkpoint import HEAD_PARTS, head_state
+from members.model.checkpoint import head_parts, head_state
 from members.train.states import StateError, read_extra
 
 
 def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     """The head parameters that train, by their best.pth name ('regressor.conv.0.weight')."""
-    return {f"{part}.{name}": p for part in HEAD_PARTS for name, p in getattr(model, part).named_parameters()
+    return {f"{part}.{name}": p for part in head_parts(model) for name, p in getattr(model, part).named_parameters()
             if p.requires_grad}
 
 
@@ -71,7 +71,7 @@ class HeadAverage:
         self.count = expected
 
     def mean_heads(self, model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
-        """The head state dicts {'deform_net': ..., 'regressor': ...} with every trainable weight the
+        """The head state dicts by part (`head_state`) with every trainable weight the
         mean of the sums (float32, on the model's device); the frozen ones as the model holds them."""
         if self.count == 0:
             raise ValueError("no epoch has been averaged yet")
@@ -88,9 +88,9 @@ def swapped_heads(model: nn.Module, heads: dict[str, dict[str, torch.Tensor]]) -
     from, and last.pth holds, the weights of the last epoch, never the average)."""
     own = head_state(model)
     try:
-        for part in HEAD_PARTS:
+        for part in head_parts(model):
             getattr(model, part).load_state_dict(heads[part], strict=True)
         yield
     finally:
-        for part in HEAD_PARTS:
+        for part in head_parts(model):
             getattr(model, part).load_state_dict(own[part], strict=True)

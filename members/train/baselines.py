@@ -57,7 +57,8 @@ def pair_measures(pair: Pair, model: AHIQ, crop: int, views, min_size: int) -> t
 
 def baselines(cfg, progress: bool = True) -> dict[str, dict[str, float]]:
     """{split: {measure: SRCC}} for the labelled splits of the member config `cfg`."""
-    splits = {s: pairs for s, pairs in build_splits(cfg.data).items() if all(p.mos is not None for p in pairs)}
+    splits = {s: pairs for s, pairs in build_splits(cfg.data).items()  # labelled, with references (full reference)
+              if all(p.mos is not None and p.ref is not None for p in pairs)}
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).eval()
     min_size = cfg.model.crop if cfg.data.upscale_small else 0

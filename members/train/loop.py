@@ -56,7 +56,7 @@ from members.data.splits import LabelStats, prepare_member_data
 from members.engine.shared import SharedScorer
 from members.model.ahiq import AHIQ, build_model, start_readout
 from members.model.backbones import WeightsError
-from members.model.checkpoint import CheckpointError, save_heads
+from members.model.checkpoint import CheckpointError, head_parts, save_heads
 from members.train.average import HeadAverage, swapped_heads
 from members.train.best import fresh_progress, record_if_best
 from members.train.logs import LossWindow, Progress, append_row, truncate_log
@@ -157,13 +157,14 @@ def _setup(cfg: MemberConfig, accelerator: Accelerator) -> Setup:
     # pseudo-labelled pairs: their own list after the training list, each weighing data.pseudo_weight
     extra = pseudo.pairs if pseudo else []
     weights = [1.0] * len(splits["train"]) + [cfg.data.pseudo_weight] * len(extra) if pseudo else None
+    blind = cfg.model.kind == "nr"  # a blind member's items hold no reference: none is read
     train_set = TrainPairs(splits["train"] + extra, cfg.model.crop, tc.augment, stats, cfg.seed,
-                           upscale_small=cfg.data.upscale_small, weights=weights)
+                           upscale_small=cfg.data.upscale_small, weights=weights, blind=blind)
     # validation as prediction does it (this process's references, predict.batch_size images per chunk),
     # on its own views
     val_set = RefGroupPairs(splits["val"], cfg.model.crop, tc.val_views, None, chunk=cfg.predict.batch_size,
                             upscale_small=cfg.data.upscale_small, process=accelerator.process_index,
-                            processes=accelerator.num_processes)
+                            processes=accelerator.num_processes, blind=blind)
     pin = torch.cuda.is_available()
     # persistent workers, started once and not every epoch: they read the epoch from the dataset's
     # shared memory (TrainPairs.set_epoch)
@@ -211,13 +212,14 @@ def _resume(cfg: MemberConfig, accelerator: Accelerator, average: HeadAverage | 
 def make_optimizer(model: AHIQ, cfg: MemberConfig, stats: LabelStats, train_pairs: list[Pair]) -> torch.optim.Optimizer:
     """Adam over the head parameters that train, in the release's two groups (regressor, then
     deform_net; same lr and weight decay, so the updates are those of one group) so that its optimizer
-    layout is the release's; a group with nothing to train (train.heads: readout) is left out. Call it
-    before `accelerator.prepare`: with train.heads: readout it starts the heads first, and DDP registers
-    the parameters that need gradients."""
+    layout is the release's (a blind model: regressor, then cnn_net); a group with nothing to train
+    (train.heads: readout) is left out. Call it before `accelerator.prepare`: with train.heads: readout
+    it starts the heads first, and DDP registers the parameters that need gradients."""
     if cfg.train.heads == "readout":
         start_readout(model, float(np.mean(stats.normalise(np.array([p.mos for p in train_pairs])))))
-    groups = [{"name": name, "params": [p for p in part.parameters() if p.requires_grad]}
-              for name, part in (("regressor", model.regressor), ("deform_net", model.deform_net))]
+    parts = sorted(head_parts(model), key=lambda name: name != "regressor")  # the regressor first
+    groups = [{"name": name, "params": [p for p in getattr(model, name).parameters() if p.requires_grad]}
+              for name in parts]
     return torch.optim.Adam([g for g in groups if g["params"]], lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
@@ -237,7 +239,7 @@ def training_step(accelerator: Accelerator, model: torch.nn.Module, optimizer: t
     on the device: nothing here waits for the device. A NaN or inf loss is not caught here; the loop
     checks the losses (and weights) every train.log_every steps and before anything is saved."""
     with accelerator.accumulate(model):
-        pred = model(batch["dis"], batch["ref"])
+        pred = model(batch["dis"], batch.get("ref"))  # a blind member's batches hold no "ref"
         loss = pair_loss(pred, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients:

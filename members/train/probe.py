@@ -60,16 +60,20 @@ def _sample(pairs: list[Pair], n: int) -> list[Pair]:
     return [pairs[i] for i in np.linspace(0, len(pairs) - 1, n).round().astype(int)]
 
 
-def numerics(net: torch.nn.Module, batch: dict, precision: str, device: torch.device) -> dict[str, float]:
+def numerics(net: torch.nn.Module, batch: dict, precision: str, device: torch.device) -> dict[str, float | None]:
     """Max abs differences that a change of device or kernel would make: the member's forward in its
     precision on `device` against fp32 on the CPU (two crops), and the kit's deformable convolution
-    against torchvision's on the member's own deform weights (random offsets of a few pixels)."""
-    dis, ref = batch["dis"][:2], batch["ref"][:2]
+    against torchvision's on the member's own deform weights (random offsets of a few pixels; None for
+    a blind member, which has no deformable convolution)."""
+    dis = batch["dis"][:2]
+    ref = batch["ref"][:2] if "ref" in batch else None  # a blind member's batches hold none
     with torch.no_grad():
         with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "no"):
-            here = net(dis.to(device), ref.to(device)).float().cpu()
+            here = net(dis.to(device), ref if ref is None else ref.to(device)).float().cpu()
         cpu = copy.deepcopy(net).float().cpu()
-        fp32 = cpu(dis.cpu().float(), ref.cpu().float())
+        fp32 = cpu(dis.cpu().float(), ref if ref is None else ref.cpu().float())
+        if net.kind == "nr":
+            return {"precision_vs_cpu_fp32": float((here - fp32).abs().max()), "deform_vs_torchvision": None}
         conv = net.deform_net.deform
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(1, conv.in_channels, 14, 14, generator=gen).to(device)
@@ -83,7 +87,7 @@ def numerics(net: torch.nn.Module, batch: dict, precision: str, device: torch.de
 def _seconds_per_image(cfg: MemberConfig, scorer: SharedScorer, pairs: list[Pair], views: ViewConfig) -> float:
     """Seconds per image of scoring `pairs` through the prediction engine with `views`."""
     data = RefGroupPairs(pairs, cfg.model.crop, views, None, chunk=cfg.predict.batch_size,
-                         upscale_small=cfg.data.upscale_small)
+                         upscale_small=cfg.data.upscale_small, blind=cfg.model.kind == "nr")
     loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=0)
     t0 = time.perf_counter()
     scores = scorer.score(loader, len(pairs), progress=False)[0]
@@ -103,7 +107,8 @@ def probe(cfg: MemberConfig, steps: int, images: int, work: Path) -> dict:
     model = build_model(cfg.model)  # the configured weights: a missing file or offline hub fails here
     optimizer = make_optimizer(model, cfg, stats, splits["train"])
     batch_pairs = _sample(splits["train"], tc.batch_size * (steps + 1))
-    train_set = TrainPairs(batch_pairs, cfg.model.crop, tc.augment, stats, cfg.seed, upscale_small=cfg.data.upscale_small)
+    train_set = TrainPairs(batch_pairs, cfg.model.crop, tc.augment, stats, cfg.seed, upscale_small=cfg.data.upscale_small,
+                           blind=cfg.model.kind == "nr")
     loader = DataLoader(train_set, batch_size=tc.batch_size, shuffle=False, drop_last=True, num_workers=0)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     register_head_states(accelerator)  # the state the loop saves: heads, not the frozen backbones
