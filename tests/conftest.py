@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 # members.contract.member.ADDED_LATER): a setting added without a default that keeps old members
 # current changes the fingerprint of fingerprint_before(), and the tests that use it fail.
 ADDED_SINCE_FIRST = ("train.average_last", "train.best_by", "train.augment.offsets", "train.augment.strength",
-                     "model.drop_rate", "data.pseudo_weight")
+                     "model.drop_rate", "data.pseudo_weight", "model.kind", "data.track", "data.nr_valid_dis",
+                     "data.nr_test_dis")
 
 
 def fingerprint_before(cfg: MemberConfig, also: tuple[str, ...] = ()) -> str:

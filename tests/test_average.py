@@ -125,6 +125,8 @@ def test_average_last_out_of_range_is_one_config_line(member_yaml, tmp_path, val
 class Heads(nn.Module):
     """Just the head modules HeadAverage reads, one of them frozen (as train.heads: readout leaves them)."""
 
+    kind = "fr"  # an AHIQ's head parts (checkpoint.HEAD_PARTS)
+
     def __init__(self) -> None:
         super().__init__()
         self.deform_net, self.regressor = nn.Linear(3, 2), nn.Linear(2, 1)

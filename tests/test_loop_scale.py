@@ -20,7 +20,7 @@ from test_train import heads
 
 from members.contract.member import load_member_config
 from members.launch.experiment import launch_command
-from members.model.checkpoint import HEAD_PARTS, read_heads
+from members.model.checkpoint import head_parts, read_heads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def _head_sizes(member_yaml: Path) -> dict[str, tuple[int, ...]]:
     from members.model.ahiq import build_model
 
     model = build_model(load_member_config(member_yaml).model)
-    return {f"{part}.{k}": tuple(v.shape) for part in HEAD_PARTS for k, v in getattr(model, part).state_dict().items()}
+    return {f"{part}.{k}": tuple(v.shape) for part in head_parts(model) for k, v in getattr(model, part).state_dict().items()}
 
 
 @pytest.fixture(scope="module")

@@ -17,18 +17,18 @@ import torch
 import yaml
 from accelerate import Accelerator
 from test_scorer import fitted  # noqa: F401  (the teacher: a fitted two-member ensemble)
+from conftest import fingerprint_before
 from test_train import heads, run
 
 from ensemble.__main__ import main as ensemble_main
-from members.contract.config import to_dict
 from members.contract.data_config import AugmentConfig, DataError
-from members.contract.member import (NOT_IN_TRAINING, StaleMemberError, check_member_folder, load_member_config,
+from members.contract.member import (StaleMemberError, check_member_folder, load_member_config,
                                      training_fingerprint, write_training_record)
 from members.contract.pseudo import MANIFEST
 from members.contract.schema import load_experiment
 from members.data.datasets import TrainPairs
 from members.data.pseudo import read_pseudo_labels
-from members.data.splits import LabelStats, prepare_member_data, read_split
+from members.data.splits import prepare_member_data, read_split
 from members.data.views import apply_view, random_view
 from members.data.datasets import load_rgb
 from members.launch.experiment import main as experiment_main
@@ -56,19 +56,7 @@ def pseudo_folder(fitted, tmp_path_factory) -> Path:  # noqa: F811
 
 def _without_new_keys(cfg) -> str:
     """The training fingerprint as the kit computed it before these settings existed."""
-    data = to_dict(cfg)
-    del data["model"]["drop_rate"], data["train"]["augment"]["strength"], data["data"]["pseudo_weight"]
-    del data["data"]["pseudo_labels"]
-    for key in ("val_views", "best_by", "average_last"):  # and the settings tests/test_recipe.py covers
-        del data["train"][key]
-    del data["train"]["augment"]["offsets"]
-    for key in NOT_IN_TRAINING:
-        *parents, leaf = key.split(".")
-        node = data
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint_before(cfg, also=("train.val_views",))
 
 
 def test_defaults_change_nothing_and_settings_change_the_fingerprint(member_yaml, tmp_path):

@@ -28,7 +28,10 @@ from torch import nn
 
 from members.contract.atomic import atomic_write_text
 from members.contract.cli import UserError
-from members.model.checkpoint import HEAD_PARTS
+from members.model.checkpoint import HEAD_PARTS, head_parts
+
+# The trained modules of every model kind ('deform_net', 'regressor', 'cnn_net'): no backbone key starts so.
+_HEAD_NAMES = frozenset(part for parts in HEAD_PARTS.values() for part in parts)
 
 EXTRA = "extra.safetensors"
 
@@ -77,7 +80,7 @@ def _head_key(key: str) -> str | None:
     """A model state-dict key as a heads key ('regressor.conv.0.weight'), without DDP's 'module.'
     prefix (so a state does not depend on the process count); None for a backbone's key."""
     key = key.removeprefix("module.")
-    return key if key.split(".", 1)[0] in HEAD_PARTS else None
+    return key if key.split(".", 1)[0] in _HEAD_NAMES else None
 
 
 def _weights_file(folder: Path, index: int) -> Path:
@@ -88,7 +91,7 @@ def _weights_file(folder: Path, index: int) -> Path:
 def _load_heads(net: nn.Module, path: Path) -> None:
     """Load the heads of a state's weights file into `net`, strictly: the file's head keys (all of its
     keys, or those of a whole-model file that the kit wrote before) must be exactly the model's."""
-    wanted = {f"{part}.{key}" for part in HEAD_PARTS for key in getattr(net, part).state_dict()}
+    wanted = {f"{part}.{key}" for part in head_parts(net) for key in getattr(net, part).state_dict()}
     with safe_open(str(path), framework="pt") as f:
         found = {head: key for key in f.keys() if (head := _head_key(key)) is not None}
         if found.keys() != wanted:
@@ -96,7 +99,7 @@ def _load_heads(net: nn.Module, path: Path) -> None:
             raise StateError(f"its heads do not fit this model (missing {', '.join(missing[:3]) or 'nothing'}; "
                              f"unexpected {', '.join(extra[:3]) or 'nothing'}) in {path.name}")
         tensors = {head: f.get_tensor(key) for head, key in found.items()}
-    for part in HEAD_PARTS:
+    for part in head_parts(net):
         prefix = f"{part}."
         getattr(net, part).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                                            strict=True)
