@@ -280,3 +280,33 @@ def test_preflight_probes_a_blind_member(member_yaml, tmp_path):
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1] == "cpu" and float(cells[4]) > 0 and float(cells[11]) < 1e-5 and cells[12] == "-"
     assert "| test | 70 | 5 | 0 |" in report  # the NR test folder: 70 images of 5 references, unlabelled
+
+
+def test_a_blind_noisy_student_gets_keyed_head_dropout_and_strong_augmentation(member_yaml, monkeypatch):
+    """model.drop_rate and train.augment.strength work for a blind member too: the dropout masks repeat
+    under one key (exact resume) and are off in eval; the strong augmentation needs no reference."""
+    cfg = load_member_config(member_yaml, ["model.kind=nr", "model.drop_rate=0.5"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    assert model.regressor.drop_rate == 0.5
+    dis = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    model.train()
+    model.set_noise_key([1, 2, 3])
+    first = model(dis)
+    model.set_noise_key([1, 2, 3])
+    assert torch.equal(model(dis), first)
+    model.set_noise_key([1, 2, 4])
+    assert not torch.equal(model(dis), first)
+    model.eval()
+    with torch.no_grad():
+        plain = model(dis)
+        assert torch.equal(model(dis), plain) and not torch.equal(plain, first)
+    splits = build_splits(cfg.data)
+    stats = LabelStats.from_pairs(splits["train"], True)
+    strong = AugmentConfig(strength=1.0)
+    refs = {p.ref for p in splits["train"]}
+    opened = _opened(monkeypatch)
+    items = [TrainPairs(splits["train"][:4], 32, aug, stats, 0, blind=True)[2] for aug in (strong, strong, AugmentConfig())]
+    assert set(items[0]) == {"index", "dis", "label"} and torch.equal(items[0]["dis"], items[1]["dis"])
+    assert not torch.equal(items[0]["dis"], items[2]["dis"])  # the noise changed the crop
+    assert opened and not refs & set(opened)
