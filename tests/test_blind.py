@@ -278,7 +278,7 @@ def test_preflight_probes_a_blind_member(member_yaml, tmp_path):
     report = (tmp_path / "runs" / "preflight.md").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| blind"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert cells[1] == "cpu" and float(cells[4]) > 0 and float(cells[11]) < 1e-5 and cells[12] == "-"
+    assert cells[1] == "cpu" and float(cells[4]) > 0 and float(cells[12]) < 1e-5 and cells[13] == "-"
     assert "| test | 70 | 5 | 0 |" in report  # the NR test folder: 70 images of 5 references, unlabelled
 
 

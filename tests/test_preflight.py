@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from members.contract.schema import load_experiment
-from members.launch.preflight import estimate, schedule
+from members.contract.member import load_member_config
+from members.launch.preflight import estimate, schedule, validation_share
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +45,8 @@ def test_preflight_measures_every_member_and_writes_the_table(tmp_path, member_y
         assert cells[1] == "cpu" and float(cells[4]) > 0 and float(cells[5]) > 0 and float(cells[7]) > 0
         assert cells[8] == "8"  # crops per call: the CPU's MAX_CROPS (a GPU sizes it by its free memory)
         # fp32 on the CPU both ways: the forward is the same computation, the two deform kernels agree
-        assert float(cells[11]) < 1e-5 and float(cells[12]) < 1e-4
+        assert float(cells[12]) < 1e-5 and float(cells[13]) < 1e-4
+        assert cells[10].endswith("%") and 0 < float(cells[10][:-1]) < 100  # validation's share of training
     assert "Estimated total" in report and "member 2 of 2: pb" in out.stderr
     # nothing of the probe is left in the run folder, and no member folder was made
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["preflight.md"]
@@ -77,6 +79,12 @@ def test_estimates_follow_the_recipe(member_yaml, tmp_path):
     two = estimate(cfg, probe, processes=2)  # twice the processes: half the steps and images each
     assert two[0] == pytest.approx(2.0 + steps / 2 + 0.25 / 2 * 10 * validations)
     assert schedule([3.0, 1.0, 1.0, 1.0], 2) == 3.0 and schedule([3.0, 1.0, 1.0], 1) == 5.0
+    # the share of training time that validation takes (setup left out), shown in preflight.md
+    val = 0.25 * 10 * validations
+    assert validation_share(cfg, probe, 1) == pytest.approx(val / (steps * 1.0 + val))
+    every_other = load_member_config(exp.members[0].path, ["train.val_every=2", "train.epochs=4"])
+    half = 0.25 * 10 * 2
+    assert validation_share(every_other, probe, 1) == pytest.approx(half / (64 // cfg.train.batch_size * 4 + half))
 
 
 def test_preflight_places_members_where_training_would(monkeypatch, member_yaml, tmp_path):

@@ -67,18 +67,30 @@ def step_seconds(result: dict) -> float:
     return sum(result["step_s"][1:]) / len(result["step_s"][1:])
 
 
-def estimate(cfg: MemberConfig, result: dict, processes: int) -> tuple[float, float]:
-    """(training seconds, prediction seconds) of the real member from its probe."""
+def _training_parts(cfg: MemberConfig, result: dict, processes: int) -> tuple[float, float]:
+    """(seconds of training steps, seconds of validation) of the real member's whole training."""
     tc, pairs = cfg.train, result["pairs"]
-    step_s = step_seconds(result)
     # the probe times batches (one optimizer step per train.grad_accum of them); drop_last as training
     batches_per_epoch = pairs["train"] // (tc.batch_size * processes)
     validations = len(range(tc.val_every - 1, tc.epochs, tc.val_every)) + (tc.epochs % tc.val_every != 0)
-    per_image = result["predict_s_per_image"] / processes
     per_val_image = result["val_s_per_image"] / processes  # validation scores train.val_views
-    train_s = result["setup_s"] + step_s * batches_per_epoch * tc.epochs + per_val_image * pairs["val"] * validations
-    predict_s = result["setup_s"] + per_image * sum(n for split, n in pairs.items() if split != "train")
-    return train_s, predict_s
+    return step_seconds(result) * batches_per_epoch * tc.epochs, per_val_image * pairs["val"] * validations
+
+
+def estimate(cfg: MemberConfig, result: dict, processes: int) -> tuple[float, float]:
+    """(training seconds, prediction seconds) of the real member from its probe."""
+    steps_s, validation_s = _training_parts(cfg, result, processes)
+    per_image = result["predict_s_per_image"] / processes
+    predict_s = result["setup_s"] + per_image * sum(n for split, n in result["pairs"].items() if split != "train")
+    return result["setup_s"] + steps_s + validation_s, predict_s
+
+
+def validation_share(cfg: MemberConfig, result: dict, processes: int) -> float:
+    """The share of the member's training time that validation takes (train.val_views x val images x
+    validations against the training steps): the first thing to cut when it is large (train.val_every,
+    fewer val_views)."""
+    steps_s, validation_s = _training_parts(cfg, result, processes)
+    return validation_s / (steps_s + validation_s)
 
 
 def run_probe(m, slot: list[str], threads: int, sets: list[str], work: Path, steps: int, images: int) -> dict:
@@ -116,13 +128,14 @@ def _deform_cell(result: dict) -> str:
 
 def report(exp: Experiment, layout: list[str], rows: list[tuple], slots: int, processes: int, disk: str) -> str:
     head = ["| member | device | precision | batch | step s | peak MiB | state MiB | predict s/image | crops/call "
-            "| train est. | predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |", "|---" * 13 + "|"]
+            "| train est. | validation share | predict est. | max abs: forward vs CPU fp32 | deform vs torchvision |",
+            "|---" * 14 + "|"]
     body = [f"| {r['member']} | {r['device']} | {r['precision']} | {r['batch_size']} | {step:.3f} | "
             f"{r['peak_mib']:.0f} | "
             f"{r['state_mib']:.1f} | {r['predict_s_per_image']:.3f} | {r['crops_per_call']} | {duration(t)} | "
-            f"{duration(p)} | {r['precision_vs_cpu_fp32']:.2e} | {_deform_cell(r)} |"
-            for r, step, t, p in rows]
-    total = schedule([t for _, _, t, _ in rows], slots) + sum(p for *_, p in rows) / slots
+            f"{100 * share:.0f}% | {duration(p)} | {r['precision_vs_cpu_fp32']:.2e} | {_deform_cell(r)} |"
+            for r, step, t, p, share in rows]
+    total = schedule([t for _, _, t, _, _ in rows], slots) + sum(p for _, _, _, p, _ in rows) / slots
     plan = f"{slots} slot(s) side by side, {processes} process(es) per member"
     return "\n".join([f"# Preflight: {exp.name}", "", "## Data", *layout, "", "## Members", *head, *body, "",
                       f"Slot plan: {plan}. Estimated total (training, then prediction): **{duration(total)}**.",
@@ -158,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_probe(m, slots[0], threads, sets, work, args.steps, args.images)
             if not result["state_ok"]:
                 raise DataError(f"member {m.name}: a saved training state did not load back to the same heads")
-            rows.append((result, step_seconds(result), *estimate(m.config, result, processes)))
+            rows.append((result, step_seconds(result), *estimate(m.config, result, processes),
+                         validation_share(m.config, result, processes)))
     keep = max(m.config.train.keep_states for m in exp.members)
     need = sum(r["state_mib"] for r, *_ in rows) * (keep + 1)
     free = shutil.disk_usage(exp.runs_dir).free / 2**20
