@@ -59,7 +59,7 @@ class Options:
     out: Path
     before: Path | None
     distinct: int = 4
-    sample: int = 2
+    sample: int = 6  # images per training reference in Train_Label_sample (240 steps per epoch)
     members: int = 2  # trained and predicted
     full_members: int = 6  # in the start-up run over the full lists
     cpu_procs: int = 1
