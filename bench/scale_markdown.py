@@ -79,8 +79,10 @@ def markdown(a: dict, before: dict | None) -> str:
         "when a before file is there. Rerun with `make scale`; to make a run the new baseline, copy "
         "bench/scale.json to bench/scale_before.json.", "", *goal_table, "",
         "## Data check (`members.data.splits.prepare_member_data`, one member, full lists)", "",
-        *_table(["", "check s", "process wall s", "sha256 MB", "sha256_file calls", "peak RSS MiB", "load 1 min"],
+        *_table(["", "check s", "process wall s", "sha256 MB", "sha256_file calls", "files read to hash", "peak RSS MiB",
+                 "load 1 min"],
                 [[f"{k} time", f"{c['check_s']:.1f}", f"{c['wall_s']:.1f}", _mb(c["sha256_bytes"]), f"{c['file_calls']:,}",
+                  f"{c.get('file_reads', c['file_calls']):,}",
                   c["peak_mib"].get("bench.scale_children", "–"), _load(c["load"])] for k, c in zip(("first", "second"), checks)]), "",
         f"{checks[0]['files']:,} files ({checks[0]['pairs']}). The first time hashes and decodes every image (read "
         "from the page cache here: the tree is hard links to ~1,250 files; a real PIPAL copy is ~6.6 GB read from "
@@ -98,8 +100,8 @@ def markdown(a: dict, before: dict | None) -> str:
                   ", ".join(f"{v:.1f}" for v in x["validation_s"]), _mb(x["state_bytes"])]
                  for n, x in a["members"].items()]), "",
         f"Loop s/step: the time between two consecutive log.csv training rows of one epoch with no state saved "
-        f"between them (a row every train.log_every = {a['run_log_every']} steps, the shipped default, and at an "
-        f"epoch's end), as they appeared (watched from outside), divided by the steps between them, over all such "
+        f"between them (a row every train.log_every = {a['run_log_every']} steps"
+        f"{', the shipped default' if a['run_log_every'] == shipped['log_every'] else ''}, and at an epoch's end), as they appeared (watched from outside), divided by the steps between them, over all such "
         f"intervals. In the model: the trainer's own seconds inside `Accelerator.accumulate` (forward, loss, "
         f"backward, optimizer step), summed over the steps of those same intervals, recorded by "
         f"bench/scale_hooks (nothing in members/ changes). Other jobs stretch the model's threads more than the "
