@@ -92,11 +92,13 @@ def markdown(a: dict, before: dict | None) -> str:
         f"driver peak RSS {m['driver_peak_full_mib']} MiB).", "",
         "## Training step (bench/scale/member.yaml: ViT-Ti/16 + ResNet-18, random weights, crop 64, batch 4)", "",
         *_table(["member", "steps", "steady intervals (steps)", "loop s/step (mean)", "median", "in the model s/step",
-                 "outside ms/step", "state save +s", "epoch boundary +s", "overhead share (wall)", "(CPU)",
-                 "validations s", "state on disk MB"],
+                 "outside ms/step", "state save +s", "epoch boundary +s", "overhead share (wall means)", "(CPU)",
+                 "undisturbed steps: n, model s, outside ms (+ checks)", "their share", "validations s",
+                 "state on disk MB"],
                 [[n, x["steps"], f"{x['steady_intervals']} ({x['steady_steps']})", f"{x['steady_mean_s']:.3f}", f"{x['steady_median_s']:.3f}", _f3(x.get("steady_compute_s")),
                   f"{x['outside_s'] * 1e3:.1f}", _f(x["state_extra_s"]), _f(x["boundary_extra_s"]),
-                  f"{x['overhead_share']:.1%}", _pct(x.get("overhead_share_cpu")),
+                  f"{x['overhead_share']:.1%}", _pct(x.get("overhead_share_cpu")), _quiet(x.get("quiet")),
+                  _pct(x.get("overhead_share_quiet")),
                   ", ".join(f"{v:.1f}" for v in x["validation_s"]), _mb(x["state_bytes"])]
                  for n, x in a["members"].items()]), "",
         f"Loop s/step: the time between two consecutive log.csv training rows of one epoch with no state saved "
@@ -116,7 +118,7 @@ def markdown(a: dict, before: dict | None) -> str:
         f"real epoch ({real['steps']:,} steps, {real['states_per_epoch']} mid-epoch states at state_every "
         f"{shipped['state_every']}) add the boundary ({_f(m['epoch_boundary_s'])} s: end-of-epoch state, new loader "
         f"workers, one step's wait for the new epoch's first batch) and the states ({_f(m['state_save_s'])} s each at this member's size): overhead "
-        f"**{m['overhead_share']:.1%} of compute**.{_cpu(m)} The DataLoader alone ({a['compute']['loader_workers']} workers) "
+        f"{m.get('overhead_share_mean', m['overhead_share']):.1%} of the mean model time.{_cpu(m)}{_quiet_text(m)} The DataLoader alone ({a['compute']['loader_workers']} workers) "
         f"made a batch in {a['compute']['loader_s'] * 1e3:.0f} ms. On a GPU the model step is 10-100x shorter while "
         "these costs stay: the share there is larger than here.", "",
         *_validation(a), "", *_states(a), "", *_logs(a), "", *_commands(a), "", *_extrapolated(a), "",
@@ -260,3 +262,27 @@ def _extrapolated(a: dict) -> list[str]:
             "1), plus the validation row and the other lines per epoch.",
             f"- Rerun hashing: the driver's start-up bytes over the full lists ({a['options']['full_members']} members) "
             "+ members x best.pth reads per member (measured on the rerun) x the ViT-B best.pth size."]
+
+
+def _quiet(q: dict | None) -> str:
+    if not q:
+        return "–"
+    return (f"{q['quiet_steps']}, {q['quiet_model_s']:.3f}, {q['quiet_outside_s'] * 1e3:.1f} "
+            f"(+{q['check_extra_s'] * 1e3:.1f} per check)")
+
+
+def _quiet_text(m: dict) -> str:
+    q = m.get("overhead_quiet")
+    if not q:
+        return ""
+    return (f" Other jobs stretch the model's two threads many-fold (a step's model block took from "
+            f"{q['model_limit_s'] / 1.5:.3f} s, its 10th percentile, to over a second in this run), which shrinks "
+            f"any share of the mean; the goal therefore takes the undisturbed steps, those whose model block took at most "
+            f"1.5 x the 10th percentile ({q['quiet_steps']} plain steps: neither a log, a state nor an epoch's last "
+            f"step): **{q['quiet_model_s']:.3f} s** in the model (median), **{q['quiet_outside_s'] * 1e3:.1f} ms** "
+            f"from the end of one step's model block to the start of the next (median: the loader's next batch, the "
+            f"loss window, the lr), and every {m.get('log_every', 50)} steps the check adds "
+            f"{q['check_extra_s'] * 1e3:.1f} ms (the loss's host sync, the log row, the progress line; median over the "
+            f"log steps): with the boundary and the states per real epoch, overhead **{m['overhead_share']:.1%} of "
+            "compute**. (The before column's member ran near its undisturbed speed: its share of the mean is "
+            "comparable.)")

@@ -142,6 +142,39 @@ def step_timing(rows: list[tuple[float, int, int, bool, int]], state_every: int,
             "log_csv_val_row_bytes": statistics.fmean(r[4] for r in val_rows) if val_rows else 0.0}
 
 
+def quiet_steps(compute: list[list[float]], log_every: int, state_every: int, epoch_ends: set[int],
+                slack: float = 1.5) -> dict | None:
+    """The loop's cost outside the model on its least disturbed steps, from the trainer's per-step record
+    (`compute`, step k at k - 1). Other jobs on shared cores stretch the model's threads many-fold (the
+    same step takes 0.03 s or 1 s), which makes any share of the mean model time small; the steps whose
+    model block took at most `slack` x the 10th percentile ran undisturbed. Per step k: the time from the
+    start of its model block to the start of the next one, less its model time. Plain steps: neither a
+    log step (k % log_every), a state step nor an epoch's last; a log step's extra (the check's host sync,
+    the log row, the progress line) is its outside time less the plain steps' median, spread over
+    log_every steps."""
+    if len(compute) < 3:
+        return None
+    model = sorted(c[1] for c in compute)
+    limit = slack * model[len(model) // 10]
+    plain, logged, quiet_model = [], [], []
+    for k in range(1, len(compute)):  # step k: compute[k - 1]; the next block starts at compute[k][0]
+        wall, inside = compute[k][0] - compute[k - 1][0], compute[k - 1][1]
+        if k in epoch_ends or (state_every and k % state_every == 0):
+            continue
+        if k % log_every == 0:
+            logged.append(wall - inside)
+        elif inside <= limit:
+            plain.append(wall - inside)
+            quiet_model.append(inside)
+    if not plain:
+        return None
+    outside = statistics.median(plain)
+    check = statistics.median(logged) - outside if logged else 0.0
+    return {"quiet_steps": len(plain), "quiet_model_s": statistics.median(quiet_model), "quiet_outside_s": outside,
+            "check_extra_s": check, "quiet_outside_with_checks_s": outside + check / log_every,
+            "model_limit_s": limit}
+
+
 def run_log(text: str, name: str, epochs: int) -> dict:
     """Bytes one member's output adds to its run.log (the driver's log between its start and end lines):
     its progress lines (`name: step ...`, or a bar's carriage-return redraws), a validation bar's
@@ -219,7 +252,10 @@ def analyse(results: dict) -> dict:
     members = {}
     for name in train["names"]:
         compute = step_compute(train["records"], name, member_cfg["grad_accum"])
-        timing = step_timing(log_rows(train["lines"][name]), member_cfg["state_every"], compute)
+        rows = log_rows(train["lines"][name])
+        timing = step_timing(rows, member_cfg["state_every"], compute)
+        timing["quiet"] = compute and quiet_steps(compute, member_cfg["log_every"], member_cfg["state_every"],
+                                                  {r[1] for r in rows if r[3]})
         log = run_log(train["output"], name, timing["epochs"])
         crops = (pipe_splits["val"]["images"] + pipe_splits["val"]["references"]) * views_run
         members[name] = {**timing, "run_log": log, "val_crop_s": statistics.fmean(timing["validation_s"]) / crops,
@@ -232,6 +268,9 @@ def analyse(results: dict) -> dict:
         x["outside_s"] = x["steady_mean_s"] - x["model_s"]
         x["overhead_share"] = (x["outside_s"] + fixed / real["steps"]) / x["model_s"]
         x["overhead_share_cpu"] = _share_cpu([x])
+        q = x["quiet"]
+        x["overhead_share_quiet"] = ((q["quiet_outside_with_checks_s"] + fixed / real["steps"]) / q["quiet_model_s"]
+                                     if q else None)
     m = list(members.values())
     # Other jobs on the machine stretch the model's threads more than the loop's Python: the member whose
     # model ran fastest was the least disturbed, and its numbers stand for the kit.
@@ -272,7 +311,13 @@ def analyse(results: dict) -> dict:
         "compute_in_loop": pick["steady_compute_s"] is not None, "compute_preloaded_s": results["compute"]["compute_s"],
         "loop_cpu_s": pick["steady_cpu_s"], "compute_cpu_s": pick["steady_compute_cpu_s"],
         "overhead_share_cpu": pick["overhead_share_cpu"], "overhead_member": name,
-        "state_save_s": state_extra, "epoch_boundary_s": boundary, "overhead_share": pick["overhead_share"],
+        "state_save_s": state_extra, "epoch_boundary_s": boundary, "overhead_share_mean": pick["overhead_share"],
+        # the goal: the least disturbed steps' share when recorded (the means' share shrinks as load stretches
+        # the model), else the means'
+        "overhead_share": (pick["overhead_share_quiet"] if pick["overhead_share_quiet"] is not None
+                           else pick["overhead_share"]),
+        "overhead_quiet": pick["quiet"],
+        "log_every": member_cfg["log_every"],
         "validation_share_tiny": tiny_share, "validation_share_real": real_share,
         "state_today_mb": p8["state_today_bytes"] / MB, "state_heads_adam_mb": p8["state_heads_adam_bytes"] / MB,
         "log_csv_mb_per_10k": csv_per_step * 1e4 / MB, "run_log_mb_per_10k": run_log_per_step * 1e4 / MB,

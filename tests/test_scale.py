@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import scale_tree
-from bench.scale_report import run_log, step_timing
+from bench.scale_report import quiet_steps, run_log, step_timing
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = scale_tree.Shape(train_refs=20, valid_refs=2, test_refs=2, group_counts=(3, 3, 2), ntire_per_ref=3, size=40)
@@ -103,6 +103,22 @@ def test_step_timing_tells_steady_intervals_from_states_validation_and_epoch_bou
     later = [(t + 0.4 * (s >= 14), s, e, v, b) for t, s, e, v, b in rows]
     assert step_timing(later, state_every=12, compute=compute)["state_extra_s"] == pytest.approx(0.5)
     assert step_timing(later, state_every=12)["state_extra_s"] == pytest.approx(0.7)  # without the record
+
+
+def test_quiet_steps_take_the_loops_cost_from_the_undisturbed_steps():
+    # 40 steps: the model takes 0.03 s, or 1 s when other jobs disturbed it (every third step); 4 ms between
+    # model blocks, 10 ms more after each log step (every 8), 0.5 s after the state (step 24) and the epoch's
+    # end (step 20)
+    compute, t = [], 0.0
+    for k in range(1, 41):
+        model = 1.0 if k % 3 == 0 else 0.03
+        compute.append([t, model, 0.0, model])
+        t += model + 0.004 + (0.010 if k % 8 == 0 else 0.0) + (0.5 if k in (20, 24) else 0.0)
+    got = quiet_steps(compute, log_every=8, state_every=24, epoch_ends={20})
+    assert got["quiet_model_s"] == pytest.approx(0.03) and got["quiet_outside_s"] == pytest.approx(0.004)
+    assert got["check_extra_s"] == pytest.approx(0.010)
+    assert got["quiet_outside_with_checks_s"] == pytest.approx(0.004 + 0.010 / 8)
+    assert got["quiet_steps"] == sum(1 for k in range(1, 40) if k % 3 and k % 8 and k not in (20, 24))
 
 
 def test_step_timing_refuses_a_run_without_steady_intervals():
