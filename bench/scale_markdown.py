@@ -23,7 +23,7 @@ GOALS = (
          "{:.1f} s", lambda m: m["data_check_second_s"] < 2),
     Goal("kit overhead per optimizer step outside model compute (tiny member)", "< 10% of compute", "overhead_share",
          "{:.1%}", lambda m: m["overhead_share"] < 0.10),
-    Goal("validation share of an epoch, shipped ahiq_p8 views", "< 25%", "validation_share", "{:.0%}",
+    Goal("validation share of an epoch, shipped ahiq_p8 views", "< 25%", "validation_share", "{:.1%}",
          lambda m: _share(m) < 0.25 if _share(m) is not None else None),
     Goal("one training state of ViT-B/8 (today's save_state)", "<= heads + Adam (326 MB)", "state_today_mb",
          "{:.0f} MB", lambda m: m["state_today_mb"] <= m["state_heads_adam_mb"] * 1.01),
@@ -77,7 +77,7 @@ def markdown(a: dict, before: dict | None) -> str:
         "## Goals", "",
         "`before`: the kit before the fixes of the reviewer's list (bench/scale_before.json); `after`: this run "
         "when a before file is there. Rerun with `make scale`; to make a run the new baseline, copy "
-        "bench/scale.json to bench/scale_before.json.", "", *goal_table, "",
+        "bench/scale.json to bench/scale_before.json.", "", *goal_table, *_why_not(m, now), "",
         "## Data check (`members.data.splits.prepare_member_data`, one member, full lists)", "",
         *_table(["", "check s", "process wall s", "sha256 MB", "sha256_file calls", "files read to hash", "peak RSS MiB",
                  "load 1 min"],
@@ -118,8 +118,7 @@ def markdown(a: dict, before: dict | None) -> str:
         f"real epoch ({real['steps']:,} steps, {real['states_per_epoch']} mid-epoch states at state_every "
         f"{shipped['state_every']}) add the boundary ({_f(m['epoch_boundary_s'])} s: end-of-epoch state, new loader "
         f"workers, one step's wait for the new epoch's first batch) and the states ({_f(m['state_save_s'])} s each at this member's size): overhead "
-        f"{m.get('overhead_share_mean', m['overhead_share']):.1%} of the mean model time.{_cpu(m)}{_quiet_text(m)} The DataLoader alone ({a['compute']['loader_workers']} workers) "
-        f"made a batch in {a['compute']['loader_s'] * 1e3:.0f} ms. On a GPU the model step is 10-100x shorter while "
+        f"{m.get('overhead_share_mean', m['overhead_share']):.1%} of the mean model time.{_cpu(m)}{_quiet_text(m)}{'' if m.get('overhead_quiet') else _loader(a)} On a GPU the model step is 10-100x shorter while "
         "these costs stay: the share there is larger than here.", "",
         *_validation(a), "", *_states(a), "", *_logs(a), "", *_commands(a), "", *_extrapolated(a), "",
     ]
@@ -166,7 +165,12 @@ def _validation(a: dict) -> list[str]:
         rows.append([f"ViT-B/8 + ResNet-50 at {step['crop']}, fp32, {step['threads']} threads ({step['timed_steps']} steps, "
                      f"{step['timed_crops']} crops timed)", f"{step['train_step_s']:.2f}", f"{step['crop_s']:.2f} s",
                      f"**{m['validation_share_real']:.0%}**"])
-    return lines + _table(["model", "s/step", "per scored crop", "validation / (validation + training)"], rows)
+    lines = lines + _table(["model", "s/step", "per scored crop", "validation / (validation + training)"], rows)
+    if step:
+        lines += ["", f"The ViT-B/8 costs are {step['timed_steps']} training steps and {step['timed_crops']} scored crops, "
+                  f"timed once in a process of their own on the shared cores: a crop costs {step['crop_s'] / step['train_step_s']:.3f} "
+                  "of a training step here; the share moves with that ratio from run to run."]
+    return lines
 
 
 def _states(a: dict) -> list[str]:
@@ -264,6 +268,39 @@ def _extrapolated(a: dict) -> list[str]:
             "+ members x best.pth reads per member (measured on the rerun) x the ViT-B best.pth size."]
 
 
+def _loader(a: dict) -> str:
+    return (f" The DataLoader alone ({a['compute']['loader_workers']} workers) made a batch in "
+            f"{a['compute']['loader_s'] * 1e3:.0f} ms.")
+
+
+# Why a goal is not met, as far as this run's measurements say (shown under the goal table).
+WHY_NOT = {
+    "overhead_share": lambda m: (
+        "overhead: on the undisturbed steps the loop spends {:.1f} ms between two model blocks of {:.3f} s; that is "
+        "mostly the wait for the DataLoader's next batch (its {} workers alone made a batch in {:.0f} ms on these 2 "
+        "cores, shared with the model's 2 threads); the loop's own work in members/train per step (lr, loss window, "
+        "progress count) and its check every {} steps ({:.1f} ms: one host sync, a row, a line) are a small part. "
+        "It is the 2-core machine's loader, not a per-step sync or the progress output."
+        .format(m["overhead_quiet"]["quiet_outside_s"] * 1e3, m["overhead_quiet"]["quiet_model_s"],
+                m.get("loader_workers", 2), m.get("loader_s", 0) * 1e3, m.get("log_every", 50),
+                m["overhead_quiet"]["check_extra_s"] * 1e3) if m.get("overhead_quiet") else ""),
+    "validation_share": lambda m: (
+        f"validation share: the shipped validation views make {m.get('validation_crops_real', 0):,} crops per "
+        "epoch (the 20 prediction views made 4 times as many before); the share then rests on one timing of 2 ViT-B/8 steps and 15 crops in its own process on the loaded cores "
+        "(see the validation section): at the target's edge, within that timing's spread."),
+}
+
+
+def _why_not(m: dict, rows: list[dict]) -> list[str]:
+    out = []
+    for g, row in zip(GOALS, rows):
+        if row["met"] is False and g.metric in WHY_NOT:
+            text = WHY_NOT[g.metric](m)
+            if text:
+                out.append(f"- Not met, {text}")
+    return ["", *out] if out else []
+
+
 def _quiet(q: dict | None) -> str:
     if not q:
         return "–"
@@ -285,4 +322,7 @@ def _quiet_text(m: dict) -> str:
             f"{q['check_extra_s'] * 1e3:.1f} ms (the loss's host sync, the log row, the progress line; median over the "
             f"log steps): with the boundary and the states per real epoch, overhead **{m['overhead_share']:.1%} of "
             "compute**. (The before column's member ran near its undisturbed speed: its share of the mean is "
-            "comparable.)")
+            "comparable.) Between two model blocks the trainer mostly waits for the DataLoader's next batch: "
+            f"alone, its {m.get('loader_workers', 2)} workers made a batch in {m.get('loader_s', 0) * 1e3:.0f} ms on "
+            "these 2 cores, which they share with the model's 2 threads; a real machine's idle cores (the "
+            "shipped num_workers: 8) keep batches ready.")
