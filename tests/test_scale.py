@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import scale_tree
-from bench.scale_report import quiet_steps, run_log, step_timing
+from bench.scale_steps import quiet_steps, run_log, step_timing
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = scale_tree.Shape(train_refs=20, valid_refs=2, test_refs=2, group_counts=(3, 3, 2), ntire_per_ref=3, size=40)
