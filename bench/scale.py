@@ -14,10 +14,11 @@ through bench/scale_hooks/sitecustomize.py, which is on PYTHONPATH for these com
 4. `bench.scale_costs`: state sizes of configs/ahiq_c.yaml's real models; the step and per-crop costs
    of ViT-B/8 + ResNet-50 (random weights, fp32) for the validation share.
 5. `make train-members` (`members.launch.experiment`, output redirected to a file as when members run side
-   by side) on 2 members of bench/scale/member.yaml training on `Train_Label_sample` (2 images per
-   reference; validation holds out 40 references as PIPAL's), 3 epochs, one view, then predicting the real
-   validation and test folders. The loop's step times come from watching each member's log.csv grow,
-   the model's share of them from the trainer's own record of its `accumulate` blocks. Then
+   by side) on 2 members of bench/scale/member.yaml training on `Train_Label_sample` (6 images per
+   reference: 240 steps per epoch; validation holds out 40 references as PIPAL's), 3 epochs, one view,
+   then predicting the real validation and test folders. The loop's step times come from watching each
+   member's log.csv grow (a row every train.log_every steps, the shipped 50), the model's share of them
+   from the trainer's own record of its `accumulate` blocks. Then
    `python -m ensemble` and `python -m submission` (test and valid phases).
 6. `training_step` on preloaded batches in a fresh process with the trainer's threads (a reference).
 7. `make train-members` again on the finished members (a rerun: what it hashes).
@@ -59,7 +60,7 @@ class Options:
     out: Path
     before: Path | None
     distinct: int = 4
-    sample: int = 2
+    sample: int = 6  # images per training reference in Train_Label_sample (240 steps per epoch)
     members: int = 2  # trained and predicted
     full_members: int = 6  # in the start-up run over the full lists
     cpu_procs: int = 1
@@ -164,6 +165,17 @@ class Tail(threading.Thread):
             if stop:
                 return
             time.sleep(self.every)
+
+
+def settle(marker: Path) -> None:
+    """Wait until a tree built just now is older than filehash.RACY_SECONDS: the kit does not cache the
+    hash of a file written that recently (a real PIPAL copy is old), and the second data check would
+    hash every image again."""
+    from members.contract.filehash import RACY_SECONDS
+
+    wait = marker.stat().st_mtime + RACY_SECONDS + 0.5 - time.time()
+    if wait > 0:
+        time.sleep(wait)
 
 
 def write_configs(opts: Options) -> dict[str, Path]:
@@ -345,6 +357,7 @@ def run(opts: Options) -> int:
     record = scale_tree.build(opts.data, opts.distinct, opts.sample, shape=opts.shape)
     results["tree"] = {**record, "wall_s": round(time.perf_counter() - tree_started, 2),
                        "disk_bytes": scale_tree.disk_bytes(opts.data)}
+    settle(opts.data / scale_tree.MARKER)
     shutil.rmtree(opts.runs / "stats", ignore_errors=True)
     configs = write_configs(opts)
     results["data_check"] = data_checks(opts, configs["full"])

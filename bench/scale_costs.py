@@ -3,11 +3,10 @@
     python -m bench.scale_costs --out costs.json [--experiment configs/ahiq_c.yaml] [--no-step-costs]
 
 - State sizes: every distinct model of the experiment (ViT-B/8 and ViT-B/16 with ResNet-50 at 224,
-  ViT-B/8 at 256 for configs/ahiq_c.yaml) is built with random weights and its tensors counted: what
-  `accelerator.save_state` writes today (the whole AHIQ state dict: heads, the kept ViT blocks and the
-  ResNet stem and layer1, buffers; plus Adam's two moments of every head parameter) against the heads
-  and Adam's moments alone. Bytes are float32 tensor bytes; the files add a few kB of headers, RNG and
-  sampler states.
+  ViT-B/8 at 256 for configs/ahiq_c.yaml) is built with random weights, given Adam's moments of the
+  parameters its recipe trains (train.heads), and saved by the kit's own `members.train.states.save_state`
+  (with `register_head_states`, as the trainer does) into a temporary folder: the state as saved today,
+  its bytes on disk, against the heads' and Adam's moments' float32 bytes alone.
 - Step costs: one optimizer step of batch `train.batch_size` through `members.train.loop.training_step`
   (after one untimed step) and the prediction engine's seconds per scored crop (one reference and
   `--dis` distorted images, `--views` of the member's views, after one untimed item), so that the
@@ -18,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,16 +35,56 @@ def _model(cfg):
     return build_model(dataclasses.replace(cfg, vit_weights="none", cnn_weights="none", init_from=None))
 
 
+def _adam(model, heads: str) -> torch.optim.Optimizer:
+    """Adam over the head parameters the recipe trains (`train.heads`), its two moments allocated as
+    after a first step (zero gradients, so the weights stay as built)."""
+    from members.model.ahiq import start_readout
+
+    if heads == "readout":
+        start_readout(model, 0.0)
+    params = [p for part in (model.regressor, model.deform_net) for p in part.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    return optimizer
+
+
+def saved_state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes per file of the state `members.train.states.save_state` writes for this model and optimizer
+    (heads-only weights through `register_head_states`, as the trainer registers them)."""
+    from accelerate import Accelerator
+
+    from members.train.states import register_head_states, save_state
+
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    register_head_states(accelerator)
+    with tempfile.TemporaryDirectory(prefix="scale-state-") as tmp:
+        save_state(accelerator, Path(tmp), {"epoch": 0, "step": 1, "batch": 1}, keep=1)
+        (folder,) = [p for p in Path(tmp).glob("step-*") if p.is_dir()]
+        return {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
 def model_sizes(cfg) -> dict:
-    """Parameter counts and state bytes of one member's model (a `ModelConfig`)."""
-    model = _model(cfg)
+    """Parameter counts and state bytes of one member's model (a `MemberConfig`): the state saved today
+    (written and measured) and its parts counted (float32 heads, Adam's two moments of what trains)."""
+    from members.model.checkpoint import HEAD_PARTS
+
+    model = _model(cfg.model)
     heads = sum(p.numel() for p in model.head_parameters())
     params = sum(p.numel() for p in model.parameters())
-    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    optimizer = ADAM_MOMENTS * heads * FLOAT32
-    return {"vit": cfg.vit, "cnn": cfg.cnn, "crop": cfg.crop, "head_params": heads, "backbone_params": params - heads,
-            "model_state_bytes": state, "adam_bytes": optimizer, "heads_bytes": heads * FLOAT32,
-            "state_today_bytes": state + optimizer, "state_heads_adam_bytes": heads * FLOAT32 + optimizer}
+    head_state = sum(t.numel() * t.element_size() for k, t in model.state_dict().items()
+                     if k.split(".", 1)[0] in HEAD_PARTS)
+    optimizer = _adam(model, cfg.train.heads)
+    trained = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    moments = ADAM_MOMENTS * trained * FLOAT32
+    files = saved_state_bytes(model, optimizer)
+    return {"vit": cfg.model.vit, "cnn": cfg.model.cnn, "crop": cfg.model.crop, "heads": cfg.train.heads,
+            "head_params": heads, "trained_params": trained, "backbone_params": params - heads,
+            "head_state_bytes": head_state, "adam_bytes": moments, "heads_bytes": heads * FLOAT32,
+            "state_files": files, "state_today_bytes": sum(files.values()),
+            "state_heads_adam_bytes": heads * FLOAT32 + moments}
 
 
 def state_sizes(experiment: str) -> list[dict]:
@@ -53,9 +93,9 @@ def state_sizes(experiment: str) -> list[dict]:
 
     found: dict[tuple, dict] = {}
     for m in load_experiment(experiment).members:
-        key = (m.config.model.vit, m.config.model.cnn, m.config.model.crop)
+        key = (m.config.model.vit, m.config.model.cnn, m.config.model.crop, m.config.train.heads)
         if key not in found:
-            found[key] = {**model_sizes(m.config.model), "members": 0, "keep_states": m.config.train.keep_states}
+            found[key] = {**model_sizes(m.config), "members": 0, "keep_states": m.config.train.keep_states}
         found[key]["members"] += 1
     return list(found.values())
 
@@ -121,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.also:
         from members.contract.member import load_member_config
 
-        result["also"] = model_sizes(load_member_config(args.also).model)
+        result["also"] = model_sizes(load_member_config(args.also))
     if not args.no_step_costs:
         result["step_costs"] = step_costs(args.member, args.dis, args.views, args.steps)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

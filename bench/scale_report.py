@@ -6,14 +6,13 @@ the real split lists (the full data check's splits.json) and of the shipped memb
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
-import re
 import statistics
 from pathlib import Path
 
 from bench.scale_markdown import goal_rows, markdown
+from bench.scale_steps import log_rows, quiet_steps, run_log, step_timing
 from members.contract.atomic import atomic_write_text
 from members.contract.member import load_member_config
 from members.data.views import count_views
@@ -30,19 +29,28 @@ def module_of(argv: list[str]) -> str:
 
 
 def hashing(records: list[dict]) -> dict:
-    """sha256 bytes of a command (all its processes), its sha256_file calls, and the checkpoints' calls."""
+    """sha256 bytes of a command (all its processes), its sha256_file calls and the files they read
+    (a call the in-process cache answers reads nothing), and per checkpoint: calls and reads over the
+    command's processes, and the most reads of one checkpoint in one process."""
     calls: dict[str, list[int]] = {}
+    per_process = 0
     for r in records:
-        for path, (n, size) in r["files"].items():
-            entry = calls.setdefault(path, [0, 0])
+        for path, (n, reads, size) in r["files"].items():
+            entry = calls.setdefault(path, [0, 0, 0])
             entry[0] += n
-            entry[1] += size
+            entry[1] += reads
+            entry[2] += size
+            if path.endswith(".pth"):
+                per_process = max(per_process, reads)
     ckpt = {p: c for p, c in calls.items() if p.endswith(".pth")}
     return {"sha256_bytes": sum(r["sha256_bytes"] for r in records), "files": len(calls),
-            "file_calls": sum(c[0] for c in calls.values()), "file_bytes": sum(c[1] for c in calls.values()),
+            "file_calls": sum(c[0] for c in calls.values()), "file_reads": sum(c[1] for c in calls.values()),
+            "file_bytes": sum(c[2] for c in calls.values()),
             "checkpoint_calls": {f"{Path(p).parent.name}/{Path(p).name}": c[0] for p, c in sorted(ckpt.items())},
-            "checkpoint_bytes": sum(c[1] for c in ckpt.values()),
-            "max_calls_per_checkpoint": max((c[0] for c in ckpt.values()), default=0)}
+            "checkpoint_reads": {f"{Path(p).parent.name}/{Path(p).name}": c[1] for p, c in sorted(ckpt.items())},
+            "checkpoint_bytes": sum(c[2] for c in ckpt.values()),
+            "max_reads_per_checkpoint": max((c[1] for c in ckpt.values()), default=0),
+            "max_reads_per_checkpoint_process": per_process}
 
 
 def peaks(records: list[dict]) -> dict[str, float]:
@@ -60,71 +68,11 @@ def command(ran: dict) -> dict:
             "peak_mib": peaks(ran["records"])}
 
 
-def log_rows(lines: list[tuple[float, str]]) -> list[tuple[float, int, int, bool, int]]:
-    """(time, step, epoch, is_validation, bytes) of the log.csv rows as they appeared."""
-    rows = []
-    for t, line in lines[1:]:
-        cells = next(csv.reader([line]))
-        rows.append((t, int(cells[0]), int(cells[1]), bool(cells[4]), len(line) + 1))
-    return rows
-
-
-def step_timing(rows: list[tuple[float, int, int, bool, int]], state_every: int,
-                compute: list[list[float]] | None = None) -> dict:
-    """Seconds between log.csv rows: steady steps (same epoch, no state saved after the previous one),
-    steps after a mid-epoch state, validations (last step -> its row), epoch boundaries (validation
-    row -> first step of the next epoch: end-of-epoch state, new loader workers, one step).
-    `compute`: per optimizer step (step k at k - 1) the trainer's [wall start, wall seconds in the model,
-    CPU clock at the start, CPU seconds in the model], when recorded: the steady steps' time in the
-    model is then given too, and the CPU seconds of the loop per steady step (from the start of one
-    step's model block to the next one's) and of the model in them."""
-    steady, after_state, validation, boundary, inside, cpu_loop, cpu_inside = [], [], [], [], [], [], []
-    for (t0, s0, e0, v0, _), (t1, s1, e1, v1, _) in zip(rows, rows[1:]):
-        gap = t1 - t0
-        if v1:
-            validation.append(gap)
-        elif v0:
-            boundary.append(gap)
-        elif e1 == e0 and s1 == s0 + 1:
-            if state_every and s0 % state_every == 0:
-                after_state.append(gap)
-            else:
-                steady.append(gap)
-                if compute is not None and s1 <= len(compute):
-                    inside.append(compute[s1 - 1][1])
-                    cpu_loop.append(compute[s1 - 1][2] - compute[s0 - 1][2])
-                    cpu_inside.append(compute[s0 - 1][3])
-    median = statistics.median(steady)
-    recorded = len(inside) == len(steady)
-    return {"steps": sum(not r[3] for r in rows), "epochs": sum(r[3] for r in rows),
-            "steady_mean_s": statistics.fmean(steady), "steady_median_s": median,
-            "steady_compute_s": statistics.fmean(inside) if recorded else None,
-            "steady_cpu_s": statistics.fmean(cpu_loop) if recorded else None,
-            "steady_compute_cpu_s": statistics.fmean(cpu_inside) if recorded else None,
-            "state_extra_s": statistics.fmean(after_state) - median if after_state else None,
-            "validation_s": validation, "boundary_extra_s": statistics.fmean(boundary) - median if boundary else None,
-            "log_csv_step_row_bytes": statistics.fmean(r[4] for r in rows if not r[3])}
-
-
-def run_log(text: str, name: str, steps: int, epochs: int, val_items: int) -> dict:
-    """Bytes one member's output adds to its run.log (the driver's log between its start and end lines):
-    the training bar's carriage-return updates, the validation bar's, and everything else."""
-    start = text.index(f": {name} (training on")
-    segment = text[text.index("\n", start) + 1:text.index(f"{name}: trained in", start)]
-    kinds = {"train_bar": [0, 0], "validation_bar": [0, 0], "other": [0, 0]}
-    for piece in re.split(r"(?<=[\r\n])", segment):
-        kind = "train_bar" if piece.startswith(f"{name}:") else "validation_bar" if piece.startswith("predict") else "other"
-        kinds[kind][0] += len(piece.encode("utf-8"))
-        kinds[kind][1] += 1
-    return {"bytes": len(segment.encode("utf-8")), **{k: {"bytes": b, "pieces": n} for k, (b, n) in kinds.items()},
-            "train_bar_bytes_per_step": kinds["train_bar"][0] / steps,
-            "validation_bar_bytes_per_item": kinds["validation_bar"][0] / (epochs * val_items),
-            "other_bytes_per_epoch": kinds["other"][0] / epochs}
-
-
 def _member_view(path: str) -> dict:
     cfg = load_member_config(path)
-    return {"views": count_views(cfg.predict.views), "batch": cfg.train.batch_size, "state_every": cfg.train.state_every,
+    # validation scores train.val_views (the release's five crops by default), predictions predict.views
+    return {"views": count_views(cfg.train.val_views), "predict_views": count_views(cfg.predict.views),
+            "batch": cfg.train.batch_size, "state_every": cfg.train.state_every, "log_every": cfg.train.log_every,
             "epochs": cfg.train.epochs,
             "predict_batch": cfg.predict.batch_size, "keep_states": cfg.train.keep_states}
 
@@ -135,7 +83,9 @@ def real_counts(splits: dict, shipped: dict) -> dict:
     per_ref = val["images"] / val["references"]
     return {"steps": train["images"] // shipped["batch"], "val_images": val["images"], "val_refs": val["references"],
             "val_items": val["references"] * math.ceil(per_ref / shipped["predict_batch"]),
-            "states_per_epoch": (train["images"] // shipped["batch"]) // shipped["state_every"] if shipped["state_every"] else 0}
+            "states_per_epoch": (train["images"] // shipped["batch"]) // shipped["state_every"] if shipped["state_every"] else 0,
+            # log.csv training rows and progress lines per epoch: every log_every steps and at its end
+            "log_rows": train["images"] // shipped["batch"] / shipped["log_every"] + 1}
 
 
 def step_compute(records: list[dict], name: str, grad_accum: int) -> list[list[float]] | None:
@@ -175,8 +125,11 @@ def analyse(results: dict) -> dict:
     members = {}
     for name in train["names"]:
         compute = step_compute(train["records"], name, member_cfg["grad_accum"])
-        timing = step_timing(log_rows(train["lines"][name]), member_cfg["state_every"], compute)
-        log = run_log(train["output"], name, timing["steps"], timing["epochs"], val_items_run)
+        rows = log_rows(train["lines"][name])
+        timing = step_timing(rows, member_cfg["state_every"], compute)
+        timing["quiet"] = compute and quiet_steps(compute, member_cfg["log_every"], member_cfg["state_every"],
+                                                  {r[1] for r in rows if r[3]})
+        log = run_log(train["output"], name, timing["epochs"])
         crops = (pipe_splits["val"]["images"] + pipe_splits["val"]["references"]) * views_run
         members[name] = {**timing, "run_log": log, "val_crop_s": statistics.fmean(timing["validation_s"]) / crops,
                          "state_bytes": train["state_bytes"][name], "log_csv_bytes": train["log_csv_bytes"][name]}
@@ -188,7 +141,9 @@ def analyse(results: dict) -> dict:
         x["outside_s"] = x["steady_mean_s"] - x["model_s"]
         x["overhead_share"] = (x["outside_s"] + fixed / real["steps"]) / x["model_s"]
         x["overhead_share_cpu"] = _share_cpu([x])
-    m = list(members.values())
+        q = x["quiet"]
+        x["overhead_share_quiet"] = ((q["quiet_outside_with_checks_s"] + fixed / real["steps"]) / q["quiet_model_s"]
+                                     if q else None)
     # Other jobs on the machine stretch the model's threads more than the loop's Python: the member whose
     # model ran fastest was the least disturbed, and its numbers stand for the kit.
     name, pick = min(members.items(), key=lambda item: item[1]["model_s"])
@@ -201,12 +156,11 @@ def analyse(results: dict) -> dict:
     step = costs.get("step_costs")
     real_share = (val_crops_real * step["crop_s"] / (val_crops_real * step["crop_s"] + real["steps"] * step["train_step_s"])
                   if step else None)
-    # logs of the same member: its fast steps are the closest to a GPU's (the bar then redraws about once a step)
-    csv_per_step = pick["log_csv_step_row_bytes"]
-    bar_per_step = pick["run_log"]["train_bar_bytes_per_step"]
-    val_bar_item = pick["run_log"]["validation_bar_bytes_per_item"]
-    other_epoch = pick["run_log"]["other_bytes_per_epoch"]
-    run_log_per_step = bar_per_step + (real["val_items"] * val_bar_item + other_epoch) / real["steps"]
+    # logs of the same member, its rows and lines scaled to the real epoch's (log_every is the shipped one)
+    csv_per_step = (real["log_rows"] * pick["log_csv_train_row_bytes"] + pick["log_csv_val_row_bytes"]) / real["steps"]
+    r = pick["run_log"]
+    run_log_per_step = (real["log_rows"] * r["progress_line_bytes"] + r["validation_bar_bytes_per_epoch"]
+                        + r["other_bytes_per_epoch"]) / real["steps"]
     p8 = costs["states"][0]
     commands = {k: command(v) for k, v in (("train_members", train), ("ensemble", pipe["ensemble"]),
                                            ("submission", pipe["submission"]),
@@ -214,7 +168,7 @@ def analyse(results: dict) -> dict:
                                            ("rerun", results["rerun"]), ("startup_full", results["startup_full"]))}
     rerun = commands["rerun"]["hashing"]
     n_members = len(train["names"])
-    best_calls = sum(c for k, c in rerun["checkpoint_calls"].items() if k.endswith("best.pth")) / n_members
+    best_calls = sum(c for k, c in rerun["checkpoint_reads"].items() if k.endswith("best.pth")) / n_members
     full_members = int(results["options"]["full_members"])
     checks = [{"check_s": d["check_s"], "start_s": d["start_s"], "wall_s": d["wall_s"], "load": d["load"],
                "files": d["files"], "pairs": d["pairs"], **hashing(d["records"]), "peak_mib": peaks(d["records"])}
@@ -229,15 +183,25 @@ def analyse(results: dict) -> dict:
         "compute_in_loop": pick["steady_compute_s"] is not None, "compute_preloaded_s": results["compute"]["compute_s"],
         "loop_cpu_s": pick["steady_cpu_s"], "compute_cpu_s": pick["steady_compute_cpu_s"],
         "overhead_share_cpu": pick["overhead_share_cpu"], "overhead_member": name,
-        "state_save_s": state_extra, "epoch_boundary_s": boundary, "overhead_share": pick["overhead_share"],
+        "state_save_s": state_extra, "epoch_boundary_s": boundary, "overhead_share_mean": pick["overhead_share"],
+        # the goal: the least disturbed steps' share when recorded (the means' share shrinks as load stretches
+        # the model), else the means'
+        "overhead_share": (pick["overhead_share_quiet"] if pick["overhead_share_quiet"] is not None
+                           else pick["overhead_share"]),
+        "overhead_quiet": pick["quiet"],
+        "log_every": member_cfg["log_every"],
+        "loader_s": results["compute"]["loader_s"], "loader_workers": results["compute"]["loader_workers"],
         "validation_share_tiny": tiny_share, "validation_share_real": real_share,
+        "validation_crops_real": val_crops_real,
         "state_today_mb": p8["state_today_bytes"] / MB, "state_heads_adam_mb": p8["state_heads_adam_bytes"] / MB,
         "log_csv_mb_per_10k": csv_per_step * 1e4 / MB, "run_log_mb_per_10k": run_log_per_step * 1e4 / MB,
         "logs_mb_per_10k": (csv_per_step + run_log_per_step) * 1e4 / MB,
         "rerun_hashed_mb": rerun["sha256_bytes"] / MB, "rerun_best_hashes_per_member": best_calls,
         "rerun_hashed_mb_6x109": (commands["startup_full"]["hashing"]["sha256_bytes"]
                                   + full_members * best_calls * p8["heads_bytes"]) / MB,
-        "max_hashes_per_checkpoint": max(c["hashing"]["max_calls_per_checkpoint"] for c in commands.values()),
+        "max_hashes_per_checkpoint": max(c["hashing"]["max_reads_per_checkpoint"] for c in commands.values()),
+        "max_hashes_per_checkpoint_process": max(c["hashing"]["max_reads_per_checkpoint_process"]
+                                                 for c in commands.values()),
         "driver_peak_full_mib": commands["startup_full"]["peak_mib"].get("members.launch.experiment"),
         "driver_peak_pipeline_mib": commands["train_members"]["peak_mib"].get("members.launch.experiment"),
         "trainer_peak_mib": commands["train_members"]["peak_mib"].get("members.train.loop"),
@@ -249,6 +213,7 @@ def analyse(results: dict) -> dict:
                                                                   ("records", "output")},
             "compute": {k: v for k, v in results["compute"].items() if k not in ("records", "output")},
             "pipeline_splits": pipe_splits, "views_run": views_run, "val_items_run": val_items_run,
+            "run_log_every": member_cfg["log_every"],
             **{k: results[k] for k in ("started", "load_start", "load_end", "machine", "options", "tree", "seconds",
                                        "splits_full")}}
 

@@ -2,14 +2,15 @@
 
 With AHIQ_SCALE_STATS set to a folder, each process that exits normally writes `<pid>.json` there:
 its command line, its peak resident set (VmHWM), the bytes that went through `hashlib.sha256`, every
-`members.contract.stagefiles.sha256_file` call (path -> calls, bytes), and the start and end of every
+`members.contract.filehash.sha256_file` call and every file it actually read (path -> calls, reads,
+bytes read: a call its in-process cache answers reads nothing), and the start and end of every
 `Accelerator.accumulate` block, wall clock (perf_counter) and this process's CPU clock (process_time,
 all threads): in `members.train.loop.training_step` that block is the model's forward, backward and
 optimizer step, so the trainer records its own compute time per step, at the same moment and under
 the same load as the loop around it. DataLoader workers and killed processes
 write nothing. Nothing in the kit changes: `hashlib.sha256` is wrapped by a counting object with the
-same methods, and `sha256_file` and `accumulate` by timing wrappers installed as their modules are
-first imported, before any other module can import them by name.
+same methods, and `sha256_file`, its reader `_digest` and `accumulate` by wrappers installed as their
+modules are first imported, before any other module can import them by name.
 """
 from __future__ import annotations
 
@@ -44,20 +45,27 @@ class _Sha256:
         return getattr(self._h, name)
 
 
-def _wrap_stagefiles(module) -> None:
-    original = module.sha256_file
+def _wrap_filehash(module) -> None:
+    """Count calls of sha256_file (cached or not) and the reads of its `_digest` (the real hashing)."""
+    calls, digest = module.sha256_file, module._digest
+
+    def entry(path) -> list[int]:
+        return _STATS["files"].setdefault(os.path.abspath(str(path)), [0, 0, 0])  # calls, reads, bytes read
 
     def sha256_file(path):
-        key = os.path.abspath(str(path))
-        entry = _STATS["files"].setdefault(key, [0, 0])
-        entry[0] += 1
+        entry(path)[0] += 1
+        return calls(path)
+
+    def _digest(path):
+        found = entry(path)
+        found[1] += 1
         try:
-            entry[1] += os.path.getsize(key)
+            found[2] += os.path.getsize(path)
         except OSError:
             pass
-        return original(path)
+        return digest(path)
 
-    module.sha256_file = sha256_file
+    module.sha256_file, module._digest = sha256_file, _digest
 
 
 def _wrap_accelerator(module) -> None:
@@ -75,7 +83,7 @@ def _wrap_accelerator(module) -> None:
     module.Accelerator.accumulate = accumulate
 
 
-_PATCHES = {"members.contract.stagefiles": _wrap_stagefiles, "accelerate.accelerator": _wrap_accelerator}
+_PATCHES = {"members.contract.filehash": _wrap_filehash, "accelerate.accelerator": _wrap_accelerator}
 
 
 class _Finder(importlib.abc.MetaPathFinder):
