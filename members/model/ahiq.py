@@ -24,7 +24,7 @@ from members.model.backbones import CnnTaps, VitTaps, normalise
 from members.model.blind import BlindIQA, start_blind_readout
 from members.model.checkpoint import load_heads_into
 from members.model.deform import DeformSampling, build_sampling, deform_conv_sampled
-from members.model.dropout import keyed_dropout
+from members.model.regressor import PatchRegressor
 
 
 class DeformFusion(nn.Module):
@@ -60,44 +60,6 @@ class DeformFusion(nn.Module):
 
     def forward(self, cnn_feat: torch.Tensor, vit_ref: torch.Tensor) -> torch.Tensor:
         return self.branch(cnn_feat, self.sampling(vit_ref, cnn_feat.shape[-2:]))
-
-
-class PatchRegressor(nn.Module):
-    """`regressor`: per-patch score f and weight w; image score = sum(f * w) / sum(w).
-
-    `drop_rate` > 0 (model.drop_rate): dropout on the features the two 1x1 output convs read, in
-    training only, as a function (the state dict keeps the authors' keys), keyed by `noise_key`
-    (members.model.dropout)."""
-
-    def __init__(self, in_channels: int = 4608, embed: int = 256, hidden: int = 1024, drop_rate: float = 0.0):
-        super().__init__()
-        self.drop_rate = drop_rate
-        self.noise_key: list[int] | None = None
-        self.down_channel = nn.Conv2d(in_channels, embed, kernel_size=1)
-        self.feat_smoothing = nn.Sequential(
-            nn.Conv2d(3 * embed, hidden, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(hidden, 2 * embed, 3, padding=1),
-        )
-        self.conv1 = nn.Sequential(nn.Conv2d(2 * embed, embed, 3, padding=1), nn.ReLU())
-        self.conv_attent = nn.Sequential(nn.Conv2d(embed, 1, 1), nn.Sigmoid())
-        self.conv = nn.Sequential(nn.Conv2d(embed, 1, 1))
-
-    def embed(self, vit_feat: torch.Tensor, cnn_feat: torch.Tensor) -> torch.Tensor:
-        """The shared 1x1 projection of one side (dis or ref)."""
-        return self.down_channel(torch.cat((vit_feat, cnn_feat), dim=1))
-
-    def score(self, e_dis: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
-        feat = self.conv1(self.feat_smoothing(torch.cat((e_dis - e_ref, e_dis, e_ref), dim=1)))
-        if self.drop_rate and self.training:
-            feat = keyed_dropout(feat, self.drop_rate, self.noise_key)
-        f, w = self.conv(feat), self.conv_attent(feat)
-        return (f * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
-
-
-    def forward(self, vit_dis: torch.Tensor, vit_ref: torch.Tensor,
-                cnn_dis: torch.Tensor, cnn_ref: torch.Tensor) -> torch.Tensor:
-        return self.score(self.embed(vit_dis, cnn_dis), self.embed(vit_ref, cnn_ref))
 
 
 class AHIQ(nn.Module):

@@ -24,34 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from members.model.backbones import CnnTaps, VitTaps, normalise
-from members.model.dropout import keyed_dropout
-
-
-class BlindRegressor(nn.Module):
-    """`regressor` of the blind model: per-patch score f and weight w of the distorted image's features.
-    `drop_rate` > 0 (model.drop_rate): keyed dropout before the two 1x1 output convs, in training only,
-    as AHIQ's regressor (members.model.dropout)."""
-
-    def __init__(self, in_channels: int = 4608, embed: int = 256, hidden: int = 1024, drop_rate: float = 0.0):
-        super().__init__()
-        self.drop_rate = drop_rate
-        self.noise_key: list[int] | None = None
-        self.down_channel = nn.Conv2d(in_channels, embed, kernel_size=1)
-        self.feat_smoothing = nn.Sequential(
-            nn.Conv2d(embed, hidden, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(hidden, 2 * embed, 3, padding=1),
-        )
-        self.conv1 = nn.Sequential(nn.Conv2d(2 * embed, embed, 3, padding=1), nn.ReLU())
-        self.conv_attent = nn.Sequential(nn.Conv2d(embed, 1, 1), nn.Sigmoid())
-        self.conv = nn.Sequential(nn.Conv2d(embed, 1, 1))
-
-    def forward(self, vit_feat: Tensor, cnn_feat: Tensor) -> Tensor:
-        feat = self.conv1(self.feat_smoothing(self.down_channel(torch.cat((vit_feat, cnn_feat), dim=1))))
-        if self.drop_rate and self.training:
-            feat = keyed_dropout(feat, self.drop_rate, self.noise_key)
-        f, w = self.conv(feat), self.conv_attent(feat)
-        return (f * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3))
+from members.model.regressor import BlindRegressor
 
 
 class BlindIQA(nn.Module):
