@@ -255,7 +255,7 @@ def test_the_scorer_checks_its_device_and_images_first(tmp_path):
     write_img(ref, 2, 40, 40)
     (tmp_path / "t.png").write_bytes(good.read_bytes()[:100])  # truncated
     scorer = Scorer.__new__(Scorer)  # no model: the check must come before any scoring
-    scorer.configs, scorer.groups, scorer.ensemble = [MemberConfig(name="m")], [], None
+    scorer.configs, scorer.groups, scorer.ensemble, scorer.blind = [MemberConfig(name="m")], [], None, False
     scorer.configs[0].model.crop = 32
     with pytest.raises(ScorerError, match=r"pair 2: cannot decode .*t.png"):
         scorer.score_pairs([(good, ref), (tmp_path / "t.png", ref)])
