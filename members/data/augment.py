@@ -43,7 +43,7 @@ def jitter_pair(dis: torch.Tensor, ref: torch.Tensor | None, strength: float,
     brightness, contrast, saturation = 1.0 + JITTER * strength * rng.uniform(-1.0, 1.0, size=3)
     noise_seed = int(rng.integers(0, 2**31 - 1))
     noise = torch.randn(dis.shape, generator=torch.Generator().manual_seed(noise_seed)) * (NOISE_SD * strength)
-    grey = _GREY.to(ref.dtype)
+    grey = _GREY.to(dis.dtype)
     pivot = float(((dis if ref is None else ref) * grey[:, None, None]).sum(0).mean())
 
     def one(img: torch.Tensor) -> torch.Tensor:
