@@ -69,12 +69,10 @@ def test_the_student_trains_on_labels_and_pseudo_labels_and_a_is_blind(walk):
     manifest = json.loads((walk["labels"] / "pseudo_labels.json").read_text())
     assert manifest["counts"]["pairs"] == PER_REF * len(refs) and manifest["counts"]["generated"] == PER_REF * len(refs)
     student = walk["tmp"] / "b" / "demo_nr_student_s1919"
-    recorded = recorded_summary(student, "training.json") or recorded_summary(student, "done.json")
     found = [p for p in student.iterdir() if p.suffix == ".json" and recorded_summary(student, p.name)]
     assert found, "the student records no pseudo-labels"
     summary = recorded_summary(student, found[0].name)
     assert summary["pairs"] == PER_REF * len(refs) and summary["weight"] > 0
-    assert recorded is None or recorded == summary
     for key in ("a", "b"):
         test_rows = read_split(walk["tmp"] / key / "splits" / "test.csv")
         assert test_rows and all(p.ref is None and p.dis.parent.name == "NTIRE2022_NR_Testing_Dis" for p in test_rows)
