@@ -5,6 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 EXPERIMENT ?= configs/ahiq_c.yaml
 DEMO := configs/demo.yaml
+# make demo-nr: blind members on the labels (a), the same on labels + the FR demo's pseudo-labels (b).
+DEMO_NR := configs/demo_nr.yaml
+DEMO_NR_STUDENT := configs/demo_nr_student.yaml
+# 70 generated pairs per training reference: 5x its 14 labelled ones (700 for the demo's 10).
+DEMO_NR_PSEUDO := --continuous --levels 0,3 --per-ref 70
 # Where the accelerators are: GPUS=0,1,2,3 GPUS_PER_MEMBER=1 (members side by side) or all (DDP).
 GPUS ?=
 GPUS_PER_MEMBER ?= 1
@@ -26,7 +31,7 @@ REPEATS ?= 1
 SOURCE ?= generate
 REF ?=
 
-.PHONY: help install test test-fast demo demo-data weights train-members predict-all ensemble submit evaluate preflight score pseudo-label bench scale gpu-check clean-demo
+.PHONY: help install test test-fast demo demo-data weights train-members predict-all ensemble submit evaluate preflight score demo-nr pseudo-label bench scale gpu-check clean-demo
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -99,6 +104,19 @@ demo: $(STAMP)  ## the whole pipeline on the demo data, on the CPU (minutes)
 	@$(PY) -m ensemble.evaluate -c $(DEMO) --labels data/demo/demo_test_labels
 	@echo "report: runs/demo/ensemble/report.md  test-phase zip: runs/demo/submission.zip  development-phase zip: runs/demo/submission_valid.zip"
 
+demo-nr: $(STAMP)  ## after make demo: blind (NR) members on the labels (a), on labels + the FR demo's pseudo-labels (b), vs the FR demo (c)
+	$(MAKE) --no-print-directory pseudo-label EXPERIMENT=$(DEMO) SOURCE=generate ARGS="$(DEMO_NR_PSEUDO)"
+	$(MAKE) --no-print-directory train-members ensemble submit EXPERIMENT=$(DEMO_NR)
+	$(MAKE) --no-print-directory train-members ensemble submit EXPERIMENT=$(DEMO_NR_STUDENT)
+	@for exp in $(DEMO_NR) $(DEMO_NR_STUDENT); do \
+	  $(PY) -m ensemble.evaluate -c $$exp --labels data/demo/demo_nr_test_labels > /dev/null || exit 2; done
+	@$(PY) -m ensemble.evaluate -c $(DEMO) --labels data/demo/demo_test_labels > /dev/null
+	@echo "NR demo (hidden NR test labels; (c): the FR demo on the same images with their references):"
+	@$(PY) -m ensemble.compare "(a) NR, labels=runs/demo_nr/ensemble/evaluation_test.json" \
+	  "(b) NR student, labels + pseudo-labels=runs/demo_nr_student/ensemble/evaluation_test.json" \
+	  "(c) FR demo=runs/demo/ensemble/evaluation_test.json" --vs "(c) FR demo"
+	@echo "members: runs/demo_nr*/ensemble/evaluation_test.md  NR zips: runs/demo_nr/submission.zip runs/demo_nr_student/submission.zip"
+
 pseudo-label: $(STAMP)  ## label SOURCE pairs with EXPERIMENT's fitted ensemble -> <runs_dir>/pseudo_labels (data.pseudo_labels); ARGS
 	$(PY) -m members.launch.pseudo_label -c $(EXPERIMENT) --source $(SOURCE) $(if $(REF),--ref-dir $(REF)) $(ARGS)
 
@@ -115,4 +133,4 @@ gpu-check: $(STAMP)  ## on a GPU machine: preflight, bf16 steps, deform and Scor
 	$(PY) -m bench.gpu_check $(ARGS)
 
 clean-demo:  ## remove the demo data and runs
-	rm -rf data/demo runs/demo
+	rm -rf data/demo runs/demo runs/demo_nr runs/demo_nr_student

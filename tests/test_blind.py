@@ -140,6 +140,23 @@ def test_blind_items_never_open_a_reference(member_yaml, monkeypatch):
     assert sorted(i for share in shares for _, idx in share for i in idx) == list(range(len(splits["test"])))
 
 
+def test_a_blind_noisy_student_augments_the_distorted_crop_alone(member_yaml, monkeypatch):
+    """train.augment.strength > 0 on a blind member: the distorted crop is rescaled, jittered and noised
+    (no reference is opened), the same way on every call of the same (seed, epoch, index)."""
+    cfg = load_member_config(member_yaml)
+    splits = build_splits(cfg.data)
+    stats = LabelStats.from_pairs(splits["train"], True)
+    refs = {p.ref for p in splits["train"]}
+    plain = TrainPairs(splits["train"][:6], 32, AugmentConfig(), stats, 0, blind=True)
+    opened = _opened(monkeypatch)
+    strong = TrainPairs(splits["train"][:6], 32, AugmentConfig(strength=1.0), stats, 0, blind=True)
+    items = [strong[i] for i in range(6)]
+    assert all(set(it) == {"index", "dis", "label"} and it["dis"].shape == (3, 32, 32) for it in items)
+    assert all(not torch.equal(it["dis"], plain[i]["dis"]) for i, it in enumerate(items))
+    assert torch.equal(strong[2]["dis"], items[2]["dis"])
+    assert opened and not refs & set(opened)
+
+
 def test_nr_track_lists_have_no_reference(member_yaml, tmp_path):
     cfg = load_member_config(blind_cfg(member_yaml, tmp_path, "nr"))
     root = Path(cfg.data.root)

@@ -226,3 +226,41 @@ def test_bad_inputs_are_one_line_before_any_scoring(fitted, tmp_path, capsys):  
     assert "needs --ref-dir" in capsys.readouterr().err
     with pytest.raises(DataError, match="not found; make the pseudo-labels with make pseudo-label"):
         _verify(tmp_path / "missing", load_experiment(fitted))
+
+
+def test_continuous_generation_makes_per_ref_images_at_drawn_strengths(tmp_path):
+    """--continuous: per_ref images per reference (more than the 28 fixed ones), the families in turn, each
+    strength between the chosen levels' values; the same settings make the same bytes, another seed other draws."""
+    from members.data.demo_data import DISTORTIONS, build
+    from members.data.index import Pair
+    from members.data.pseudo_generate import GenerateConfig, generate, plan, strength
+    from PIL import Image
+
+    assert strength((0.6, 1.0, 1.6, 2.6), 1.5) == pytest.approx(1.3) and strength((50, 30, 15, 6), 3) == 6
+    assert strength((0.6, 1.0, 1.6, 2.6), 2.75) == pytest.approx(2.35)
+    with pytest.raises(ValueError, match="--per-ref"):
+        GenerateConfig(continuous=True)
+    build(tmp_path / "data", size=40, seed=1)
+    refs = [Pair(f"{r}.bmp", tmp_path / "data" / "Train_Ref" / f"{r}.bmp", tmp_path / "data" / "Train_Ref" / f"{r}.bmp",
+                 r, None, "") for r in ("A0001", "A0002")]
+    cfg = GenerateConfig(levels=(1, 3), per_ref=30, seed=3, continuous=True)
+    items = plan(refs, cfg, tmp_path / "out")
+    assert len(items) == 60 and len({p.name for p, _, _ in items}) == 60
+    assert [f for _, f, _ in items[:8]] == [0, 1, 2, 3, 4, 5, 6, 0]
+    positions = [pos for _, _, pos in items]
+    assert all(1 <= pos <= 3 for pos in positions) and len(set(positions)) == 60
+    made = generate(refs, cfg, tmp_path / "out")
+    first = {p.name: p.dis.read_bytes() for p in made}
+    assert len(first) == 60
+    generate(refs, cfg, tmp_path / "again")
+    assert all((tmp_path / "again" / n).read_bytes() == b for n, b in first.items())
+    other = [pos for _, _, pos in plan(refs, GenerateConfig(levels=(1, 3), per_ref=30, seed=4, continuous=True), tmp_path)]
+    assert other != positions
+    # a blur drawn between levels 1 and 3 is softer than level 3's and harsher than level 1's
+    (blur, _, pos), = [it for it in items if it[1] == 0 and 1.2 < it[2] < 2.8][:1]
+    ref = np.asarray(Image.open(blur.ref), dtype=float)
+    def err(level: float) -> float:
+        return float(np.abs(DISTORTIONS[0].apply(ref.astype(np.uint8), strength(DISTORTIONS[0].levels, level),
+                                                 np.random.default_rng(0)) - ref).mean())
+    got = float(np.abs(np.asarray(Image.open(blur.dis), dtype=float) - ref).mean())
+    assert err(1) < got < err(3)

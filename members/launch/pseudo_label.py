@@ -1,6 +1,6 @@
 """Pseudo-label distorted images with a fitted ensemble (`make pseudo-label EXPERIMENT=... SOURCE=...`).
 
-    python -m members.launch.pseudo_label -c configs/demo.yaml --source generate [--levels 1,3] [--per-ref 0]
+    python -m members.launch.pseudo_label -c configs/demo.yaml --source generate [--levels 1,3] [--per-ref 0] [--continuous]
     python -m members.launch.pseudo_label -c configs/demo.yaml --source pairs.csv [--root DIR]
     python -m members.launch.pseudo_label -c configs/demo.yaml --source DIS_DIR --ref-dir REF_DIR
 
@@ -146,7 +146,8 @@ def pseudo_label(exp: Experiment, args: argparse.Namespace, command: str) -> Pat
                                   Path(args.ref_dir) if args.ref_dir else None)
     generated: set[str] = set()
     if GENERATE in args.source:
-        gen = GenerateConfig(tuple(args.families), tuple(args.levels), args.per_ref, args.seed, args.image_format)
+        gen = GenerateConfig(tuple(args.families), tuple(args.levels), args.per_ref, args.seed, args.image_format,
+                             args.continuous)
         made = generate(splits["train"], gen, out / IMAGES)
         generated = {p.name for p in made}
         pairs += made
@@ -244,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"generate: distortion families, comma-separated or all ({', '.join(FAMILIES)})")
     parser.add_argument("--levels", type=_levels, default=[1, 3], help="generate: level indices 0-3 (default 1,3)")
     parser.add_argument("--per-ref", type=int, default=0, help="generate: images per reference (0: every family x level)")
+    parser.add_argument("--continuous", action="store_true",
+                        help="generate: --per-ref images per reference, the families in turn, at strengths drawn "
+                             "between the lowest and highest of --levels (more pairs than the 28 fixed ones)")
     parser.add_argument("--seed", type=int, default=0, help="generate: seed of the noise and of --per-ref's draws")
     parser.add_argument("--image-format", default="png", help="generate: png or bmp")
     parser.add_argument("--out", help="output folder (default <runs_dir>/pseudo_labels)")
