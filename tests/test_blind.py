@@ -17,11 +17,10 @@ from members.contract.config import ConfigError, to_dict
 from members.contract.data_config import AugmentConfig, DataConfig, ViewConfig
 from members.contract.member import load_member_config, prediction_fingerprint, training_fingerprint
 from members.contract.schema import load_experiment
-from members.data import demo_data
 from members.data.datasets import RefGroupPairs, TrainPairs
 from members.data.splits import LabelStats, _fingerprinted, build_splits, prepare_splits, read_split
 from members.engine.predict import predict
-from members.engine.scorer import Scorer, ScorerError
+from members.engine.scorer import Scorer
 from members.engine.shared import SharedScorer
 from members.model.ahiq import build_model, start_readout
 from members.model.blind import BlindIQA
@@ -299,9 +298,9 @@ def test_preflight_probes_a_blind_member(member_yaml, tmp_path):
     assert "| test | 70 | 5 | 0 |" in report  # the NR test folder: 70 images of 5 references, unlabelled
 
 
-def test_a_blind_noisy_student_gets_keyed_head_dropout_and_strong_augmentation(member_yaml, monkeypatch):
-    """model.drop_rate and train.augment.strength work for a blind member too: the dropout masks repeat
-    under one key (exact resume) and are off in eval; the strong augmentation needs no reference."""
+def test_a_blind_noisy_student_gets_keyed_head_dropout(member_yaml):
+    """model.drop_rate works for a blind member too: the dropout masks repeat under one key (exact
+    resume), change with the key, and are off in eval."""
     cfg = load_member_config(member_yaml, ["model.kind=nr", "model.drop_rate=0.5"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -318,12 +317,3 @@ def test_a_blind_noisy_student_gets_keyed_head_dropout_and_strong_augmentation(m
     with torch.no_grad():
         plain = model(dis)
         assert torch.equal(model(dis), plain) and not torch.equal(plain, first)
-    splits = build_splits(cfg.data)
-    stats = LabelStats.from_pairs(splits["train"], True)
-    strong = AugmentConfig(strength=1.0)
-    refs = {p.ref for p in splits["train"]}
-    opened = _opened(monkeypatch)
-    items = [TrainPairs(splits["train"][:4], 32, aug, stats, 0, blind=True)[2] for aug in (strong, strong, AugmentConfig())]
-    assert set(items[0]) == {"index", "dis", "label"} and torch.equal(items[0]["dis"], items[1]["dis"])
-    assert not torch.equal(items[0]["dis"], items[2]["dis"])  # the noise changed the crop
-    assert opened and not refs & set(opened)
