@@ -33,6 +33,8 @@ def mode(path: Path) -> int:
 
 
 class Heads(nn.Module):
+    kind = "fr"  # an AHIQ's head parts (checkpoint.HEAD_PARTS)
+
     def __init__(self) -> None:
         super().__init__()
         self.deform_net, self.regressor = nn.Linear(2, 2), nn.Linear(2, 1)
