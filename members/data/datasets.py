@@ -191,14 +191,14 @@ class TrainPairs(Dataset):
         if noisy is not None:
             dis, ref = rescale_pair(dis, ref, self.crop, strength, noisy)
         view = random_view(dis.shape[1], dis.shape[2], self.crop, self.augment, rng)
-        item = {"index": i, "dis": apply_view(dis, view, self.crop),
-                "label": torch.tensor(self.stats.normalise(pair.mos), dtype=torch.float32)}
-        if ref is not None:  # the same crop of the reference
-            item["ref"] = apply_view(ref, view, self.crop)
+        dis_crop = apply_view(dis, view, self.crop)
+        ref_crop = None if ref is None else apply_view(ref, view, self.crop)  # the same crop of the reference
         if noisy is not None:
-            item["dis"], jittered = jitter_pair(item["dis"], item.get("ref"), strength, noisy)
-            if jittered is not None:
-                item["ref"] = jittered
+            dis_crop, ref_crop = jitter_pair(dis_crop, ref_crop, strength, noisy)
+        label = torch.tensor(self.stats.normalise(pair.mos), dtype=torch.float32)
+        item = {"index": i, "dis": dis_crop, "label": label}
+        if ref_crop is not None:
+            item["ref"] = ref_crop
         if self.weights is not None:
             item["weight"] = torch.tensor(self.weights[i], dtype=torch.float32)
         return item
