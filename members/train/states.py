@@ -109,17 +109,17 @@ def register_head_states(accelerator: Accelerator) -> None:
     """Make `accelerator`'s save_state write the heads of its model(s) only, and load_state load them
     back itself (heads only, from any state this kit wrote). Call it once, after `prepare`."""
 
-    def save_heads(models: list[nn.Module], weights: list[dict], folder: str) -> None:
+    def keep_only_heads(models: list[nn.Module], weights: list[dict], folder: str) -> None:
         for i, state in enumerate(weights):  # replaced in the list Accelerate then writes
             weights[i] = OrderedDict((head, v) for k, v in state.items() if (head := _head_key(k)) is not None)
 
-    def load_heads(models: list[nn.Module], folder: str) -> None:
+    def load_only_heads(models: list[nn.Module], folder: str) -> None:
         for i, model in enumerate(models):
             _load_heads(accelerator.unwrap_model(model), _weights_file(Path(folder), i))
         models.clear()  # loaded here: Accelerate's own (whole-model, strict) load must not run
 
-    accelerator.register_save_state_pre_hook(save_heads)
-    accelerator.register_load_state_pre_hook(load_heads)
+    accelerator.register_save_state_pre_hook(keep_only_heads)
+    accelerator.register_load_state_pre_hook(load_only_heads)
 
 
 def group_layout(optimizer: torch.optim.Optimizer) -> list[list]:
